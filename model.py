@@ -1,0 +1,320 @@
+"""
+The decoder: one GPT class covering Qwen2 / Qwen2.5 (qkv bias), Qwen3 (per-head q/k RMSNorm,
+explicit head_dim) and Llama 3.x (RoPE frequency scaling). RMSNorm, RoPE, GQA, SwiGLU, tied or
+untied head, attention through F.scaled_dot_product_attention, a preallocated KV cache, the
+fused log-prob kernel `token_logprobs`, and the project's checkpoint format.
+
+Parameter names are the Hugging Face names without the leading "model.", so convert.py is a
+rename. This file imports nothing from the project: copy it alone.
+"""
+import json
+import math
+import os
+import tempfile
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    vocab_size: int = 32768
+    n_layer: int = 8
+    n_head: int = 8
+    n_kv_head: int = 2
+    n_embd: int = 512
+    head_dim: int = 0            # 0: n_embd // n_head (Qwen3 sets it explicitly)
+    intermediate_size: int = 1408
+    max_seq_len: int = 4096
+    rope_theta: float = 10000.0
+    rope_scaling: dict = None    # Llama 3.1/3.2: {"factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings"}
+    norm_eps: float = 1e-6
+    qkv_bias: bool = False       # Qwen2 / Qwen2.5
+    qk_norm: bool = False        # Qwen3
+    tie_embeddings: bool = False
+    arch: str = "qwen2"          # qwen2 | qwen3 | llama: what convert.py --to-hf writes
+
+    def __post_init__(self):
+        if not self.head_dim:
+            self.head_dim = self.n_embd // self.n_head
+        if self.n_head % self.n_kv_head:
+            raise ValueError(f"n_head={self.n_head} is not a multiple of n_kv_head={self.n_kv_head}")
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim, eps):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        # normalize in fp32, scale in the input's dtype (as the reference implementations do)
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * xf.to(x.dtype)
+
+
+def rope_frequencies(config):
+    """Inverse frequencies (head_dim // 2,), with Llama 3's frequency scaling when configured."""
+    D = config.head_dim
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    s = config.rope_scaling
+    if s:
+        # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended
+        old_len = s["original_max_position_embeddings"]
+        low_wavelen = old_len / s["low_freq_factor"]
+        high_wavelen = old_len / s["high_freq_factor"]
+        wavelen = 2 * math.pi / inv_freq
+        scaled = torch.where(wavelen > low_wavelen, inv_freq / s["factor"], inv_freq)
+        smooth = (old_len / wavelen - s["low_freq_factor"]) / (s["high_freq_factor"] - s["low_freq_factor"])
+        blended = (1 - smooth) * scaled / s["factor"] + smooth * scaled
+        medium = (wavelen >= high_wavelen) & (wavelen <= low_wavelen)
+        inv_freq = torch.where(medium, blended, scaled)
+    return inv_freq.float()
+
+
+def apply_rope(x, cos, sin):
+    # x (B, H, T, D); cos, sin (B, 1, T, D); the "rotate half" layout of the HF checkpoints
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((-x2, x1), dim=-1) * sin
+
+
+class KVCache:
+    """Preallocated keys and values: one (B, H_kv, S_max, D) buffer per layer, written in place.
+    Slot s of every row is written at the same step; a row's RoPE positions are its own (given to
+    forward), so rows of different lengths share slots and the mask hides the slots a row lacks."""
+
+    def __init__(self, config, batch_size, max_len, device=None, dtype=torch.float32):
+        shape = (batch_size, config.n_kv_head, max_len, config.head_dim)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.max_len = max_len
+
+    def select(self, rows):
+        """Keep only `rows` (a LongTensor of row indices), e.g. to drop finished rows or repeat a prompt."""
+        self.k = [k.index_select(0, rows) for k in self.k]
+        self.v = [v.index_select(0, rows) for v in self.v]
+
+
+class Attention(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        c = config
+        self.n_head, self.n_kv_head, self.head_dim = c.n_head, c.n_kv_head, c.head_dim
+        self.q_proj = nn.Linear(c.n_embd, c.n_head * c.head_dim, bias=c.qkv_bias)
+        self.k_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=c.qkv_bias)
+        self.v_proj = nn.Linear(c.n_embd, c.n_kv_head * c.head_dim, bias=c.qkv_bias)
+        self.o_proj = nn.Linear(c.n_head * c.head_dim, c.n_embd, bias=False)
+        if c.qk_norm:
+            self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
+            self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
+
+    def forward(self, x, cos, sin, cache_kv, start, mask):
+        B, T, _ = x.shape
+        q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
+        k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        v = self.v_proj(x).view(B, T, self.n_kv_head, self.head_dim)
+        if hasattr(self, "q_norm"):
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k, v = q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2)  # (B, H, T, D)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache_kv is not None:
+            ck, cv = cache_kv
+            ck[:, :, start:start + T] = k
+            cv[:, :, start:start + T] = v
+            k, v = ck[:, :, :start + T], cv[:, :, :start + T]  # (B, H_kv, S, D)
+        if self.n_kv_head != self.n_head:
+            rep = self.n_head // self.n_kv_head
+            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        if mask is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+        else:
+            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.n_embd, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.n_embd, bias=False)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class Block(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, cache_kv, start, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_kv, start, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class GPT(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        if not config.tie_embeddings:
+            self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
+        # RoPE tables in fp32, not saved in checkpoints (rebuilt by init_rope after a meta-device build)
+        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+
+    @property
+    def head_weight(self):
+        """(V, d): the output projection, tied to the embedding or not."""
+        return self.embed_tokens.weight if self.config.tie_embeddings else self.lm_head.weight
+
+    def init_weights(self, std=0.02):
+        """Random init for training from scratch (the demo's base model)."""
+        for name, p in self.named_parameters():
+            if name.endswith("norm.weight"):
+                nn.init.ones_(p)
+            elif name.endswith("bias"):
+                nn.init.zeros_(p)
+            else:
+                nn.init.normal_(p, std=std)
+        return self
+
+    def hidden(self, idx, pos=None, cache=None, start=0, mask=None):
+        """Final-normed hidden states (B, T, d).
+        idx (B, T) token ids; pos (B, T) RoPE positions (default start + arange(T));
+        cache: a KVCache, written at slots [start, start + T); mask: bool (B, 1, T, start + T),
+        True where a query may attend (each query must see at least its own slot), default causal."""
+        B, T = idx.shape
+        if pos is None:
+            pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
+        if mask is None and start > 0:  # causal mask offset by the cached slots
+            q_slot = torch.arange(start, start + T, device=idx.device)
+            mask = (torch.arange(start + T, device=idx.device)[None, :] <= q_slot[:, None])[None, None]
+        angles = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
+        angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
+        x = self.embed_tokens(idx)
+        cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        for i, block in enumerate(self.layers):
+            kv = (cache.k[i], cache.v[i]) if cache is not None else None
+            x = block(x, cos, sin, kv, start, mask)
+        return self.norm(x)
+
+    def forward(self, idx, pos=None, cache=None, start=0, mask=None):
+        """Logits (B, T, V). For training losses use hidden() and token_logprobs() instead,
+        which never hold the (B, T, V) logits at once."""
+        return F.linear(self.hidden(idx, pos, cache, start, mask), self.head_weight)
+
+    # ---------------------------------------------------------------- checkpoints
+    @classmethod
+    def from_pretrained(cls, ckpt_dir, device="cpu", dtype=None):
+        """Build on the meta device and assign the saved tensors: no second copy in memory."""
+        config, state = load_checkpoint(ckpt_dir)
+        with torch.device("meta"):
+            model = cls(config)
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+        missing = [m for m in missing if m != "inv_freq"]
+        if missing or unexpected:
+            raise ValueError(f"{ckpt_dir}: checkpoint does not match its config: "
+                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+        model.inv_freq = rope_frequencies(config)
+        return model.to(device=device, dtype=dtype)
+
+    def save_pretrained(self, ckpt_dir):
+        save_checkpoint(ckpt_dir, self.config, self.state_dict())
+
+
+def load_checkpoint(ckpt_dir):
+    """(GPTConfig, state_dict) from a checkpoint directory: config.json + model.pt (memory-mapped)."""
+    cfg_path, w_path = os.path.join(ckpt_dir, "config.json"), os.path.join(ckpt_dir, "model.pt")
+    for p in (cfg_path, w_path):
+        if not os.path.exists(p):
+            raise FileNotFoundError(f"{p} not found: is {ckpt_dir} a checkpoint written by convert.py or a training script?")
+    with open(cfg_path) as f:
+        raw = json.load(f)
+    known = {f.name for f in fields(GPTConfig)}
+    unknown = set(raw) - known
+    if unknown:
+        raise ValueError(f"{cfg_path}: unknown config keys {sorted(unknown)}")
+    state = torch.load(w_path, map_location="cpu", mmap=True, weights_only=True)
+    return GPTConfig(**raw), state
+
+
+def save_checkpoint(ckpt_dir, config, state_dict):
+    """Write config.json and model.pt atomically (temporary file, then rename)."""
+    os.makedirs(ckpt_dir, exist_ok=True)
+    for name, write in (("model.pt", lambda f: torch.save(state_dict, f)),
+                        ("config.json", lambda f: f.write(json.dumps(asdict(config), indent=2).encode()))):
+        fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{name}.")
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.replace(tmp, os.path.join(ckpt_dir, name))
+
+
+# -------------------------------------------------------------------- fused log-probs
+class _TokenLogprobs(torch.autograd.Function):
+    """log_softmax(hidden @ weight.T / temperature)[targets], chunk by chunk over tokens.
+    Forward keeps only the per-token log-sum-exp (fp32); backward recomputes each chunk's
+    logits, so at most (chunk, V) logits exist at any time."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, temperature, chunk):
+        N = hidden.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # fp32 at least
+        out = torch.empty(N, device=hidden.device, dtype=acc)
+        lse = torch.empty(N, device=hidden.device, dtype=acc)
+        for s in range(0, N, chunk):
+            logits = (hidden[s:s + chunk] @ weight.T).to(acc)  # (c, V)
+            if temperature != 1.0:
+                logits /= temperature
+            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
+            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+        ctx.save_for_backward(hidden, weight, targets, lse)
+        ctx.temperature, ctx.chunk = temperature, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        hidden, weight, targets, lse = ctx.saved_tensors
+        T, chunk = ctx.temperature, ctx.chunk
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.empty_like(hidden) if need_h else None
+        # accumulate the weight gradient in fp32 whatever the weight's dtype
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=lse.dtype) if need_w else None
+        for s in range(0, hidden.shape[0], chunk):
+            h, g = hidden[s:s + chunk], grad_out[s:s + chunk].to(lse.dtype)
+            logits = (h @ weight.T).to(lse.dtype)
+            if T != 1.0:
+                logits /= T
+            # d out_i / d logits_ij = (1[j == t_i] - p_ij) / T, so G = g * (onehot - p) / T
+            G = logits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None])  # (c, V)
+            G.scatter_add_(1, targets[s:s + chunk, None], g[:, None])
+            if T != 1.0:
+                G /= T
+            G = G.to(weight.dtype)
+            if need_h:
+                grad_h[s:s + chunk] = G @ weight
+            if need_w:
+                if grad_w.dtype == G.dtype:
+                    grad_w.addmm_(G.T, h)  # in place: no (V, d) temporary
+                else:
+                    grad_w += G.T @ h
+        if need_w:
+            grad_w = grad_w.to(weight.dtype)
+        return grad_h, grad_w, None, None, None
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=1024):
+    """Log-probs (N,) in fp32 (fp64 for fp64 inputs) of `targets` (N,) under softmax(hidden (N, d) @ weight (V, d).T / temperature),
+    differentiable in hidden and weight, never materializing the (N, V) logits."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"token_logprobs: shapes hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+                         f"targets {tuple(targets.shape)} do not fit (N, d), (V, d), (N,)")
+    return _TokenLogprobs.apply(hidden, weight, targets, float(temperature), chunk)
