@@ -1,0 +1,184 @@
+"""model.py against independent references: transformers' implementations of the three
+architectures, naive full recomputation for the KV cache, naive log_softmax for token_logprobs."""
+import json
+
+import pytest
+import torch
+import torch.nn.functional as F
+from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
+                          Qwen3ForCausalLM)
+
+from model import GPT, GPTConfig, KVCache, token_logprobs
+
+LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+               "original_max_position_embeddings": 16}
+
+
+def tiny_pair(arch):
+    """A random transformers model and the same weights in our GPT."""
+    torch.manual_seed(0)
+    common = dict(vocab_size=97, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                  max_position_embeddings=256)
+    if arch == "qwen2":
+        hf = Qwen2ForCausalLM(Qwen2Config(**common, num_attention_heads=4, num_key_value_heads=2,
+                                          tie_word_embeddings=True, rope_theta=10000.0))
+        cfg = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=96,
+                        qkv_bias=True, tie_embeddings=True, rope_theta=10000.0)
+    elif arch == "qwen3":
+        hf = Qwen3ForCausalLM(Qwen3Config(**common, num_attention_heads=4, num_key_value_heads=2, head_dim=24,
+                                          tie_word_embeddings=False, rope_theta=1000000.0))
+        cfg = GPTConfig(vocab_size=97, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=24,
+                        intermediate_size=96, qk_norm=True, rope_theta=1000000.0)
+    else:
+        hf = LlamaForCausalLM(LlamaConfig(**common, num_attention_heads=8, num_key_value_heads=2,
+                                          rope_theta=500000.0, rope_scaling={**LLAMA3_ROPE, "rope_theta": 500000.0}))
+        cfg = GPTConfig(vocab_size=97, n_layer=2, n_head=8, n_kv_head=2, n_embd=64, intermediate_size=96,
+                        rope_theta=500000.0, rope_scaling=LLAMA3_ROPE)
+    cfg.norm_eps = hf.config.rms_norm_eps
+    # random (not default-init) norm weights and biases, so every parameter matters
+    with torch.no_grad():
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight")
+    ours = GPT(cfg)
+    missing, unexpected = ours.load_state_dict(sd, strict=False)
+    assert missing == ["inv_freq"] or missing == [] and not unexpected, (missing, unexpected)
+    assert not unexpected
+    return hf.eval(), ours.eval()
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_logits_match_transformers(arch):
+    hf, ours = tiny_pair(arch)
+    idx = torch.randint(0, 97, (3, 70))  # past original_max_position_embeddings: the llama3 scaling matters
+    with torch.no_grad():
+        ref, got = hf(idx).logits, ours(idx)
+    assert (ref - got).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
+def test_kv_cache_matches_full_recompute(arch):
+    _, m = tiny_pair(arch)
+    idx = torch.randint(0, 97, (2, 30))
+    with torch.no_grad():
+        full = m(idx)
+        cache = KVCache(m.config, 2, 40)
+        parts = [m(idx[:, :11], cache=cache)]                    # prefill
+        parts.append(m(idx[:, 11:20], cache=cache, start=11))    # a multi-token continuation
+        for t in range(20, 30):                                  # one token at a time
+            parts.append(m(idx[:, t:t + 1], cache=cache, start=t))
+    assert (torch.cat(parts, 1) - full).abs().max().item() < 1e-5
+
+
+def test_per_row_positions_and_mask_equal_unpadded_rows():
+    """Left-padded rows with their own positions and a pad mask give the unpadded logits."""
+    _, m = tiny_pair("qwen2")
+    a, b = torch.randint(0, 97, (1, 12)), torch.randint(0, 97, (1, 7))
+    with torch.no_grad():
+        ref_a, ref_b = m(a)[0, -1], m(b)[0, -1]
+        idx = torch.cat([a, torch.cat([torch.zeros(1, 5, dtype=torch.long), b], 1)])
+        pos = torch.stack([torch.arange(12), (torch.arange(12) - 5).clamp(min=0)])
+        valid = torch.stack([torch.ones(12, dtype=torch.bool), torch.arange(12) >= 5])
+        causal = torch.ones(12, 12, dtype=torch.bool).tril()
+        mask = (causal[None] & valid[:, None, :]) | torch.eye(12, dtype=torch.bool)[None]  # pads see themselves
+        out = m(idx, pos=pos, mask=mask[:, None])
+    assert (out[0, -1] - ref_a).abs().max() < 1e-5
+    assert (out[1, -1] - ref_b).abs().max() < 1e-5
+
+
+def test_checkpoint_round_trip_and_errors(tmp_path):
+    _, m = tiny_pair("qwen3")
+    m.save_pretrained(tmp_path / "ck")
+    m2 = GPT.from_pretrained(tmp_path / "ck")
+    idx = torch.randint(0, 97, (2, 9))
+    with torch.no_grad():
+        assert torch.equal(m(idx), m2(idx))
+    assert not list((tmp_path / "ck").glob(".*"))  # no temporary files left behind
+    bf = GPT.from_pretrained(tmp_path / "ck", dtype=torch.bfloat16)
+    assert bf.embed_tokens.weight.dtype == torch.bfloat16
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        GPT.from_pretrained(tmp_path / "nothing")
+    cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**cfg, "n_layer": 3}))
+    with pytest.raises(ValueError, match="does not match its config"):
+        GPT.from_pretrained(tmp_path / "ck")
+    (tmp_path / "ck" / "config.json").write_text(json.dumps({**cfg, "n_layers": 3}))
+    with pytest.raises(ValueError, match="unknown config keys"):
+        GPT.from_pretrained(tmp_path / "ck")
+
+
+def naive_logprobs(h, W, t, temperature):
+    return torch.log_softmax((h @ W.T).float() / temperature, dim=-1).gather(1, t[:, None]).squeeze(1)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk", [7, 64, 4096])
+def test_token_logprobs_fp32_values_and_gradients(temperature, chunk):
+    torch.manual_seed(1)
+    N, d, V = 150, 32, 301
+    h = torch.randn(N, d, requires_grad=True)
+    W = (torch.randn(V, d) * 0.3).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    g = torch.randn(N)  # an arbitrary upstream gradient, not just a sum
+    got = token_logprobs(h, W, t, temperature, chunk=chunk)
+    gh, gw = torch.autograd.grad((got * g).sum(), (h, W))
+    ref = naive_logprobs(h, W, t, temperature)
+    rh, rw = torch.autograd.grad((ref * g).sum(), (h, W))
+    assert got.dtype == torch.float32
+    assert (got - ref).abs().max() < 1e-5
+    assert (gh - rh).abs().max() < 1e-5
+    assert (gw - rw).abs().max() < 1e-5
+
+
+def test_token_logprobs_fp64_gradcheck():
+    torch.manual_seed(2)
+    h = torch.randn(9, 5, dtype=torch.float64, requires_grad=True)
+    W = torch.randn(11, 5, dtype=torch.float64, requires_grad=True)
+    t = torch.randint(0, 11, (9,))
+    assert torch.autograd.gradcheck(lambda h, W: token_logprobs(h, W, t, 0.9, chunk=4), (h, W))
+
+
+def test_token_logprobs_bf16_within_tolerance():
+    """bf16 inputs: compared with the fp32 naive computation on the same (bf16-rounded) inputs.
+    Stated tolerance: log-probs within 0.05 absolute, gradients within 2% of their scale."""
+    torch.manual_seed(3)
+    N, d, V = 200, 64, 1000
+    h = torch.randn(N, d).bfloat16().requires_grad_()
+    W = (torch.randn(V, d) * 0.2).bfloat16().requires_grad_()
+    t = torch.randint(0, V, (N,))
+    g = torch.randn(N)
+    got = token_logprobs(h, W, t, chunk=64)
+    gh, gw = torch.autograd.grad((got * g).sum(), (h, W))
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    h32, W32 = h.detach().float().requires_grad_(), W.detach().float().requires_grad_()
+    ref = naive_logprobs(h32, W32, t, 1.0)
+    rh, rw = torch.autograd.grad((ref * g).sum(), (h32, W32))
+    assert (got - ref).abs().max() < 0.05
+    assert (gh.float() - rh).abs().max() < 0.02 * rh.abs().max()
+    assert (gw.float() - rw).abs().max() < 0.02 * rw.abs().max()
+
+
+def test_token_logprobs_only_hidden_needs_grad_and_bad_shapes():
+    h = torch.randn(10, 8, requires_grad=True)
+    W = torch.randn(20, 8)
+    t = torch.randint(0, 20, (10,))
+    (gh,) = torch.autograd.grad(token_logprobs(h, W, t).sum(), (h,))
+    (rh,) = torch.autograd.grad(naive_logprobs(h, W, t, 1.0).sum(), (h,))
+    assert (gh - rh).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="do not fit"):
+        token_logprobs(h, W[:, :4], t)
+
+
+def test_training_forward_has_gradients_through_hidden():
+    """hidden() + token_logprobs gives the same loss and gradients as logits + log_softmax."""
+    _, m = tiny_pair("qwen2")
+    idx = torch.randint(0, 97, (2, 16))
+    tgt = idx[:, 1:].reshape(-1)
+    lp = token_logprobs(m.hidden(idx)[:, :-1].reshape(-1, 64), m.head_weight, tgt)
+    g1 = torch.autograd.grad(lp.sum(), m.embed_tokens.weight)[0]
+    ref = F.log_softmax(m(idx)[:, :-1].reshape(-1, 97), -1).gather(1, tgt[:, None]).squeeze(1)
+    g2 = torch.autograd.grad(ref.sum(), m.embed_tokens.weight)[0]
+    assert (lp - ref).abs().max() < 1e-5
+    assert (g1 - g2).abs().max() < 1e-5
