@@ -1,0 +1,263 @@
+"""
+Batched sampling over a preallocated KV cache, for one turn or several.
+
+    generate(model, prompts, max_new_tokens)                     # one turn
+    generate_turns(model, prompts, followup, max_new_tokens)     # SCoRe: y1 ~ pi(.|x), y2 ~ pi(.|x, y1, p1)
+
+How the batch is laid out. Every row shares the cache's slots: slot s of every row is written
+at the same step. A row's tokens are right-aligned in each block it prefills (left padding), pad
+slots are marked invalid in `valid` (B, S) and masked out, and each row carries its own RoPE
+positions, so a row's tokens never see another row's lengths: a row gives the same tokens alone
+or in a batch. Decoding feeds one token per live row per step. When a good fraction of rows have
+stopped, live rows are swapped to the front of the batch and only that prefix `[:n]` is run, so
+stopped rows cost nothing but the occasional swap; their cache stays, for the next turn.
+
+Turns. Tokens that belong to a row's context but are not in the cache yet are the row's
+"pending" tokens: the prompt before turn 1; before each later turn, the last sampled token of
+the previous attempt (if it was not fed yet), eot_id if that attempt hit max_new_tokens
+without a stop token, and the followup (the instruction p1, rendered). A turn starts with one
+prefill of the pending block at the next free slots, so turn 2 never re-runs x or y1.
+
+Context length. Positions are checked up front: the longest row needs
+    max prompt length + turns * max_new_tokens + (turns - 1) * (len(followup) + 1)
+positions (the +1 is the possible eot_id); if that exceeds model.config.max_seq_len,
+generate_turns raises ValueError naming the numbers. Nothing is truncated silently.
+
+This file imports only model.py (and torch), so it can be copied with model.py alone.
+"""
+import argparse
+from types import SimpleNamespace
+
+import torch
+import torch.nn.functional as F
+
+from model import GPT, KVCache
+
+
+def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
+    """Next token ids (B,) from logits (B, V): argmax at temperature 0, else softmax(logits / T)
+    restricted to the smallest set of tokens whose mass reaches top_p (nucleus), sampled."""
+    if temperature == 0:
+        return logits.argmax(-1)
+    logits = logits.float() / temperature
+    if top_p < 1.0:
+        sorted_logits, order = logits.sort(-1, descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop a token when the mass before it already reaches top_p (the first token always stays)
+        probs.masked_fill_(probs.cumsum(-1) - probs >= top_p, 0.0)
+        pick = torch.multinomial(probs, 1, generator=generator)  # (B, 1), renormalized by multinomial
+        return order.gather(-1, pick).squeeze(-1)
+    return torch.multinomial(logits.softmax(-1), 1, generator=generator).squeeze(-1)
+
+
+def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_ids=(), seed=None):
+    """New tokens of each prompt (a list of token lists), each ending with its stop token if one
+    was produced, nothing after it. prompts: token-id lists of any lengths. seed: an int or a
+    torch.Generator on the model's device; the same seed gives the same tokens."""
+    return generate_turns(model, prompts, [], max_new_tokens, turns=1, temperature=temperature,
+                          top_p=top_p, stop_ids=stop_ids, seed=seed)[0]
+
+
+def _prefix(cache, n):
+    """The first n rows of the cache, as views: the model's in-place writes land in `cache`."""
+    return SimpleNamespace(k=[k[:n] for k in cache.k], v=[v[:n] for v in cache.v])
+
+
+@torch.inference_mode()
+def generate_turns(model, prompts, followup, max_new_tokens, turns=2, k=1, temperature=1.0, top_p=1.0,
+                   stop_ids=(), eot_id=None, seed=None, first=None):
+    """Attempts of `turns` turns: a list over turns of lists over rows of new token lists.
+
+    prompts: P token lists (chat(x) rendered, ending where the assistant speaks).
+    followup: token list appended after each attempt before the next one (p1 rendered: it closes
+      the attempt's turn and opens the next assistant turn).
+    k: samples per prompt, sharing one prefill. Rows are prompt-major: row p * k + j is sample j of prompt p.
+    stop_ids: a row's attempt ends at its first stop token (kept in the returned tokens).
+    eot_id: appended to the context (not to the returned tokens) after an attempt that hit
+      max_new_tokens without a stop token, so the next turn's context is well formed.
+    first: None, or one entry per row: None (sample turn 1) or a token list, used as that row's
+      first attempt instead of sampling (teacher-forced into the cache; paper 5.3).
+    seed: None (torch's global generator), an int, or a torch.Generator on the model's device.
+    """
+    cfg = model.config
+    W = model.head_weight
+    device, dtype = W.device, W.dtype
+    P, B, Fl = len(prompts), len(prompts) * k, len(followup)
+    if P == 0 or any(len(p) == 0 for p in prompts):
+        raise ValueError("generate_turns: every prompt needs at least one token")
+    if turns > 1 and Fl == 0:
+        raise ValueError("generate_turns: turns > 1 needs a non-empty followup")
+    if first is not None and len(first) != B:
+        raise ValueError(f"generate_turns: first has {len(first)} entries for {B} rows (len(prompts) * k)")
+    given = [f is not None for f in first] if first is not None else [False] * B
+    # ---- context check: the positions the longest row can need
+    Lp = max(len(p) for p in prompts)
+    t1 = max([max_new_tokens] + [len(f) for f, g in zip(first or [], given) if g])
+    need = Lp + t1 + (turns - 1) * (max_new_tokens + Fl + 1)
+    if need > cfg.max_seq_len:
+        raise ValueError(f"generate_turns: prompt length {Lp} + {turns} turn(s) of {max_new_tokens} new tokens "
+                         f"+ {turns - 1} followup(s) of {Fl} (+1 eot) tokens = {need} positions "
+                         f"> model.config.max_seq_len = {cfg.max_seq_len}")
+    if isinstance(seed, int):
+        seed = torch.Generator(device).manual_seed(seed)
+    stop_t = torch.tensor(sorted(set(stop_ids)), device=device, dtype=torch.long)
+    S = Lp + max_new_tokens + (turns - 1) * (max_new_tokens + Fl + 2) + (t1 if any(given) else 0)
+
+    # ---- state, one entry per batch row; `order` maps a batch row to its output row
+    # rows that sample turn 1 come first, rows with a given first attempt last (they never decode in turn 1)
+    order = torch.tensor([r for r in range(B) if not given[r]] + [r for r in range(B) if given[r]], device=device)
+    valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # slot holds a real token of this row
+    pos = torch.zeros(B, dtype=torch.long, device=device)       # next RoPE position of each row
+    outs = [[None] * B for _ in range(turns)]
+
+    # ---- turn 1 prefill: the P prompts once, then each prompt's cache repeated for its k rows
+    cache = KVCache(cfg, P, S, device=device, dtype=dtype)
+    logits = _prefill(model, cache, [list(p) for p in prompts], 0, valid[:P], pos[:P])
+    rows = order // k  # the prompt of each batch row
+    cache.select(rows)
+    logits, valid, pos = logits[rows], valid[rows], pos[rows]
+    slot = Lp
+
+    for t in range(turns):
+        if t == 0:
+            n = B - sum(given)  # rows that decode this turn
+            logits = logits[:n]
+        else:
+            # prefill each row's pending tokens, then every row decodes
+            n = B
+            logits = _prefill(model, cache, pending, slot, valid, pos)
+            slot += max(len(p) for p in pending)
+        gen, length, owed, slot = _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order,
+                                              temperature, top_p, stop_t, seed)
+        # collect this turn's attempts, in batch order, and what each row still owes the cache
+        gen, length, order_l = gen.tolist(), length.tolist(), order.tolist()
+        pending = []
+        for i in range(B):
+            r = order_l[i]
+            if i < n:
+                y = gen[i][:length[i]]
+                owe = [y[-1]] if owed[i] else []
+            else:  # a given first attempt: all of it goes into the cache
+                y = list(first[r])
+                owe = list(y)
+            outs[t][r] = y
+            stopped = bool(y) and y[-1] in stop_ids
+            pending.append(owe + ([eot_id] if eot_id is not None and not stopped else []) + list(followup))
+    return outs
+
+
+def _prefill(model, cache, seqs, slot, valid, pos):
+    """Write each row's tokens `seqs` right-aligned into slots [slot, slot + T) (T the longest),
+    mark them valid, advance `pos`, and return the logits (B, V) after each row's last token."""
+    B, T = len(seqs), max(len(s) for s in seqs)
+    dev = valid.device
+    lens = torch.tensor([len(s) for s in seqs], device=dev)
+    ids = torch.tensor([[0] * (T - len(s)) + list(s) for s in seqs], device=dev)  # (B, T), left-padded
+    ar = torch.arange(T, device=dev)
+    real = ar >= (T - lens)[:, None]                                             # (B, T)
+    p = (pos[:, None] + ar - (T - lens)[:, None]).clamp(min=0)                   # (B, T) positions
+    valid[:, slot:slot + T] = real
+    causal = torch.ones(T, T, dtype=torch.bool, device=dev).tril()
+    mask = valid[:, None, None, :slot + T].repeat(1, 1, T, 1)                    # (B, 1, T, slot + T)
+    mask[..., slot:] &= causal
+    mask[..., slot:] |= torch.eye(T, dtype=torch.bool, device=dev)  # a pad query sees its own slot (no NaN)
+    h = model.hidden(ids, p, _prefix(cache, B), slot, mask)
+    pos += lens
+    return F.linear(h[:, -1], model.head_weight)
+
+
+def _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order, temperature, top_p, stop_t, gen_rng):
+    """Sample up to max_new_tokens for batch rows [0, n), starting from `logits` (n, V).
+    Feeds each sampled token of a live row back at the next slot; when a quarter of the rows
+    being run have stopped, live rows are swapped to the front and only those are run.
+    Returns gen (n, max_new_tokens), length (n,), owed (list: the row's last token is not in
+    the cache yet) and the next free slot. Permutes the rows of cache, valid, pos and order in place."""
+    dev, W = valid.device, model.head_weight
+    gen = torch.zeros(n, max_new_tokens, dtype=torch.long, device=dev)
+    length = torch.zeros(n, dtype=torch.long, device=dev)
+    done = torch.zeros(n, dtype=torch.bool, device=dev)
+    owed = torch.zeros(n, dtype=torch.bool, device=dev)
+    m = n  # rows [0, m) are run; rows [m, n) have stopped
+    view = _prefix(cache, m)
+    for step in range(max_new_tokens if n else 0):
+        live = ~done[:m]                                        # rows that get a new token this step
+        tok = sample_next(logits, temperature, top_p, gen_rng)  # (m,)
+        gen[:m, step] = tok
+        length[:m] += live
+        owed[:m] |= live
+        if len(stop_t):
+            done[:m] |= live & torch.isin(tok, stop_t)
+        if step == max_new_tokens - 1:
+            break
+        n_live = int(m - done[:m].sum())
+        if n_live == 0:
+            break
+        if n_live <= m * 3 // 4:  # compact; a row that just stopped keeps owing its stop token
+            perm = _live_first(done[:m])
+            for buf in cache.k + cache.v:
+                _permute_rows(buf, perm, slot)
+            for x in (gen, length, done, owed, valid, pos, order):
+                x[:m] = x[perm]
+            m = n_live
+            tok, live, view = tok[perm][:m], live[perm][:m], _prefix(cache, m)
+        # feed the new tokens (a row that just stopped feeds its stop token, for the next turn)
+        valid[:m, slot] = live
+        h = model.hidden(tok[:, None], pos[:m, None], view, slot, valid[:m, None, None, :slot + 1])
+        pos[:m] += live
+        owed[:m] &= ~live
+        slot += 1
+        logits = F.linear(h[:, -1], W)
+    return gen, length, owed.tolist(), slot
+
+
+def _live_first(done):
+    """A permutation of rows (a swap of the fewest rows) that puts the live rows first."""
+    m = len(done)
+    n_live = int((~done).sum())
+    a = done[:n_live].nonzero().squeeze(1)                # stopped rows in the front part
+    b = (~done[n_live:]).nonzero().squeeze(1) + n_live    # live rows in the back part
+    perm = torch.arange(m, device=done.device)
+    perm[a], perm[b] = b, a
+    return perm
+
+
+def _permute_rows(buf, perm, upto):
+    """buf[:m, :, :upto] = buf[perm, :, :upto] for a perm that swaps few rows: copy only those."""
+    moved = (perm != torch.arange(len(perm), device=perm.device)).nonzero().squeeze(1)
+    if len(moved):
+        buf[moved, :, :upto] = buf[perm[moved], :, :upto]
+
+
+# ------------------------------------------------------------------------------------ CLI
+def main():
+    p = argparse.ArgumentParser(description="Watch a model's attempts: y1 from chat(x), then y2 after the instruction p1.")
+    p.add_argument("--ckpt", required=True, help="checkpoint directory (convert.py or a training script)")
+    p.add_argument("--prompt", required=True, help="the problem x, as the user's message")
+    p.add_argument("--turns", type=int, default=2, help="attempts (1: no self-correction turn)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (evaluation); the paper trains at 1.0")
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = p.parse_args()
+    from tokenizer import Tokenizer  # lazily: sample.py itself needs only model.py
+    from data import P1
+
+    model = GPT.from_pretrained(args.ckpt, device=args.device).eval()
+    tok = Tokenizer.from_pretrained(args.ckpt)
+    messages = [{"role": "user", "content": args.prompt}]
+    ctx = tok.render(messages)
+    # the followup closes an attempt and opens the next assistant turn; it does not depend on the attempt
+    followup = tok.render_followup([{"role": "user", "content": P1}])
+    outs = generate_turns(model, [ctx], followup, args.max_new_tokens, turns=args.turns,
+                          temperature=args.temperature, top_p=args.top_p, stop_ids=tok.stop_ids,
+                          eot_id=tok.eot_id, seed=args.seed)
+    for t, rows in enumerate(outs):
+        print(f"===== attempt {t + 1} =====")
+        print(tok.decode(rows[0]))
+        if t + 1 < len(outs):
+            print(f"----- instruction -----\n{P1}")
+
+
+if __name__ == "__main__":
+    main()

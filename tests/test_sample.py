@@ -1,0 +1,193 @@
+"""sample.py against independent references: transformers' greedy generate, and GPT re-run on the
+whole context at every step without a cache (`_naive_greedy`). Tiny random models, fp32, CPU."""
+import pytest
+import torch
+
+from model import GPT, GPTConfig
+from sample import generate, generate_turns
+
+V = 96
+
+
+def _tiny_hf(tie=True, seed=0):
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    c = Qwen2Config(vocab_size=V, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                    tie_word_embeddings=tie, initializer_range=0.2, rms_norm_eps=1e-6)
+    torch.manual_seed(seed)
+    hf = Qwen2ForCausalLM(c).eval()
+    with torch.no_grad():  # make biases and norm weights non-trivial too
+        for p in hf.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    return hf
+
+
+def _to_gpt(hf):
+    c = hf.config
+    cfg = GPTConfig(vocab_size=c.vocab_size, n_layer=c.num_hidden_layers, n_head=c.num_attention_heads,
+                    n_kv_head=c.num_key_value_heads, n_embd=c.hidden_size, intermediate_size=c.intermediate_size,
+                    max_seq_len=c.max_position_embeddings, rope_theta=c.rope_parameters["rope_theta"],
+                    norm_eps=c.rms_norm_eps, qkv_bias=True, tie_embeddings=c.tie_word_embeddings)
+    sd = {k.removeprefix("model."): v for k, v in hf.state_dict().items()}
+    if cfg.tie_embeddings:
+        sd.pop("lm_head.weight", None)
+    model = GPT(cfg)
+    model.load_state_dict(sd, strict=True)
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def pair():
+    hf = _tiny_hf()
+    return hf, _to_gpt(hf)
+
+
+def _prompts(lengths, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randint(0, V, (n,), generator=g).tolist() for n in lengths]
+
+
+def _hf_greedy(hf, ctx, n):
+    """transformers' greedy generate of exactly n tokens after ctx (one row, no padding)."""
+    ids = torch.tensor([ctx])
+    out = hf.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, min_new_tokens=n,
+                      do_sample=False, pad_token_id=0)
+    return out[0, len(ctx):].tolist()
+
+
+@torch.no_grad()
+def _naive_greedy(model, ctx, n, stop_ids=()):
+    """The whole context through the model at every step: no cache, no padding, one row."""
+    ctx, out = list(ctx), []
+    for _ in range(n):
+        t = int(model(torch.tensor([ctx]))[0, -1].argmax())
+        out.append(t)
+        ctx.append(t)
+        if t in stop_ids:
+            break
+    return out
+
+
+def test_greedy_matches_transformers(pair):
+    hf, model = pair
+    prompts = _prompts([5, 17, 1, 30])
+    ours = generate(model, prompts, 24, temperature=0)
+    for p, o in zip(prompts, ours):
+        assert o == _hf_greedy(hf, p, 24)
+
+
+def test_untied_head_matches_transformers():
+    hf = _tiny_hf(tie=False, seed=3)
+    model = _to_gpt(hf)
+    p = _prompts([9])[0]
+    assert generate(model, [p], 12, temperature=0)[0] == _hf_greedy(hf, p, 12)
+
+
+def test_cached_equals_full_recompute(pair):
+    _, model = pair
+    prompts = _prompts([3, 11, 26])
+    for p, o in zip(prompts, generate(model, prompts, 40, temperature=0)):
+        assert o == _naive_greedy(model, p, 40)
+
+
+def test_row_alone_equals_row_batched(pair):
+    _, model = pair
+    row = _prompts([12], seed=5)[0]
+    alone = generate(model, [row], 30, temperature=0)[0]
+    batch = _prompts([40, 2, 25, 7], seed=6)
+    batch.insert(2, row)
+    assert generate(model, batch, 30, temperature=0)[2] == alone
+
+
+def test_stop_ends_its_row_only(pair):
+    _, model = pair
+    prompts = _prompts([4, 9, 15, 6, 21, 2], seed=7)
+    free = generate(model, prompts, 30, temperature=0)
+    stop = free[0][5]  # a token row 0 produces: it must end there (or at an earlier copy of it)
+    out = generate(model, prompts, 30, temperature=0, stop_ids=(stop,))
+    ended = 0
+    for p, f, o in zip(prompts, free, out):
+        ref = _naive_greedy(model, p, 30, stop_ids=(stop,))
+        assert o == ref
+        assert o == (f[:f.index(stop) + 1] if stop in f else f)
+        ended += stop in f
+    assert 0 < ended < len(prompts), "the test needs rows that stop and rows that go on"
+
+
+def _two_turn_reference(model, p, followup, n, stop_ids, eot_id, y1=None):
+    y1 = _naive_greedy(model, p, n, stop_ids) if y1 is None else y1
+    ctx = p + y1 + ([] if y1 and y1[-1] in stop_ids else [eot_id]) + followup
+    return y1, _naive_greedy(model, ctx, n, stop_ids)
+
+
+def test_turn2_from_cache_equals_from_scratch(pair):
+    hf, model = pair
+    prompts = _prompts([6, 19, 3, 12, 27], seed=8)
+    followup = _prompts([7], seed=9)[0]
+    free = generate(model, prompts, 20, temperature=0)
+    stops = (free[1][3], free[3][8])  # some rows stop in turn 1, others hit max_new_tokens (eot appended)
+    eot = 95
+    y1s, y2s = generate_turns(model, prompts, followup, 20, temperature=0, stop_ids=stops, eot_id=eot)
+    hit_max = 0
+    for p, y1, y2 in zip(prompts, y1s, y2s):
+        r1, r2 = _two_turn_reference(model, p, followup, 20, stops, eot)
+        assert (y1, y2) == (r1, r2)
+        hit_max += not (y1[-1] in stops)
+        # and transformers on the same two-turn context, when turn 2 ran its full length
+        if not any(t in stops for t in y2):
+            ctx = p + y1 + ([eot] if y1[-1] not in stops else []) + followup
+            assert y2 == _hf_greedy(hf, ctx, 20)
+    assert 0 < hit_max < len(prompts)
+
+
+def test_k_samples_and_given_first_attempts(pair):
+    _, model = pair
+    prompts = _prompts([5, 14], seed=10)
+    followup = _prompts([4], seed=11)[0]
+    k, stops, eot = 3, (7,), 95
+    given = _prompts([9, 3], seed=12)
+    first = [None, given[0], None, None, None, given[1]]  # rows 1 and 5 bring their own turn 1
+    y1s, y2s = generate_turns(model, prompts, followup, 16, k=k, temperature=0, stop_ids=stops,
+                              eot_id=eot, first=first)
+    for r in range(len(prompts) * k):
+        r1, r2 = _two_turn_reference(model, prompts[r // k], followup, 16, stops, eot, y1=first[r])
+        assert (y1s[r], y2s[r]) == (r1, r2), r
+
+
+def test_sampling_distribution(pair):
+    """The first new token's empirical frequencies match softmax(logits / T) with nucleus top_p."""
+    _, model = pair
+    p = _prompts([8], seed=13)[0]
+    N = 4000
+    with torch.no_grad():
+        logits = model(torch.tensor([p]))[0, -1].double()
+    for T, top_p in ((1.0, 1.0), (0.7, 0.8)):
+        probs = (logits / T).softmax(-1)
+        sp, idx = probs.sort(descending=True)
+        keep = (sp.cumsum(0) - sp) < top_p
+        expect = torch.zeros_like(probs)
+        expect[idx[keep]] = sp[keep] / sp[keep].sum()
+        out = generate_turns(model, [p], [], 1, turns=1, k=N, temperature=T, top_p=top_p, seed=0)[0]
+        freq = torch.bincount(torch.tensor([o[0] for o in out]), minlength=V).double() / N
+        assert (freq[expect == 0] == 0).all()
+        assert (freq - expect).abs().max() < 4 * (expect.max() / N) ** 0.5 + 1e-3
+
+
+def test_seed_reproducible(pair):
+    _, model = pair
+    prompts = _prompts([4, 10, 2], seed=14)
+    a = generate(model, prompts, 20, temperature=1.0, stop_ids=(3,), seed=123)
+    b = generate(model, prompts, 20, temperature=1.0, stop_ids=(3,), seed=123)
+    c = generate(model, prompts, 20, temperature=1.0, stop_ids=(3,), seed=124)
+    assert a == b and a != c
+    g1, g2 = torch.Generator().manual_seed(5), torch.Generator().manual_seed(5)
+    assert generate_turns(model, prompts, [1, 2], 10, k=2, seed=g1) == generate_turns(model, prompts, [1, 2], 10, k=2, seed=g2)
+
+
+def test_context_too_long_raises(pair):
+    _, model = pair  # max_seq_len 256
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate(model, _prompts([200]), 57, temperature=0)
+    generate(model, _prompts([200]), 56, temperature=0)  # 200 + 56 = 256 fits
+    with pytest.raises(ValueError, match="max_seq_len"):
+        generate_turns(model, _prompts([50]), [1] * 10, 100, temperature=0)  # 50 + 200 + 11 > 256
