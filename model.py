@@ -261,8 +261,8 @@ def save_checkpoint(ckpt_dir, config, state_dict):
 # -------------------------------------------------------------------- fused log-probs
 class _TokenLogprobs(torch.autograd.Function):
     """log_softmax(hidden @ weight.T / temperature)[targets], chunk by chunk over tokens.
-    Forward keeps only the per-token log-sum-exp (fp32); backward recomputes each chunk's
-    logits, so at most (chunk, V) logits exist at any time."""
+    Forward keeps only the per-token log-sum-exp; backward recomputes each chunk's logits. One
+    (chunk, V) buffer is reused for every chunk, so the (N, V) logits never exist."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk):
@@ -270,12 +270,13 @@ class _TokenLogprobs(torch.autograd.Function):
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32  # fp32 at least
         out = torch.empty(N, device=hidden.device, dtype=acc)
         lse = torch.empty(N, device=hidden.device, dtype=acc)
+        buf = torch.empty(min(chunk, N), weight.shape[0], device=hidden.device, dtype=acc)
         for s in range(0, N, chunk):
-            logits = (hidden[s:s + chunk] @ weight.T).to(acc)  # (c, V)
-            if temperature != 1.0:
-                logits /= temperature
-            lse[s:s + chunk] = torch.logsumexp(logits, dim=-1)
-            out[s:s + chunk] = logits.gather(1, targets[s:s + chunk, None]).squeeze(1) - lse[s:s + chunk]
+            logits = _chunk_logits(hidden[s:s + chunk], weight, temperature, buf)  # (c, V)
+            tgt = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
+            m = logits.amax(dim=1)
+            lse[s:s + chunk] = m + logits.sub_(m[:, None]).exp_().sum(dim=1).log()  # in place: no 2nd buffer
+            out[s:s + chunk] = tgt - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
         return out
@@ -286,18 +287,14 @@ class _TokenLogprobs(torch.autograd.Function):
         T, chunk = ctx.temperature, ctx.chunk
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
         grad_h = torch.empty_like(hidden) if need_h else None
-        # accumulate the weight gradient in fp32 whatever the weight's dtype
+        # accumulate the weight gradient in fp32 (or fp64) whatever the weight's dtype
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=lse.dtype) if need_w else None
+        buf = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], device=hidden.device, dtype=lse.dtype)
         for s in range(0, hidden.shape[0], chunk):
             h, g = hidden[s:s + chunk], grad_out[s:s + chunk].to(lse.dtype)
-            logits = (h @ weight.T).to(lse.dtype)
-            if T != 1.0:
-                logits /= T
             # d out_i / d logits_ij = (1[j == t_i] - p_ij) / T, so G = g * (onehot - p) / T
-            G = logits.sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None])  # (c, V)
-            G.scatter_add_(1, targets[s:s + chunk, None], g[:, None])
-            if T != 1.0:
-                G /= T
+            G = _chunk_logits(h, weight, T, buf).sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None] / T)
+            G.scatter_add_(1, targets[s:s + chunk, None], g[:, None] / T)
             G = G.to(weight.dtype)
             if need_h:
                 grad_h[s:s + chunk] = G @ weight
@@ -311,10 +308,22 @@ class _TokenLogprobs(torch.autograd.Function):
         return grad_h, grad_w, None, None, None
 
 
-def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=1024):
-    """Log-probs (N,) in fp32 (fp64 for fp64 inputs) of `targets` (N,) under softmax(hidden (N, d) @ weight (V, d).T / temperature),
-    differentiable in hidden and weight, never materializing the (N, V) logits."""
+def _chunk_logits(h, weight, temperature, buf):
+    """h @ weight.T / temperature into (a view of) buf, in buf's dtype."""
+    out = buf[:h.shape[0]]
+    if h.dtype == out.dtype:
+        torch.mm(h, weight.T, out=out)
+    else:
+        out.copy_(h @ weight.T)
+    return out.div_(temperature) if temperature != 1.0 else out
+
+
+def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=None):
+    """Log-probs (N,) in fp32 (fp64 for fp64 inputs) of `targets` (N,) under
+    softmax(hidden (N, d) @ weight (V, d).T / temperature), differentiable in hidden and weight,
+    never materializing the (N, V) logits: chunks of `chunk` tokens (default: a 128 MiB buffer)."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
         raise ValueError(f"token_logprobs: shapes hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
                          f"targets {tuple(targets.shape)} do not fit (N, d), (V, d), (N,)")
+    chunk = chunk or max(1, 2**25 // weight.shape[0])
     return _TokenLogprobs.apply(hidden, weight, targets, float(temperature), chunk)
