@@ -45,6 +45,8 @@ LLAMA3_SPECIALS = ["<|begin_of_text|>", "<|end_of_text|>", "<|reserved_special_t
 LLAMA3_SPECIALS += [f"<|reserved_special_token_{i}|>" for i in range(2, 256 - len(LLAMA3_SPECIALS) + 2)]
 
 CHATML_SPECIALS = {"<|endoftext|>": 256, "<|im_start|>": 257, "<|im_end|>": 258}  # the byte-level tokenizer's
+CHATML_TEMPLATE = ("{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\\n' + m['content'] + '<|im_end|>\\n' }}"
+                   "{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\\n' }}{% endif %}")
 HF_TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt", "tokenizer.model",
                       "special_tokens_map.json", "added_tokens.json", "chat_template.jinja", "chat_template.json")
 
@@ -159,6 +161,24 @@ def _hf_pattern_and_nfc(tok, where):
     return pattern, bool(norms)
 
 
+def _write_hf_byte_level(out_dir, special):
+    """The byte-level tokenizer in HF layout too (a BPE with no merges), so transformers and vLLM
+    load an exported demo model. from_pretrained reads byte_tokenizer.json first."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+    tok = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
+           "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
+                             "normalized": False, "special": True} for s, i in special.items()],
+           "pre_tokenizer": byte_level, "decoder": byte_level,
+           "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
+                     "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
+                     "vocab": {c: b for b, c in bytes_to_unicode().items()}, "merges": []}}
+    config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+              "chat_template": CHATML_TEMPLATE}
+    for name, obj in (("tokenizer.json", tok), ("tokenizer_config.json", config)):
+        with open(os.path.join(out_dir, name), "w") as f:
+            json.dump(obj, f, indent=2, ensure_ascii=False)
+
+
 # ---------------------------------------------------------------------------- the tokenizer
 class Tokenizer:
     def __init__(self, name, pattern, ranks, special, nfc=False, files=()):
@@ -228,6 +248,7 @@ class Tokenizer:
         if not self.files:
             with open(os.path.join(out_dir, "byte_tokenizer.json"), "w") as f:
                 json.dump({"format": "byte_level", "special_tokens": self.special}, f, indent=2)
+            _write_hf_byte_level(out_dir, self.special)
         for src in self.files:
             dst = os.path.join(out_dir, os.path.basename(src))
             if not (os.path.exists(dst) and os.path.samefile(src, dst)):

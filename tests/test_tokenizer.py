@@ -261,6 +261,11 @@ def test_byte_level(tmp_path):
     assert tok.decode([0xE2, 0x82]) == "\ufffd"  # broken UTF-8
     tok.save_pretrained(tmp_path)
     assert Tokenizer.from_pretrained(tmp_path).encode("héllo") == tok.encode("héllo")
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)  # the HF copy, for an exported demo model
+    for s in HAND_WRITTEN:
+        assert hf.encode(s, add_special_tokens=False) == tok.encode(s, allow_special=True), s
+    msgs = [{"role": "system", "content": "sys"}, {"role": "user", "content": "2+2?"}]
+    assert hf.apply_chat_template(msgs, add_generation_prompt=True, return_dict=False) == tok.render(msgs)
 
 
 def test_save_pretrained_round_trip(hf_dir, llama_dir, tmp_path):
