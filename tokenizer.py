@@ -6,7 +6,8 @@ Files read by Tokenizer.from_pretrained(dir), first match wins:
   byte_tokenizer.json          the demo's byte-level tokenizer (ids 0..255 are bytes, then ChatML tokens)
   tokenizer.model              Llama 3: tiktoken's own format, "base64(token) rank" per line
   tokenizer.json               Hugging Face byte-level BPE (Qwen2/2.5/3, Llama 3 in HF layout)
-  vocab.json + merges.txt      the same BPE in the older two-file layout
+  vocab.json + merges.txt      the same BPE in the older two-file layout (Qwen2's pattern and NFC,
+                               as transformers' Qwen2Tokenizer)
 Special tokens come from tokenizer.json's added_tokens or tokenizer_config.json's
 added_tokens_decoder; a bare tokenizer.model gets Llama 3.1's 256 special tokens.
 
@@ -182,7 +183,13 @@ def _write_hf_byte_level(out_dir, special):
 # ---------------------------------------------------------------------------- the tokenizer
 class Tokenizer:
     def __init__(self, name, pattern, ranks, special, nfc=False, files=()):
-        self.enc = tiktoken.Encoding(name, pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+        ids = [*ranks.values(), *special.values()]
+        if len(set(ids)) != len(ids):
+            raise ValueError(f"{name}: some token ids appear twice (in the ranks or the special tokens)")
+        try:
+            self.enc = tiktoken.Encoding(str(name), pat_str=pattern, mergeable_ranks=ranks, special_tokens=special)
+        except ValueError as e:
+            raise ValueError(f"{name}: tiktoken cannot use the pre-tokenizer pattern {pattern!r}: {e}") from None
         self.special = dict(special)  # {string: id}
         self.nfc = nfc                # NFC-normalize text before encoding (Qwen's tokenizer.json says so)
         self.files = list(files)      # source files that save_pretrained copies; empty: the byte-level one
@@ -287,12 +294,10 @@ class Tokenizer:
         role, content = m["role"], m["content"]
         if role not in ("system", "user", "assistant") or not isinstance(content, str):
             raise ValueError(f"bad message {m!r}: role must be system/user/assistant, content a str")
-        s = self.special
-        if self.chat_format == "chatml":  # <|im_start|>{role}\n{content}<|im_end|>\n
-            return [s["<|im_start|>"], *self.encode(role + "\n"), *self.encode(content), s["<|im_end|>"],
-                    *self.encode("\n")]
-        # <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>
-        return [*self._header(role), *self.encode(content), s["<|eot_id|>"]]
+        # ChatML:  <|im_start|>{role}\n{content}<|im_end|>\n
+        # Llama 3: <|start_header_id|>{role}<|end_header_id|>\n\n{content}<|eot_id|>
+        tail = self.encode("\n") if self.chat_format == "chatml" else []
+        return [*self._header(role), *self.encode(content), self.eot_id, *tail]
 
     def _header(self, role):
         s = self.special

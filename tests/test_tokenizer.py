@@ -149,6 +149,22 @@ def test_merge_order_is_checked(hf_dir, tmp_path):
         Tokenizer.from_pretrained(tmp_path)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("normalizer", {"type": "NFKC"}, "normalizer"),
+    ("pre_tokenizer", {"type": "Metaspace", "replacement": "_", "prepend_scheme": "always", "split": True},
+     "pre_tokenizer"),
+    ("pre_tokenizer", {"type": "Sequence", "pretokenizers": [
+        {"type": "Split", "pattern": {"Regex": "(?<=a"}, "behavior": "Isolated", "invert": False},
+        {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}]}, "pattern"),
+])
+def test_unsupported_tokenizer_json(hf_dir, tmp_path, key, value, message):
+    tj = json.loads((hf_dir / "tokenizer.json").read_text())
+    tj[key] = value
+    (tmp_path / "tokenizer.json").write_text(json.dumps(tj))
+    with pytest.raises(ValueError, match=f"tokenizer.json: .*{message}"):
+        Tokenizer.from_pretrained(tmp_path)
+
+
 def test_chat_template_matches_hf(hf_dir):
     """render() == apply_chat_template(), given the system message the template would insert."""
     tok, hf = Tokenizer.from_pretrained(hf_dir), PreTrainedTokenizerFast.from_pretrained(hf_dir)
@@ -285,4 +301,9 @@ def test_clear_errors(tmp_path):
         Tokenizer.from_pretrained(tmp_path)
     (tmp_path / "tokenizer.model").write_bytes(b"\x0a\x0b\x0a\x05<unk>\x15\x00\x00\x00\x00\x18\x02")  # sentencepiece
     with pytest.raises(ValueError, match="sentencepiece"):
+        Tokenizer.from_pretrained(tmp_path)
+    ranks = [bytes([b]) for b in range(256)]
+    (tmp_path / "tokenizer.model").write_text("".join(f"{base64.b64encode(b).decode()} {i % 255}\n"
+                                                      for i, b in enumerate(ranks)))
+    with pytest.raises(ValueError, match="tokenizer.model: some token ids appear twice"):
         Tokenizer.from_pretrained(tmp_path)
