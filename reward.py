@@ -395,9 +395,11 @@ def _value(e, subs):
 def _expr_equal(a, b):
     """Exact for rationals; otherwise numerically at 30 digits (relative 1e-9), at four fixed
     random points of both signs when there are variables."""
+    if a.has(sympy.nan, sympy.zoo) or b.has(sympy.nan, sympy.zoo):  # 1/0 is no answer
+        return False
     if a == b:
         return True
-    if a.has(sympy.nan, sympy.zoo) or b.has(sympy.nan, sympy.zoo) or (a.is_Rational and b.is_Rational):
+    if a.is_Rational and b.is_Rational:
         return False
     syms = sorted(a.free_symbols | b.free_symbols, key=str)
     rng = random.Random(0)
@@ -445,7 +447,10 @@ def _symbolic_equal(a, b):
         max_depth = max(max_depth, depth)
     if max_depth > 50:  # thousands of nested braces: not an answer
         return False
-    return _same(_structure(a), _structure(b))
+    try:
+        return _same(_structure(a), _structure(b))
+    except (ValueError, TypeError, ArithmeticError, RecursionError, AttributeError):  # not parsed: not equal
+        return False
 
 
 # ------------------------------------------------------------------------------- math: the deadline
@@ -705,7 +710,7 @@ def sandbox_run(program, tests, timeout=10.0, memory_mb=1024):
         with tempfile.TemporaryFile() as stdin:  # unnamed: only the child's fd 0 can read it
             stdin.write(marshal.dumps(job))
             stdin.seek(0)
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HARNESS], stdin=stdin,
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HARNESS, f"parent={os.getpid()}"], stdin=stdin,
                                     stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=home,
                                     env={"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home},
                                     pass_fds=(w,), start_new_session=True)
