@@ -171,6 +171,12 @@ class GPT(nn.Module):
         # RoPE tables in fp32, not saved in checkpoints (rebuilt by init_rope after a meta-device build)
         self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
 
+    def _apply(self, fn, *args, **kwargs):
+        # .to(dtype) / .bfloat16() would round the RoPE frequencies: keep them fp32 on the model's device
+        super()._apply(fn, *args, **kwargs)
+        self.inv_freq = rope_frequencies(self.config).to(self.embed_tokens.weight.device)
+        return self
+
     @property
     def head_weight(self):
         """(V, d): the output projection, tied to the embedding or not."""

@@ -98,6 +98,9 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
     assert not list((tmp_path / "ck").glob(".*"))  # no temporary files left behind
     bf = GPT.from_pretrained(tmp_path / "ck", dtype=torch.bfloat16)
     assert bf.embed_tokens.weight.dtype == torch.bfloat16
+    # the RoPE frequencies are not rounded to bf16 (that would shift angles by radians at long positions)
+    assert bf.inv_freq.dtype == torch.float32
+    assert torch.equal(bf.inv_freq, m.inv_freq) and torch.equal(m.bfloat16().inv_freq, m2.inv_freq)
     with pytest.raises(FileNotFoundError, match="config.json"):
         GPT.from_pretrained(tmp_path / "nothing")
     cfg = json.loads((tmp_path / "ck" / "config.json").read_text())
