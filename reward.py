@@ -542,7 +542,7 @@ def math_reward(response, ref):
 # /proc/self/mem). Everything the harness needs after the program ran is captured first.
 
 _HARNESS = r'''# score-sandbox harness (reward.py)
-import builtins, marshal, os, resource, sys
+import ast, builtins, marshal, os, resource, sys
 import collections, copy, functools, heapq, itertools, math, operator, random, string  # what tests import
 
 def main():
@@ -591,8 +591,9 @@ def main():
         return True
 
     # values the tests may compare: built-in data only, so no __eq__ of the program's can answer
-    atoms = frozenset(map(_id, (type(None), bool, int, float, complex, str, bytes)))
-    seqs = frozenset(map(_id, (list, tuple, set, frozenset, collections.deque)))
+    atoms = frozenset(map(_id, (type(None), bool, int, float, complex, str, bytes, range)))
+    seqs = frozenset(map(_id, (list, tuple, set, frozenset, collections.deque, type({}.keys()),
+                               type({}.values()), type({}.items()))))
     maps = frozenset(map(_id, (dict, collections.Counter, collections.OrderedDict, collections.defaultdict)))
 
     def plain(x):
@@ -670,18 +671,27 @@ def main():
     program = sys.modules["__program__"] = _module("__program__")
     g = program.__dict__
     try:
+        tests = _compile(job["tests"], "<tests>", "exec", ast.PyCF_ONLY_AST)
+        imports = ast.Module([s for s in tests.body if _type(s) in (ast.Import, ast.ImportFrom)], [])
         _exec(_compile(job["program"], "<program>", "exec"), g)
         if not intact():
             raise _ValueError("sandbox: the program patched a builtin or a module")
+        # the program's functions see what the tests import (MBPP's setup code: import math)
+        _exec(_compile(imports, "<tests>", "exec"), scratch := {})
+        for k, v in scratch.items():
+            if not _startswith(k, "__"):
+                g.setdefault(k, v)
+        # the tests' own namespace: the program's names, minus those that shadow builtins, its
+        # functions and classes behind guard()
         t = {"__name__": "__tests__", "__builtins__": builtins}
-        for k, v in list(g.items()):  # the program's names, minus those that shadow builtins
+        for k, v in list(g.items()):
             if k in builtin_names or _startswith(k, "__"):
                 continue
-            if _type(v) is type or _type(v) is _module or plain(v):  # type(): __class__ can lie
+            if _type(v) is _module or plain(v):  # type(): __class__ can lie
                 t[k] = v
             elif _callable(v):
                 t[k] = guard(v)
-        _exec(_compile(job["tests"], "<tests>", "exec"), t)
+        _exec(_compile(tests, "<tests>", "exec"), t)
         passed = not cheated and intact()
     except _BaseException:  # failed asserts, errors, SystemExit, KeyboardInterrupt: all fail
         armed[0] = passed = False

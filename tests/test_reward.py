@@ -387,6 +387,8 @@ def test_run_code_passes_and_fails_honestly():
     assert run_code("def f():\n    with open('scratch.txt', 'w') as fh:\n        fh.write('ok')\n"
                     "    return open('scratch.txt').read()\n", "assert f() == 'ok'")  # its own directory
     assert run_code("import json, heapq, itertools, functools\ndef f(x):\n    return x\n", "assert f(1) == 1")
+    assert run_code("def root(n):\n    return math.sqrt(n)\n", "import math\nassert root(4) == 2.0")  # setup's import
+    assert run_code("def f(n):\n    return range(n), {1: 2}.keys()\n", "assert list(f(2)[0]) == [0, 1]")
     assert not _leftovers()
 
 
@@ -418,6 +420,11 @@ HACKS = {  # programs that try to score a pass without a correct square(); each 
         "class A:\n    def __eq__(self, other):\n        return True\n    def __sub__(self, other):\n        return 0\n"
         "    def __float__(self):\n        return 9.0\n    __hash__ = object.__hash__\n"
         "def square(x):\n    return A()\n"),
+    "a class whose constructor returns an object equal to everything": (
+        "class square:\n    def __new__(cls, x):\n        class E:\n            def __eq__(self, other):\n"
+        "                return True\n        return E()\n"),
+    "a callable that claims to be a class": (
+        "class F:\n    __class__ = type\n    def __call__(self, x):\n        return 0\nsquare = F()\n"),
     "an int subclass equal to everything": (
         "class I(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
         "    def __sub__(self, other):\n        return 0\ndef square(x):\n    return I(0)\n"),
@@ -461,7 +468,7 @@ HACKS = {  # programs that try to score a pass without a correct square(); each 
 def test_run_code_resists_fake_passes(name):
     program = HACKS[name]
     for tests in (HE_TESTS, MBPP_TESTS):
-        assert not run_code(program, tests, timeout=2.0), name
+        assert not run_code(program, tests, timeout=1.0), name
     assert not _leftovers() and not _leftovers(MARK)
 
 
