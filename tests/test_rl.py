@@ -1,0 +1,216 @@
+"""The SCoRe objectives against hand-computed values, the KL term's gradient against the exact
+KL(pi || pi_ref), and the rollout layout at the token level."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import data
+import rl
+import train_stage1
+import train_stage2
+from model import GPT, GPTConfig
+from sample import generate
+from tokenizer import Tokenizer
+
+
+def args(**kw):
+    return SimpleNamespace(**{"alpha": 10.0, "beta1": 0.01, "beta2": 0.1, "baseline": "none", **kw})
+
+
+def batch(r1, r2, group):
+    """A micro-batch whose log-prob and KL sums are leaves, so d loss / d leaf is each term's weight."""
+    n = len(r1)
+    leaf = lambda: torch.zeros(n, requires_grad=True)
+    return SimpleNamespace(logp1=leaf(), logp2=leaf(), kl1=leaf(), kl2=leaf(), r1=torch.tensor(r1),
+                           r2=torch.tensor(r2), group=torch.tensor(group))
+
+
+def weights(objective, b, a):
+    objective(b, a).sum().backward()
+    return b.logp1.grad, b.logp2.grad, b.kl1.grad, b.kl2.grad
+
+
+R1, R2 = [0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]  # wrong->right, right->right, right->wrong, wrong->wrong
+
+
+def test_stage1_weights_no_baseline():
+    g1, g2, k1, k2 = weights(train_stage1.objective, batch(R1, R2, [0, 1, 2, 3]), args())
+    assert g1 is None                                         # turn 1: no reward gradient at all
+    assert torch.equal(g2, -torch.tensor(R2))                 # turn 2: - r(y2)
+    assert torch.allclose(k1, torch.full((4,), 0.1))          # beta2 on turn 1's KL
+    assert torch.allclose(k2, torch.full((4,), 0.01))         # beta1 on turn 2's KL
+
+
+def test_stage2_weights_no_baseline():
+    g1, g2, k1, k2 = weights(train_stage2.objective, batch(R1, R2, [0, 1, 2, 3]), args(alpha=10.0))
+    assert torch.equal(g1, -torch.tensor(R1))                 # turn 1: - r(y1)
+    # turn 2: -(r2 + alpha (r2 - r1)), by hand: 1 + 10, 1 + 0, 0 - 10, 0 + 0
+    assert torch.equal(g2, -torch.tensor([11.0, 1.0, -10.0, 0.0]))
+    assert torch.allclose(k1, torch.full((4,), 0.01)) and torch.allclose(k2, torch.full((4,), 0.01))
+
+
+def test_leave_one_out_baseline_by_hand():
+    ret = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 0.0])
+    group = torch.tensor([0, 0, 0, 1, 1, 1])
+    adv = rl.baseline(ret, group, args(baseline="loo"))
+    # row 0: 1 - mean(0, 0); row 1: 0 - mean(1, 0); row 3: 1 - mean(1, 0); row 5: 0 - mean(1, 1)
+    assert torch.allclose(adv, torch.tensor([1.0, -0.5, -0.5, 0.5, 0.5, -1.0]))
+    assert torch.equal(rl.baseline(ret, group, args(baseline="none")), ret)
+
+
+def test_stage2_with_baseline_by_hand():
+    # two prompts, two samples each; shaped returns R2 = [11, 1 | -10, 0]; loo: each minus the other
+    g1, g2, _, _ = weights(train_stage2.objective, batch(R1, R2, [0, 0, 1, 1]), args(baseline="loo"))
+    assert torch.equal(g2, -torch.tensor([10.0, -10.0, -10.0, 10.0]))
+    assert torch.equal(g1, -torch.tensor([-1.0, 1.0, 1.0, -1.0]))
+
+
+def test_kl_term_gradient_is_forward_kl():
+    """E_{a ~ pi}[grad k2(a)] = grad KL(pi || pi_ref) for a categorical policy, exactly (weighting each
+    outcome by its detached probability) and by sampling; and it is not grad KL(pi_ref || pi)."""
+    torch.manual_seed(0)
+    theta = torch.randn(6, requires_grad=True)
+    ref = torch.randn(6).log_softmax(0)
+    lp = theta.log_softmax(0)
+    exact = torch.autograd.grad((lp.exp() * (lp - ref)).sum(), theta)[0]
+    lp = theta.log_softmax(0)
+    reverse = torch.autograd.grad((ref.exp() * (ref - lp)).sum(), theta)[0]
+    p = lp.detach().exp()
+    assert (exact - reverse).abs().max() > 0.05  # the two directions differ here
+
+    lp = theta.log_softmax(0)
+    expected = torch.autograd.grad((lp.exp().detach() * rl.kl_term(lp, ref)).sum(), theta)[0]
+    assert torch.allclose(expected, exact, atol=1e-6)
+
+    n = 200_000
+    a = torch.multinomial(p.detach(), n, replacement=True, generator=torch.Generator().manual_seed(1))
+    lp = theta.log_softmax(0)
+    sampled = torch.autograd.grad(rl.kl_term(lp[a], ref[a]).mean(), theta)[0]
+    assert (sampled - exact).abs().max() < 0.02  # sampling error ~ 1/sqrt(n) * O(1)
+    assert (sampled - reverse).abs().max() > 0.05
+
+
+# ----------------------------------------------------------------------------- rollouts, tiny model
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    torch.manual_seed(0)
+    tok = Tokenizer.byte_level()
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64,
+                    max_seq_len=512, tie_embeddings=True)
+    model = GPT(cfg).init_weights(std=0.3)  # large init: varied outputs of varied lengths
+    d = tmp_path_factory.mktemp("base")
+    model.save_pretrained(d)
+    tok.save_pretrained(d)
+    # a policy that differs from the base, so the KL terms give gradients even when every reward is 0
+    other = GPT(cfg).init_weights(std=0.3)
+    other.save_pretrained(d / "init")
+    tok.save_pretrained(d / "init")
+    return model.eval(), tok, str(d)
+
+
+def test_rollout_layout_and_masks(tiny):
+    model, tok, _ = tiny
+    problems = data.make_demo(3, seed=5)
+    a = SimpleNamespace(k=2, max_new_tokens=6, temperature=1.0, p1=data.DEMO_P1, base_first=0.0)
+    ro = rl.rollout(model, model, tok, problems, a, seed=3)
+    followup = tok.render_followup([{"role": "user", "content": data.DEMO_P1}])
+    for r in range(6):
+        x = tok.render([{"role": "user", "content": problems[r // 2].prompt}])
+        seq = ro.tokens[r].tolist()
+        tgt = ro.tokens[r, 1:]
+        y1, y2 = tgt[ro.m1[r]].tolist(), tgt[ro.m2[r]].tolist()
+        assert 1 <= len(y1) <= 6 and 1 <= len(y2) <= 6
+        # the turn-2 context is x, then y1's own tokens, then the instruction: checked token by token
+        closed = y1 if y1[-1] in tok.stop_ids else y1 + [tok.eot_id]
+        assert seq[:len(x) + len(closed) + len(followup)] == x + closed + followup
+        assert seq[len(x) + len(closed) + len(followup):][:len(y2)] == y2
+        # masks cover generated tokens only: nothing of x, the instruction or the padding
+        assert ro.m1[r].sum() + ro.m2[r].sum() == len(y1) + len(y2)
+        assert not ro.m1[r, :len(x) - 1].any() and not (ro.m1[r] & ro.m2[r]).any()
+        assert tok.decode([t for t in y1 if t not in tok.stop_ids]) == ro.y1[r]
+
+
+def test_turn2_is_conditioned_on_y1(tiny):
+    """Greedy turn 2 from the rollout equals generating from scratch over x + y1 + p1, and differs
+    when y1 is replaced: y2 depends on y1."""
+    model, tok, _ = tiny
+    problems = data.make_demo(4, seed=6)
+    a = SimpleNamespace(k=1, max_new_tokens=6, temperature=0.0, p1=data.DEMO_P1, base_first=0.0)
+    ro = rl.rollout(model, model, tok, problems, a, seed=0)
+    followup = tok.render_followup([{"role": "user", "content": data.DEMO_P1}])
+    for r, p in enumerate(problems):
+        x = tok.render([{"role": "user", "content": p.prompt}])
+        y1 = ro.tokens[r, 1:][ro.m1[r]].tolist()
+        closed = y1 if y1[-1] in tok.stop_ids else y1 + [tok.eot_id]
+        y2 = ro.tokens[r, 1:][ro.m2[r]].tolist()
+        assert generate(model, [x + closed + followup], 6, temperature=0.0, stop_ids=tok.stop_ids)[0] == y2
+
+
+def test_base_first_rows_get_no_turn1_terms(tiny):
+    model, tok, _ = tiny
+    problems = data.make_demo(4, seed=7)
+    a = SimpleNamespace(k=2, max_new_tokens=5, temperature=1.0, p1=data.DEMO_P1, base_first=0.5, micro_batch=8,
+                        grad_clip=0.0, alpha=10.0, beta1=0.01, baseline="loo")
+    ro = rl.rollout(model, model, tok, problems, a, seed=11)
+    assert 0 < (~ro.first_from_pi).sum() < 8
+    seen = {}
+
+    def spy(b, args):
+        seen["logp1"], seen["kl1"] = b.logp1.detach(), b.kl1.detach()
+        return train_stage2.objective(b, args)
+
+    policy = GPT(model.config)
+    policy.load_state_dict(model.state_dict())
+    rl.update(policy, model, torch.optim.Adam(policy.parameters(), lr=1e-3), ro, spy, a)
+    off = ~ro.first_from_pi
+    assert torch.equal(seen["logp1"][off], torch.zeros(int(off.sum())))
+    assert (seen["logp1"][~off] < 0).all()
+
+
+# ----------------------------------------------------------------------------- the loop: resume, NaN
+def run_args(base, out, steps, stage=2, extra=()):
+    return rl.get_args(stage, ["--base", base, "--init", base + "/init", "--out", out, "--steps", str(steps), "--batch", "8",
+                               "--k", "2", "--micro-batch", "4", "--max-new-tokens", "5", "--n-train", "50",
+                               "--save-every", "2", "--lr", "1e-3", "--device", "cpu", *extra])
+
+
+def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch):
+    _, _, base = tiny
+    rl.run(run_args(base, str(tmp_path / "a"), 4), train_stage2.objective, "Stage II")
+    calls = {"n": 0}
+    real = rl.update
+
+    def interrupted(*a, **kw):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt  # stopped during step 3, after the step-2 checkpoint
+        return real(*a, **kw)
+
+    monkeypatch.setattr(rl, "update", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        rl.run(run_args(base, str(tmp_path / "b"), 4), train_stage2.objective, "Stage II")
+    monkeypatch.setattr(rl, "update", real)
+    rl.run(run_args(base, str(tmp_path / "b"), 4, extra=["--resume"]), train_stage2.objective, "Stage II")
+    a = GPT.from_pretrained(tmp_path / "a" / "ckpt").state_dict()
+    b = GPT.from_pretrained(tmp_path / "b" / "ckpt").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    init = GPT.from_pretrained(base + "/init").state_dict()
+    assert not torch.equal(a["embed_tokens.weight"], init["embed_tokens.weight"])  # training did move it
+    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
+    assert [__import__("json").loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_nan_loss_stops_with_last_good_checkpoint(tiny, tmp_path):
+    _, _, base = tiny
+    calls = {"n": 0}
+
+    def poisoned(b, args):
+        calls["n"] += 1
+        loss = train_stage1.objective(b, args)
+        return loss * float("nan") if calls["n"] > 4 else loss  # steps 1-2 fine (2 micro-batches each)
+
+    with pytest.raises(SystemExit, match="step 3: loss is nan.*last good checkpoint"):
+        rl.run(run_args(base, str(tmp_path / "r"), 4, stage=1), poisoned, "Stage I")
+    assert torch.load(tmp_path / "r" / "ckpt" / "state.pt", weights_only=False)["step"] == 2
+    GPT.from_pretrained(tmp_path / "r" / "ckpt")

@@ -1,0 +1,106 @@
+"""
+The demo only: train the small base model from scratch on single-turn solved examples of the
+built-in task (byte-level tokenizer), and stop while it still errs, so that there is something
+for self-correction to fix. The base model never sees a second turn.
+
+    python train_base.py --out out/demo/base
+"""
+import argparse
+import math
+import os
+import time
+
+import torch
+
+import data
+from model import GPT, GPTConfig, token_logprobs
+from sample import generate
+from tokenizer import Tokenizer
+
+
+def get_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default="out/demo/base", help="checkpoint directory to write")
+    p.add_argument("--n-layer", type=int, default=4)
+    p.add_argument("--n-embd", type=int, default=128)
+    p.add_argument("--n-head", type=int, default=4)
+    p.add_argument("--n-kv-head", type=int, default=2)
+    p.add_argument("--batch", type=int, default=64, help="sequences per step")
+    p.add_argument("--lr", type=float, default=2e-3)
+    p.add_argument("--max-steps", type=int, default=3000)
+    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-n", type=int, default=200, help="held-out problems for the greedy accuracy check")
+    p.add_argument("--stop-acc", type=float, default=0.5,
+                   help="stop at the first evaluation whose greedy accuracy reaches this (the base must still err)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    return p.parse_args(argv)
+
+
+def example(tok, prob):
+    """(ids, number of prompt ids): chat(x) followed by the solved answer and the end of the turn."""
+    prompt = tok.render([{"role": "user", "content": prob.prompt}])
+    return prompt + tok.encode(prob.reference) + [tok.eot_id], len(prompt)
+
+
+def greedy_accuracy(model, tok, problems, batch=100):
+    model.eval()
+    correct = 0
+    for i in range(0, len(problems), batch):
+        chunk = problems[i:i + batch]
+        prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in chunk]
+        outs = generate(model, prompts, max_new_tokens=16, temperature=0.0, stop_ids=tok.stop_ids)
+        texts = [tok.decode([t for t in o if t not in tok.stop_ids]) for o in outs]
+        correct += sum(data.rewards(chunk, texts))
+    model.train()
+    return correct / len(problems)
+
+
+def main(argv=None):
+    args = get_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    torch.manual_seed(args.seed)
+    tok = Tokenizer.byte_level()
+    config = GPTConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head,
+                       n_embd=args.n_embd, intermediate_size=3 * args.n_embd, max_seq_len=512, tie_embeddings=True,
+                       arch="qwen2")
+    model = GPT(config).init_weights()
+    opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
+    held_out = data.make_demo(args.eval_n, seed=10_000 + args.seed)  # the evaluation scripts use other seeds
+    train_seed = args.seed * 1_000_003
+    print(f"base model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    t0, acc = time.time(), 0.0
+    for step in range(1, args.max_steps + 1):
+        lr = args.lr * min(1.0, step / 100)  # short warm-up, then constant
+        for g in opt.param_groups:
+            g["lr"] = lr
+        batch = [example(tok, p) for p in data.make_demo(args.batch, seed=train_seed + step)]
+        T = max(len(ids) for ids, _ in batch)
+        idx = torch.zeros(len(batch), T, dtype=torch.long)
+        loss_mask = torch.zeros(len(batch), T - 1, dtype=torch.bool)
+        for i, (ids, n_prompt) in enumerate(batch):
+            idx[i, :len(ids)] = torch.tensor(ids)
+            loss_mask[i, n_prompt - 1:len(ids) - 1] = True  # predict the answer and the end of turn only
+        h = model.hidden(idx[:, :-1])  # (B, T-1, d)
+        logp = token_logprobs(h[loss_mask], model.head_weight, idx[:, 1:][loss_mask])
+        loss = -logp.mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        if step % args.eval_every == 0 or step == args.max_steps:
+            acc = greedy_accuracy(model, tok, held_out)
+            rate = step / (time.time() - t0)
+            print(f"step {step:5d} | loss {loss.item():.3f} | greedy acc {acc:.1%} | {rate:.1f} steps/s "
+                  f"| ETA {(args.max_steps - step) / rate / 60:.1f} min (or sooner at acc >= {args.stop_acc:.0%})",
+                  flush=True)
+            model.save_pretrained(args.out)
+            tok.save_pretrained(args.out)
+            if acc >= args.stop_acc:
+                break
+    print(f"saved {args.out}: greedy accuracy {acc:.1%} on {args.eval_n} held-out problems after {step} steps")
+
+
+if __name__ == "__main__":
+    main()
