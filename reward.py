@@ -544,6 +544,7 @@ def math_reward(response, ref):
 _HARNESS = r'''# score-sandbox harness (reward.py)
 import ast, builtins, marshal, os, resource, sys
 import collections, copy, functools, heapq, itertools, math, operator, random, string  # what tests import
+import importlib  # importing it renames the frozen importlib modules: before the snapshot, not after
 
 def main():
     raw = b""
@@ -560,12 +561,12 @@ def main():
                      (resource.RLIMIT_FSIZE, job["fsize"]), (resource.RLIMIT_NPROC, 0),
                      (resource.RLIMIT_NOFILE, 256), (resource.RLIMIT_CORE, 0)):
         resource.setrlimit(res, (lim, lim))
-    # captured now: the program may replace any of these names afterwards
-    _id, _len, _type, _callable, _iter, _BaseException, _ValueError, _PermissionError, _ImportError = (
-        id, len, type, callable, iter, BaseException, ValueError, PermissionError, ImportError)
-    _write, _exit, _compile, _exec, _module, _dictkeys, _dictvalues = (
-        os.write, os._exit, compile, exec, type(sys), dict.keys, dict.values)
-    _startswith = str.startswith
+    # captured now: the program may rebind any global or builtin name afterwards
+    _id, _len, _type, _callable, _iter, _int, _str, _builtins = id, len, type, callable, iter, int, str, builtins
+    _BaseException, _ValueError, _PermissionError, _ImportError = (
+        BaseException, ValueError, PermissionError, ImportError)
+    _write, _exit, _compile, _exec, _module, _dictkeys, _dictvalues, _startswith = (
+        os.write, os._exit, compile, exec, type(sys), dict.keys, dict.values, str.startswith)
     out_fd, home, streams = job["fd"], job["dir"], (sys.stdout, sys.stderr)
 
     # what the tests rely on, watched for changes: builtins, every module already loaded (the
@@ -582,7 +583,7 @@ def main():
     missing = object()
 
     def intact():
-        if _len(builtins.__dict__) != _len(builtin_names):
+        if _len(_builtins.__dict__) != _len(builtin_names):
             return False
         for live, saved in watched:
             for k, v in saved.items():
@@ -625,38 +626,52 @@ def main():
         return call
 
     # the audit hook: what the program may not do (it cannot be removed once added)
-    roots = tuple(p.rstrip("/") + "/" for p in sys.path + [sys.prefix, sys.base_prefix, home] if p.startswith("/"))
+    roots = tuple(p.rstrip("/") + "/" for p in sys.path + [sys.prefix, sys.base_prefix] if p.startswith("/"))
     devices = frozenset(("/dev/null", "/dev/urandom", "/dev/zero"))
     frame_attrs = frozenset(("tb_frame", "gi_frame", "cr_frame", "ag_frame"))
     denied_modules = frozenset(("ctypes", "_ctypes", "cffi", "_posixsubprocess", "_xxsubinterpreters",
                                 "_testcapi", "_testinternalcapi", "signal", "_signal"))
+    inside = {"os.remove": ((0,), (1,)), "os.rmdir": ((0,), (1,)), "os.mkdir": ((0,), (2,)),
+              "os.rename": ((0, 1), (2, 3))}  # allowed within the working directory: (paths, dir_fds)
     denied = frozenset(("sys._current_frames", "sys.settrace", "sys.setprofile", "sys.addaudithook",
                         "gc.get_objects", "gc.get_referrers", "gc.get_referents", "os.fork", "os.forkpty",
                         "os.exec", "os.posix_spawn", "os.spawn", "os.system", "os.startfile", "subprocess.Popen",
                         "pty.spawn", "os.kill", "os.killpg", "signal.pthread_kill", "resource.setrlimit",
-                        "resource.prlimit", "os.chdir", "os.remove", "os.rename", "os.rmdir", "os.mkdir",
-                        "os.chmod", "os.chown", "os.link", "os.symlink", "os.truncate", "os.utime",
-                        "os.chflags", "os.lchflags", "os.setxattr", "os.removexattr", "mmap.__new__"))
+                        "resource.prlimit", "os.chdir", "os.chmod", "os.chown", "os.link", "os.symlink",
+                        "os.truncate", "os.utime", "os.chflags", "os.lchflags", "os.setxattr", "os.removexattr",
+                        "mmap.__new__"))
     armed = [True]
+
+    def at_home(path):  # relative (the working directory: chdir is denied) or under it, no ".."
+        return _type(path) is _str and ".." not in path.split("/") and (
+            not _startswith(path, "/") or path == home or _startswith(path, home + "/"))
 
     def hook(event, args):
         if not armed[0]:
             return
-        if event == "open":
+        if event == "open":  # builtin open (mode is a str) or os.open (mode None, flags)
             path, mode, flags = args
-            if _type(path) is int:
+            if _type(path) is _int:  # an fd already open
                 return
-            if _type(path) is not str or ".." in path.split("/"):
-                raise _PermissionError("sandbox: open")
-            writing = (mode is None and flags & 0o3103) or (mode is not None and ("w" in mode or "a" in mode
-                                                                                  or "x" in mode or "+" in mode))
-            if not _startswith(path, "/"):  # relative: inside the working directory (chdir is denied)
-                if mode is None and writing:  # os.open may name a dir_fd elsewhere
-                    raise _PermissionError("sandbox: os.open for writing " + path)
-                return
-            if _startswith(path, home + "/") or (not writing and (path in devices or _startswith(path, roots))):
-                return
-            raise _PermissionError("sandbox: open " + path)
+            if mode is None:
+                writing = flags & 0o3103  # O_WRONLY | O_RDWR | O_CREAT | O_TRUNC | O_APPEND
+            else:
+                writing = "w" in mode or "a" in mode or "x" in mode or "+" in mode
+            if at_home(path) and not (mode is None and writing and not _startswith(path, "/")):
+                return  # (os.open may name a dir_fd elsewhere: its relative writes are denied)
+            if not writing and _type(path) is _str and ".." not in path.split("/") and (
+                    path in devices or _startswith(path, roots)):
+                return  # reading the standard library and site-packages
+            raise _PermissionError("sandbox: open " + (path if _type(path) is _str else "?"))
+        if event in inside:
+            paths, dir_fds = inside[event]
+            for i in paths:
+                if not at_home(args[i]):
+                    raise _PermissionError("sandbox: " + event)
+            for i in dir_fds:
+                if args[i] != -1 and args[i] is not None:
+                    raise _PermissionError("sandbox: " + event + " with dir_fd")
+            return
         if event == "sys._getframe":
             raise _ValueError("sandbox: no frames")  # ValueError: namedtuple and enum expect it
         if event == "object.__getattr__" and args[1] in frame_attrs or \
@@ -683,7 +698,7 @@ def main():
                 g.setdefault(k, v)
         # the tests' own namespace: the program's names, minus those that shadow builtins, its
         # functions and classes behind guard()
-        t = {"__name__": "__tests__", "__builtins__": builtins}
+        t = {"__name__": "__tests__", "__builtins__": _builtins}
         for k, v in list(g.items()):
             if k in builtin_names or _startswith(k, "__"):
                 continue

@@ -425,6 +425,10 @@ HACKS = {  # programs that try to score a pass without a correct square(); each 
         "                return True\n        return E()\n"),
     "a callable that claims to be a class": (
         "class F:\n    __class__ = type\n    def __call__(self, x):\n        return 0\nsquare = F()\n"),
+    "swap the harness's builtins module": (
+        "import sys, types\nfake = types.ModuleType('builtins')\nfake.__dict__.update(vars(sys.modules['builtins']))\n"
+        "fake.abs = lambda x: 0\nsys.modules['__main__'].builtins = fake\n"
+        "def square(x):\n    return x * x if x != 1.5 else 0.0\n"),
     "an int subclass equal to everything": (
         "class I(int):\n    def __eq__(self, other):\n        return True\n    __hash__ = int.__hash__\n"
         "    def __sub__(self, other):\n        return 0\ndef square(x):\n    return I(0)\n"),
@@ -481,6 +485,7 @@ def test_sandbox_protects_files_outside_its_directory(tmp_path):
                 f"import shutil\nshutil.rmtree({str(tmp_path)!r})",
                 f"import os\nos.chdir({str(tmp_path)!r})\nopen('victim.txt', 'w').write('pwned')",
                 f"import os\nd = os.open('/', os.O_RDONLY)\nos.open({str(victim)[1:]!r}, os.O_WRONLY, dir_fd=d)",
+                f"import builtins\nbuiltins.int = str\nopen({str(victim)!r}, 'w').write('pwned')",
                 f"print(open({str(victim)!r}).read())"]  # reading outside the sandbox is denied too
     for program in attempts:
         passed, output = reward.sandbox_run(program + "\nimport sys\nprint('reached the end')", "pass")
