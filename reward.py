@@ -491,9 +491,9 @@ def _bounded(fn, a, b, timeout):
         os.close(r)
         try:
             os.kill(pid, signal.SIGKILL)
-        except ProcessLookupError:
+            os.waitpid(pid, 0)
+        except (ProcessLookupError, ChildProcessError):  # already reaped (SIGCHLD ignored)
             pass
-        os.waitpid(pid, 0)
     return {b"1": True, b"0": False}.get(out)
 
 
@@ -531,15 +531,23 @@ def math_reward(response, ref):
 
 
 # ------------------------------------------------------------------------------- code: the sandbox
-# run_code runs a program, then its tests, in a child Python (`-I -S`: no environment variables,
-# no user site, no .pth files) with a fresh empty working directory, a minimal environment, its
+# run_code runs a program, then its tests, in a child Python (`-I -S`: no PYTHON* variables, no
+# user site, no .pth files) in a fresh empty working directory, with a minimal environment, its
 # own session (process group), and limits on CPU time, memory, file size, processes and open
 # files. The parent kills the whole group at the timeout and after completion, and keeps only the
-# tail of its output. A pass is one thing the program cannot forge: the harness below writes the
-# parent's random nonce to a pipe only after every test ran to its end. The nonce arrives on
-# stdin (an unnamed file), lives only in a local variable of main(), and an audit hook denies the
-# ways to read another frame's locals (sys._getframe, tracebacks' tb_frame, gc, ctypes,
-# /proc/self/mem). Everything the harness needs after the program ran is captured first.
+# tail of the output. The harness below defends the verdict:
+# - a pass is the parent's random nonce, written to a pipe only after the tests ran to their
+#   end. It arrives on stdin (an unnamed file) and lives only in a local of main(); an audit hook
+#   (permanent once added) denies reading other frames (sys._getframe, tb_frame, gi_frame, gc,
+#   ctypes, /proc/self/mem, tracing). Exiting early or raising anything yields no nonce, and
+#   whatever the program prints or writes to any fd cannot equal it;
+# - the tests get their own namespace: the program's names that shadow builtins are dropped, its
+#   functions and classes are called through guard(), which fails the run unless what they return
+#   (and the arguments after the call) is built-in data (no __eq__ of the program's) and the
+#   builtins, the preloaded modules, their classes and sys.modules are unchanged;
+# - the hook also denies processes, signals, sockets, os.kill, setrlimit, chdir, writes outside
+#   the working directory and reads outside the standard library and site-packages.
+# What it cannot stop is in README.md: run untrusted training inside a container.
 
 _HARNESS = r'''# score-sandbox harness (reward.py)
 import ast, builtins, marshal, os, resource, sys
@@ -741,8 +749,8 @@ def sandbox_run(program, tests, timeout=10.0, memory_mb=1024):
         with tempfile.TemporaryFile() as stdin:  # unnamed: only the child's fd 0 can read it
             stdin.write(marshal.dumps(job))
             stdin.seek(0)
-            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HARNESS, f"parent={os.getpid()}"], stdin=stdin,
-                                    stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=home,
+            proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HARNESS, f"parent={os.getpid()}"],
+                                    stdin=stdin, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=home,
                                     env={"PATH": "/usr/bin:/bin", "HOME": home, "TMPDIR": home},
                                     pass_fds=(w,), start_new_session=True)
         os.close(w)
