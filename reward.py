@@ -95,6 +95,7 @@ def _normalize(s):
         s = s.replace(",", "").replace(" ", "")
     s = re.sub(r"(?<![a-zA-Z\\])inf(?:inity)?(?![a-zA-Z])", r"\\infty", s)
     s = re.sub(r"^\(([A-Z])\)$", r"\1", s)  # multiple choice: (B) -> B
+    s = re.sub(r"(\d)_\{(\d+)\}", r"\1_\2", s)  # a base: 101_{2} -> 101_2
     s = _LHS.sub("", s)  # a leading "x =" (when it is the only =)
     return s.strip()
 
