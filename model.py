@@ -127,6 +127,9 @@ class Attention(nn.Module):
             k, v = ck[:, :, :start + T], cv[:, :, :start + T]  # (B, H_kv, S, D)
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
+            if T == 1:  # decoding: the rep query heads that share a KV head become its rep query rows, no K/V copy
+                y = F.scaled_dot_product_attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v, attn_mask=mask)
+                return self.o_proj(y.reshape(B, 1, -1))  # (B, H_kv, rep, D): head h = g * rep + r, in order
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
