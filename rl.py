@@ -28,6 +28,7 @@ import time
 from types import SimpleNamespace
 
 import torch
+import torch.distributed as dist
 
 import data
 from model import GPT, token_logprobs
@@ -180,28 +181,50 @@ def turn_terms(policy, ref, ro, rows, temperature):
     return per_turn(lp), per_turn(kl_term(lp, lp_ref)), per_turn(k3)
 
 
-def update(policy, ref, opt, ro, objective, args):
-    """One optimizer step over a batch of rollouts, accumulated over micro-batches of whole groups."""
-    R = ro.tokens.shape[0]
+def update(policy, ref, opt, ro, objective, args, world=1):
+    """One optimizer step over a batch of rollouts, accumulated over micro-batches of whole groups.
+    With several processes each holds 1/world of the batch; the loss is scaled by the global batch
+    and the summed gradients are all-reduced once, after the last micro-batch, so the update is the
+    one a single process would make on the whole batch. Returns (loss, KL turn 1, KL turn 2), global."""
+    R = ro.tokens.shape[0] * world  # rollouts in the global batch
     opt.zero_grad(set_to_none=True)
-    total, kl1, kl2 = 0.0, 0.0, 0.0
-    for s in range(0, R, args.micro_batch):
-        rows = torch.arange(s, min(s + args.micro_batch, R))
+    stats = torch.zeros(4, device=ro.tokens.device)  # loss, KL turn 1, KL turn 2, non-finite losses
+    for s in range(0, ro.tokens.shape[0], args.micro_batch):
+        rows = torch.arange(s, min(s + args.micro_batch, ro.tokens.shape[0]), device=ro.tokens.device)
         (logp1, logp2), (k2_1, k2_2), (k3_1, k3_2) = turn_terms(policy, ref, ro, rows, args.temperature)
         on_policy = ro.first_from_pi[rows]  # a y1 drawn from the base model gets no turn-1 terms
         b = SimpleNamespace(logp1=logp1 * on_policy, logp2=logp2, kl1=k2_1 * on_policy, kl2=k2_2,
                             r1=ro.r1[rows], r2=ro.r2[rows], group=ro.group[rows] - ro.group[rows].min())
         loss = objective(b, args).sum() / R
-        if not torch.isfinite(loss):
-            raise FloatingPointError(f"loss is {loss.item()}")
-        loss.backward()
-        total += loss.item()
-        kl1 += k3_1.sum().item() / R
-        kl2 += k3_2.sum().item() / R
+        if torch.isfinite(loss):
+            loss.backward()
+        stats += torch.stack([loss.detach(), k3_1.sum() / R, k3_2.sum() / R, (~torch.isfinite(loss)).float()])
+    if world > 1:  # every rank takes part in both collectives, even after a bad loss: no deadlock
+        dist.all_reduce(stats)
+        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in policy.parameters()]
+        flat = torch.cat([g.reshape(-1) for g in grads])
+        dist.all_reduce(flat)
+        for p, g in zip(policy.parameters(), flat.split([g.numel() for g in grads])):
+            p.grad = g.view_as(p)
+    if stats[3] > 0:
+        raise FloatingPointError(f"loss is {'nan' if stats[0].isnan() else stats[0].item()}")
     if args.grad_clip:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
     opt.step()
-    return total, kl1, kl2
+    return stats[0].item(), stats[1].item(), stats[2].item()
+
+
+def setup_distributed(device):
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the process group, one GPU per
+    process (nccl) or CPU processes (gloo). Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    cuda = str(device).startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -231,11 +254,18 @@ def latest(out):
 
 # ------------------------------------------------------------------------------- the loop
 def run(args, objective, name):
+    """The loop both stages share: sample, score, update, log, checkpoint. Under torchrun each rank
+    takes its share of every step's prompts; rank 0 alone logs and writes checkpoints."""
     if args.threads:
         torch.set_num_threads(args.threads)
+    rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
-    dev = torch.device(args.device)
+    dev = torch.device(device)
     cuda = dev.type == "cuda"
+    n_prompts = args.batch // args.k
+    if n_prompts % world:
+        raise SystemExit(f"--batch / --k = {n_prompts} prompts per step do not split over {world} processes")
+    say = print if rank == 0 else (lambda *a, **k: None)
     tok = Tokenizer.from_pretrained(args.base)
     step0, init = 0, args.init
     if args.resume:
@@ -254,18 +284,17 @@ def run(args, objective, name):
     if args.resume:
         opt.load_state_dict(state["opt"])
     problems = data.load_task(args.task, args.data, n=args.n_train, seed=args.seed)
-    n_prompts = args.batch // args.k
-    os.makedirs(args.out, exist_ok=True)
     log_path = os.path.join(args.out, "log.jsonl")
-    if args.resume and os.path.exists(log_path):  # forget steps after the checkpoint: they are redone
-        with open(log_path) as f:
-            rows = [r for r in f if json.loads(r)["step"] <= step0]
+    if rank == 0:
+        os.makedirs(args.out, exist_ok=True)
+        kept = []
+        if args.resume and os.path.exists(log_path):  # forget steps after the checkpoint: they are redone
+            with open(log_path) as f:
+                kept = [r for r in f if json.loads(r)["step"] <= step0]
         with open(log_path, "w") as f:
-            f.writelines(rows)
-    elif not args.resume:
-        open(log_path, "w").close()
-    print(f"{name}: policy {init}, reference {args.base}, {len(problems)} problems, {args.steps} steps of "
-          f"{n_prompts} prompts x {args.k} samples, from step {step0}", flush=True)
+            f.writelines(kept)
+    say(f"{name}: policy {init}, reference {args.base}, {len(problems)} problems, {args.steps} steps of "
+        f"{n_prompts} prompts x {args.k} samples on {world} process(es), from step {step0}", flush=True)
     t_start, tokens_done = time.time(), 0
     autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
     for step in range(step0 + 1, args.steps + 1):
@@ -274,23 +303,31 @@ def run(args, objective, name):
         batch = [problems[i] for i in random.Random(seed).sample(range(len(problems)), n_prompts)]
         with autocast:
             policy.eval()
-            ro = rollout(policy, ref, tok, batch, args, seed)
+            ro = rollout(policy, ref, tok, batch[rank::world], args, seed + 7919 * rank)
             policy.train()
             try:
-                loss, kl1, kl2 = update(policy, ref, opt, ro, objective, args)
+                loss, kl1, kl2 = update(policy, ref, opt, ro, objective, args, world)
             except FloatingPointError as e:
                 good = latest(args.out)
                 raise SystemExit(f"step {step}: {e}; stopping. The last good checkpoint is "
                                  f"{good or 'none (no step was saved yet)'}.")
-        tokens_done += ro.n_generated
+        counts = torch.stack([ro.r1.sum(), ro.r2.sum(), torch.tensor(float(ro.n_generated), device=dev)])
+        if world > 1:
+            dist.all_reduce(counts)
+        tokens_done += int(counts[2])
         rate = tokens_done / (time.time() - t_start)
         eta = (time.time() - t_start) / (step - step0) * (args.steps - step) / 60
-        rec = dict(step=step, acc_t1=ro.r1.mean().item(), acc_t2=ro.r2.mean().item(), kl_t1=kl1, kl_t2=kl2,
-                   loss=loss, tokens=ro.n_generated, seconds=time.time() - t0)
-        print(f"step {step}/{args.steps} | acc t1 {rec['acc_t1']:.1%} t2 {rec['acc_t2']:.1%} | "
-              f"KL t1 {kl1:.4f} t2 {kl2:.4f} | loss {loss:+.4f} | {rate:.0f} tok/s | ETA {eta:.1f} min", flush=True)
-        with open(log_path, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-        if step % args.save_every == 0 or step == args.steps:
-            save(args.out, policy, tok, opt, step, args)
-    print(f"{name}: done; checkpoint {os.path.join(args.out, 'ckpt')}", flush=True)
+        rec = dict(step=step, acc_t1=counts[0].item() / args.batch, acc_t2=counts[1].item() / args.batch,
+                   kl_t1=kl1, kl_t2=kl2, loss=loss, tokens=int(counts[2]), seconds=time.time() - t0)
+        say(f"step {step}/{args.steps} | acc t1 {rec['acc_t1']:.1%} t2 {rec['acc_t2']:.1%} | "
+            f"KL t1 {kl1:.4f} t2 {kl2:.4f} | loss {loss:+.4f} | {rate:.0f} tok/s | ETA {eta:.1f} min", flush=True)
+        if rank == 0:
+            with open(log_path, "a") as f:
+                f.write(json.dumps(rec) + "\n")
+            if step % args.save_every == 0 or step == args.steps:
+                save(args.out, policy, tok, opt, step, args)
+        if world > 1:
+            dist.barrier()  # no rank runs ahead of a checkpoint being written
+    say(f"{name}: done; checkpoint {os.path.join(args.out, 'ckpt')}", flush=True)
+    if world > 1:
+        dist.destroy_process_group()

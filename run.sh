@@ -1,0 +1,48 @@
+#!/usr/bin/env bash
+# The whole SCoRe pipeline in one command.
+#
+#   bash run.sh                 # the CPU demo: base model, Stage I, Stage II, the ablation, the paper's table
+#   bash run.sh math            # preset math: a converted model in out/math/base, MATH in data/ (see README.md)
+#   bash run.sh code            # preset code: MBPP for training, HumanEval for evaluation
+#
+# Environment: OUT (default out) is where runs go; QUICK=1 runs a few steps of everything (CI's smoke run).
+set -euo pipefail
+cd "$(dirname "$0")"
+preset=${1:-demo}
+OUT=${OUT:-out}/$preset
+QUICK=${QUICK:-0}
+
+if [ "$preset" = demo ]; then
+  if [ "$QUICK" = 1 ]; then
+    base_args="--max-steps 3 --eval-every 3 --eval-n 8"
+    rl_args="--batch 8 --k 2 --micro-batch 8 --n-train 50 --save-every 1"
+    s1=2; s2=2; eval_n=8
+  else
+    base_args=""
+    rl_args=""
+    s1=40; s2=60; eval_n=500
+  fi
+  python train_base.py --out "$OUT/base" $base_args
+  python train_stage1.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/stage1" --steps $s1 $rl_args
+  python train_stage2.py --preset demo --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2" --steps $s2 $rl_args
+  # ablation on the same RL budget: multi-turn RL straight from the base, no Stage I, no bonus (alpha = 0)
+  python train_stage2.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/ablation" \
+    --steps $((s1 + s2)) --alpha 0 $rl_args
+  python evaluate.py --task demo --n $eval_n \
+    --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" \
+    --ckpt "$OUT/stage2/ckpt" --name "SCoRe (Stage II)" --ckpt "$OUT/ablation/ckpt" --name "ablation: no Stage I, alpha 0" \
+    --out "$OUT/report.json" --markdown "$OUT/table.md"
+elif [ "$preset" = math ] || [ "$preset" = code ]; then
+  if [ "$preset" = math ]; then eval_task=math; eval_data=${EVAL_DATA:-data/MATH500.jsonl}
+  else eval_task=humaneval; eval_data=${EVAL_DATA:-data/HumanEval.jsonl.gz}; fi
+  [ -f "$OUT/base/config.json" ] || { echo "run.sh: no model in $OUT/base: convert one first, e.g."\
+    "python convert.py --download Qwen/Qwen2.5-Math-1.5B-Instruct $OUT/base (see README.md)" >&2; exit 1; }
+  python train_stage1.py --preset "$preset" --base "$OUT/base" --out "$OUT/stage1"
+  python train_stage2.py --preset "$preset" --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2"
+  python evaluate.py --task $eval_task --data "$eval_data" \
+    --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" --ckpt "$OUT/stage2/ckpt" --name SCoRe \
+    --out "$OUT/report.json" --markdown "$OUT/table.md"
+else
+  echo "run.sh: unknown preset '$preset': choose demo, math or code" >&2
+  exit 2
+fi
