@@ -223,11 +223,12 @@ def rewards(problems, responses, timeout=10.0):
 # Each data set from its original public location, saved under the name in the left column.
 # github.com/.../raw/... follows Git LFS (PRM800K's splits are LFS files; raw.githubusercontent.com
 # would serve the pointer). `--url BASE` fetches BASE/<name> instead: a mirror, or a test's server.
+# MATH.tar is where the MATH repository's README points; its tree is MATH/{train,test}/<subject>/<id>.json.
 SOURCES = {
     "humaneval": {"HumanEval.jsonl.gz": "https://github.com/openai/human-eval/raw/master/data/HumanEval.jsonl.gz"},
     "mbpp": {"mbpp.jsonl": "https://github.com/google-research/google-research/raw/master/mbpp/mbpp.jsonl"},
     "math": {  # MATH500 and the 12,000-problem training split of Lightman et al. (PRM800K), then the original MATH
-        "math500.jsonl": "https://github.com/openai/prm800k/raw/main/prm800k/math_splits/test.jsonl",
+        "MATH500.jsonl": "https://github.com/openai/prm800k/raw/main/prm800k/math_splits/test.jsonl",
         "math_train.jsonl": "https://github.com/openai/prm800k/raw/main/prm800k/math_splits/train.jsonl",
         "MATH.tar": "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar"},
 }
@@ -302,7 +303,7 @@ def fetch(name, out_dir, base_url=None):
             os.replace(os.path.join(tmp, "MATH"), d("MATH"))
             shutil.rmtree(tmp)
         count = lambda sub: sum(f.endswith(".json") for _, _, fs in os.walk(d(f"MATH/{sub}")) for f in fs)
-        print(f"math: {d('math500.jsonl')} ({len(load_math(d('math500.jsonl')))}), "
+        print(f"math: {d('MATH500.jsonl')} ({len(load_math(d('MATH500.jsonl')))}), "
               f"{d('math_train.jsonl')} ({len(load_math(d('math_train.jsonl')))}), "
               f"{d('MATH/train')} ({count('train')}), {d('MATH/test')} ({count('test')})")
 
@@ -315,7 +316,7 @@ def main(argv=None):
   humaneval  HumanEval.jsonl.gz (164 problems; evaluation)
   mbpp       mbpp.jsonl (all 974) and its README's split by task_id: mbpp_train.jsonl (601-974),
              mbpp_test.jsonl (11-510), mbpp_validation.jsonl (511-600), mbpp_prompt.jsonl (1-10, few-shot)
-  math       math500.jsonl (MATH500, the PRM800K test subset; evaluation), math_train.jsonl (the other
+  math       MATH500.jsonl (MATH500, the PRM800K test subset; evaluation), math_train.jsonl (the other
              12,000 MATH problems, PRM800K's training split), and the original MATH/train and
              MATH/test trees (7,500 + 5,000 per-problem JSON files) from MATH.tar""")
     p.add_argument("--download", required=True, choices=sorted(SOURCES), metavar="NAME",

@@ -265,7 +265,7 @@ DATA_FILES = {
     "mbpp.jsonl": jsonl([{"task_id": i, "text": f"Write a function f{i}.", "code": f"def f{i}(): return {i}",
                           "test_list": [f"assert f{i}() == {i}"], "test_setup_code": "", "challenge_test_list": []}
                          for i in (1, 10, 11, 510, 511, 600, 601, 974)]),
-    "math500.jsonl": jsonl([math_row(i) for i in range(4)]),
+    "MATH500.jsonl": jsonl([math_row(i) for i in range(4)]),
     "math_train.jsonl": jsonl([math_row(i) for i in range(4, 9)]),
     "MATH.tar": tar_of([("MATH", None), ("MATH/train", None), ("MATH/train/algebra", None),
                         ("MATH/train/algebra/1.json", json.dumps(
@@ -291,11 +291,11 @@ def test_data_download(server, tmp_path, capsys):
         rows = [json.loads(line) for line in (out / f"mbpp_{split}.jsonl").read_text().splitlines()]
         assert [r["task_id"] for r in rows] == list(ids)
         assert len(data.load_mbpp(out / f"mbpp_{split}.jsonl")) == 2
-    assert [p.reference for p in data.load_math(out / "math500.jsonl")] == ["0", "2", "4", "6"]
+    assert [p.reference for p in data.load_math(out / "MATH500.jsonl")] == ["0", "2", "4", "6"]
     assert len(data.load_math(out / "math_train.jsonl")) == 5
     assert [p.reference for p in data.load_math(out / "MATH" / "train")] == ["2"]
     assert [p.reference for p in data.load_math(out / "MATH" / "test")] == ["4"]
-    assert "math500.jsonl (4)" in capsys.readouterr().out and not (out / ".MATH.extracting").exists()
+    assert "MATH500.jsonl (4)" in capsys.readouterr().out and not (out / ".MATH.extracting").exists()
 
     server.log.clear()  # again: nothing fetched
     data.main(["--download", "math", str(out), "--url", server.url + "/d"])
@@ -306,10 +306,10 @@ def test_data_download_errors(server, tmp_path):
     with pytest.raises(SystemExit, match=f"{server.url}/d/mbpp.jsonl: HTTP 404"):
         data.main(["--download", "mbpp", str(tmp_path / "a"), "--url", server.url + "/d"])
     server.files = {f"/d/{k}": v for k, v in DATA_FILES.items()}
-    server.files["/d/math500.jsonl"] = b"version https://git-lfs.github.com/spec/v1\noid sha256:35dc\nsize 446564\n"
-    with pytest.raises(SystemExit, match="math500.jsonl sent a Git LFS pointer"):
+    server.files["/d/MATH500.jsonl"] = b"version https://git-lfs.github.com/spec/v1\noid sha256:35dc\nsize 446564\n"
+    with pytest.raises(SystemExit, match="MATH500.jsonl sent a Git LFS pointer"):
         data.main(["--download", "math", str(tmp_path / "b"), "--url", server.url + "/d"])
-    assert not (tmp_path / "b" / "math500.jsonl").exists()
+    assert not (tmp_path / "b" / "MATH500.jsonl").exists()
 
 
 @pytest.mark.parametrize("members, message", [
@@ -329,7 +329,7 @@ def test_clis(server, tmp_path, capsys):
     r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--download", "humaneval", str(tmp_path),
                         "--url", server.url + "/d"], capture_output=True, text=True)
     assert r.returncode == 0 and "humaneval: 3 problems" in r.stdout, r.stderr
-    for main, flags in ((data.main, ["--url", "math500", "mbpp_train.jsonl"]),
+    for main, flags in ((data.main, ["--url", "MATH500.jsonl", "mbpp_train.jsonl"]),
                         (convert.main, ["--download", "--endpoint", "--revision", "--hf-dir", "HF_TOKEN"])):
         with pytest.raises(SystemExit) as e:
             main(["--help"])
