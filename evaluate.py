@@ -13,6 +13,7 @@ only the instruction p1, and answers again (turn 2).
 
     python evaluate.py --ckpt out/demo/base --task demo --out report.json
     python evaluate.py --ckpt A --name base --ckpt B --name SCoRe --task math --data MATH500.jsonl --markdown t.md
+    torchrun --nproc_per_node=8 evaluate.py --ckpt A --task math --data MATH500.jsonl    # problems split over GPUs
 
 With one --ckpt the JSON report is that model's flat dict of metrics; with several, a list of them.
 """
@@ -21,8 +22,10 @@ import json
 from collections import Counter
 
 import torch
+import torch.distributed as dist
 
 import data
+import rl
 from model import GPT
 from sample import generate_turns
 from tokenizer import Tokenizer
@@ -31,16 +34,24 @@ DEFAULT_MAX_NEW = {"demo": 16, "math": 1024, "mbpp": 1024, "humaneval": 1024}
 
 
 def attempts(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temperature=0.0, seed=None):
-    """Texts of each turn: a list over turns of lists over rows (problem-major, k rows per problem)."""
+    """Texts of each turn: a list over turns of lists over rows (problem-major, k rows per problem).
+    Under torchrun each rank generates for its share of the problems and every rank gets all texts."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+    mine = problems[rank::world]
     followup = tok.render_followup([{"role": "user", "content": p1}])
     out = [[] for _ in range(turns)]
-    for i in range(0, len(problems), batch):
-        prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in problems[i:i + batch]]
+    for i in range(0, len(mine), batch):
+        prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in mine[i:i + batch]]
         ys = generate_turns(model, prompts, followup, max_new_tokens, turns=turns, k=k, temperature=temperature,
-                            stop_ids=tok.stop_ids, eot_id=tok.eot_id, seed=None if seed is None else seed + i)
+                            stop_ids=tok.stop_ids, eot_id=tok.eot_id,
+                            seed=None if seed is None else seed + 7919 * rank + i)
         for t in range(turns):
             out[t] += [tok.decode([x for x in y if x not in tok.stop_ids]) for y in ys[t]]
-    return out
+    if world == 1:
+        return out
+    everyone = [None] * world  # each rank's texts, grouped per problem, back in the problems' order
+    dist.all_gather_object(everyone, [[out[t][i * k:(i + 1) * k] for t in range(turns)] for i in range(len(mine))])
+    return [[y for i in range(len(problems)) for y in everyone[i % world][i // world][t]] for t in range(turns)]
 
 
 def metrics(problems, texts):
@@ -117,10 +128,12 @@ def main(argv=None):
     except data.DataError as e:
         p.error(str(e))
     p1 = args.p1 or data.instruction(args.task)
+    rank, _, device = rl.setup_distributed(args.device)  # under torchrun: problems split over the ranks
+    args.device = device
     max_new = args.max_new_tokens or DEFAULT_MAX_NEW.get(args.task, 1024)
     reports = []
     for name, ckpt in zip(names, args.ckpt):
-        dtype = torch.bfloat16 if args.device == "cuda" else None
+        dtype = torch.bfloat16 if str(args.device).startswith("cuda") else None
         model = GPT.from_pretrained(ckpt, device=args.device, dtype=dtype).eval()
         tok = Tokenizer.from_pretrained(ckpt)
         texts = attempts(model, tok, problems, args.turns, p1, max_new, args.batch)
@@ -128,7 +141,10 @@ def main(argv=None):
         if args.scaling:
             rep.update(scaling(model, tok, problems, args.scaling, p1, max_new, args.batch, args.seed))
         reports.append(rep)
-        print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rep.items() if isinstance(v, float)), flush=True)
+        if rank == 0:
+            print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rep.items() if isinstance(v, float)), flush=True)
+    if rank != 0:
+        return
     table = markdown(reports)
     print("\n" + table)
     if args.out:

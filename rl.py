@@ -42,11 +42,11 @@ PRESETS = {
     "demo": dict(task="demo", data=None, base="out/demo/base", root="out/demo", n_train=20000,
                  lr=1e-4, batch=128, k=4, micro_batch=128, steps=60, beta1=0.01, beta2=0.1, alpha=10.0,
                  max_new_tokens=16, save_every=10, threads=0),
-    "math": dict(task="math", data="data/MATH/train", base="out/math/base", root="out/math", n_train=None,
-                 lr=5e-6, batch=512, k=4, micro_batch=16, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,
+    "math": dict(task="math", data="data/math_train.jsonl", base="out/math/base", root="out/math", n_train=None,
+                 lr=5e-6, batch=512, k=4, micro_batch=4, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,
                  max_new_tokens=1024, save_every=50, threads=0),
     "code": dict(task="mbpp", data="data/mbpp.jsonl", base="out/code/base", root="out/code", n_train=None,
-                 lr=1e-5, batch=128, k=4, micro_batch=16, steps=1500, beta1=0.01, beta2=0.25, alpha=10.0,
+                 lr=1e-5, batch=128, k=4, micro_batch=4, steps=1500, beta1=0.01, beta2=0.25, alpha=10.0,
                  max_new_tokens=1024, save_every=50, threads=0),
 }
 
@@ -201,17 +201,25 @@ def update(policy, ref, opt, ro, objective, args, world=1):
         stats += torch.stack([loss.detach(), k3_1.sum() / R, k3_2.sum() / R, (~torch.isfinite(loss)).float()])
     if world > 1:  # every rank takes part in both collectives, even after a bad loss: no deadlock
         dist.all_reduce(stats)
-        grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in policy.parameters()]
-        flat = torch.cat([g.reshape(-1) for g in grads])
-        dist.all_reduce(flat)
-        for p, g in zip(policy.parameters(), flat.split([g.numel() for g in grads])):
-            p.grad = g.view_as(p)
+        all_reduce_grads(policy)
     if stats[3] > 0:
         raise FloatingPointError(f"loss is {'nan' if stats[0].isnan() else stats[0].item()}")
     if args.grad_clip:
         torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
     opt.step()
     return stats[0].item(), stats[1].item(), stats[2].item()
+
+
+def all_reduce_grads(model, average=False):
+    """Sum (or average) the gradients over all processes: one collective on a flat buffer."""
+    params = list(model.parameters())
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    if average:
+        flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
 
 
 def setup_distributed(device):

@@ -12,7 +12,10 @@ import time
 
 import torch
 
+import torch.distributed as dist
+
 import data
+import rl
 from model import GPT, GPTConfig, token_logprobs
 from sample import generate
 from tokenizer import Tokenizer
@@ -60,6 +63,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
+    rank, world, _ = rl.setup_distributed("cpu")  # under torchrun: gloo processes, gradients averaged
     torch.manual_seed(args.seed)
     tok = Tokenizer.byte_level()
     config = GPTConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head,
@@ -69,13 +73,15 @@ def main(argv=None):
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     held_out = data.make_demo(args.eval_n, seed=10_000 + args.seed)  # the evaluation scripts use other seeds
     train_seed = args.seed * 1_000_003
-    print(f"base model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters")
+    say = print if rank == 0 else (lambda *a, **k: None)
+    say(f"base model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es)")
     t0, acc = time.time(), 0.0
     for step in range(1, args.max_steps + 1):
         lr = args.lr * min(1.0, step / 100)  # short warm-up, then constant
         for g in opt.param_groups:
             g["lr"] = lr
-        batch = [example(tok, p) for p in data.make_demo(args.batch, seed=train_seed + step)]
+        problems = data.make_demo(args.batch * world, seed=train_seed + step)[rank::world]  # this rank's share
+        batch = [example(tok, p) for p in problems]
         T = max(len(ids) for ids, _ in batch)
         idx = torch.zeros(len(batch), T, dtype=torch.long)
         loss_mask = torch.zeros(len(batch), T - 1, dtype=torch.bool)
@@ -87,19 +93,24 @@ def main(argv=None):
         loss = -logp.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
+        if world > 1:
+            rl.all_reduce_grads(model, average=True)
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.eval_every == 0 or step == args.max_steps:
-            acc = greedy_accuracy(model, tok, held_out)
+            acc = greedy_accuracy(model, tok, held_out)  # every rank: the same weights, the same verdict
             rate = step / (time.time() - t0)
-            print(f"step {step:5d} | loss {loss.item():.3f} | greedy acc {acc:.1%} | {rate:.1f} steps/s "
+            say(f"step {step:5d} | loss {loss.item():.3f} | greedy acc {acc:.1%} | {rate:.1f} steps/s "
                   f"| ETA {(args.max_steps - step) / rate / 60:.1f} min (or sooner at acc >= {args.stop_acc:.0%})",
                   flush=True)
-            model.save_pretrained(args.out)
-            tok.save_pretrained(args.out)
+            if rank == 0:
+                model.save_pretrained(args.out)
+                tok.save_pretrained(args.out)
             if acc >= args.stop_acc:
                 break
-    print(f"saved {args.out}: greedy accuracy {acc:.1%} on {args.eval_n} held-out problems after {step} steps")
+    if world > 1:
+        dist.destroy_process_group()
+    say(f"saved {args.out}: greedy accuracy {acc:.1%} on {args.eval_n} held-out problems after {step} steps")
 
 
 if __name__ == "__main__":
