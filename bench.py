@@ -138,9 +138,123 @@ def bench_reward(args):
     print(f"{name:<44}{len(jobs):>7}{dt:>10.2f}{len(jobs) / dt:>12.1f}   ({sum(ok)} passed)")
 
 
+# ------------------------------------------------------------------------------- sample
+def bench_sample(args):
+    """SCoRe's rollouts: sample.generate_turns against transformers' generate on the same random
+    Qwen2-shaped model (vocab 32768, d 512, 8 layers, 8 heads, 2 KV heads, ~39M parameters; fp32 on
+    a CPU, bf16 on a GPU), measured in the same run. Prompts of 64 tokens, two turns of 128 new tokens
+    at temperature 1.0 with a 24-token instruction between them. transformers' turn 2 is a second
+    generate call on the whole concatenated context, as its users do; both make exactly 128 tokens
+    per turn (no stop ids, min_new_tokens), so the token counts match. Then one decode step's time
+    at context 256 vs 2048, and the bytes it must read (weights + KV cache) per second against a
+    large on-device copy: the fraction of the memory-bandwidth limit it reaches."""
+    import math
+    import torch.nn.functional as F
+    import transformers
+    from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+    from model import GPT, GPTConfig, KVCache
+    from sample import generate_turns
+
+    transformers.logging.set_verbosity_error()
+    dev = args.device
+    dtype = torch.bfloat16 if dev == "cuda" else torch.float32
+    sync = torch.cuda.synchronize if dev == "cuda" else (lambda: None)
+    V, L_PROMPT, NEW, L_FOLLOW = 32768, 64, 128, 24
+    hc = Qwen2Config(vocab_size=V, hidden_size=512, intermediate_size=1408, num_hidden_layers=8,
+                     num_attention_heads=8, num_key_value_heads=2, max_position_embeddings=4096,
+                     tie_word_embeddings=True)
+    torch.manual_seed(0)
+    hf = Qwen2ForCausalLM(hc).eval()
+    cfg = GPTConfig(vocab_size=V, n_layer=8, n_head=8, n_kv_head=2, n_embd=512, intermediate_size=1408,
+                    max_seq_len=4096, rope_theta=hc.rope_parameters["rope_theta"], norm_eps=hc.rms_norm_eps,
+                    qkv_bias=True, tie_embeddings=True)
+    ours = GPT(cfg)  # the same weights: the HF names without "model.", the tied head dropped
+    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"})
+    hf, ours = hf.to(dev, dtype), ours.to(dev, dtype).eval()
+    n_params = sum(p.numel() for p in ours.parameters())
+
+    def run_ours(prompts, followup, n):
+        generate_turns(ours, prompts.tolist(), followup.tolist(), n, temperature=1.0, seed=0)
+
+    def run_hf(prompts, followup, n):
+        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
+                  pad_token_id=0)
+        with torch.inference_mode():
+            y1 = hf.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)  # (B, 64 + 128)
+            ctx = torch.cat([y1, followup.expand(len(prompts), -1)], 1)
+            hf.generate(ctx, attention_mask=torch.ones_like(ctx), **kw)
+
+    def seconds(fn, *a):
+        sync()
+        t0 = time.perf_counter()
+        fn(*a)
+        sync()
+        return time.perf_counter() - t0
+
+    print(f"\nsampling, two turns: prompts {L_PROMPT}, {NEW} new tokens per turn, instruction {L_FOLLOW}, "
+          f"temperature 1.0; {n_params / 1e6:.1f}M parameters, {str(dtype)[6:]} on {dev}; "
+          f"tokens/s = 2 * {NEW} * batch / time, best of {args.repeats}")
+    print(f"{'batch':>6}{'ours tok/s':>12}{'HF tok/s':>10}{'ratio':>8}   target >= 3x")
+    for B in (16, 64):
+        g = torch.Generator().manual_seed(B)
+        prompts = torch.randint(0, V, (B, L_PROMPT), generator=g).to(dev)
+        followup = torch.randint(0, V, (L_FOLLOW,), generator=g).to(dev)
+        run_ours(prompts[:2], followup, 4), run_hf(prompts[:2], followup, 4)  # warm up
+        t_ours, t_hf = math.inf, math.inf
+        for _ in range(args.repeats):  # interleaved, so both see the same machine
+            t_ours = min(t_ours, seconds(run_ours, prompts, followup, NEW))
+            t_hf = min(t_hf, seconds(run_hf, prompts, followup, NEW))
+        tok = 2 * NEW * B
+        print(f"{B:>6}{tok / t_ours:>12.0f}{tok / t_hf:>10.0f}{t_hf / t_ours:>7.2f}x")
+
+    # one decode step (forward of one token per row + head) over a cache holding S tokens
+    B, D, elt = 16, cfg.head_dim, torch.finfo(dtype).bits // 8
+    x = torch.empty(2**28 // elt, device=dev, dtype=dtype)
+    y = torch.empty_like(x)
+    y.copy_(x)
+    copy_bw = 2 * 2**28 / min(seconds(y.copy_, x) for _ in range(3))  # bytes read + written per second
+    del x, y
+    print(f"\ndecode step at batch {B}: ms per step (one new token per row), and the bytes it must read "
+          f"(weights + KV cache) per second as a fraction of a {copy_bw / 1e9:.0f} GB/s on-device copy")
+    print(f"{'context':>8}{'ours ms':>9}{'HF ms':>8}{'ours GB/s':>11}{'of limit':>10}")
+    res = {}
+    with torch.inference_mode():
+        for S in (256, 2048):
+            g = torch.Generator().manual_seed(S)
+            tok = torch.randint(0, V, (B, 1), generator=g).to(dev)
+            cache = KVCache(cfg, B, S + 1, device=dev, dtype=dtype)
+            for t in cache.k + cache.v:
+                t.normal_()
+            valid = torch.ones(B, 1, 1, S + 1, dtype=torch.bool, device=dev)
+            pos = torch.full((B, 1), S, device=dev)
+
+            def step_ours():
+                F.linear(ours.hidden(tok, pos, cache, S, valid)[:, -1], ours.head_weight)
+
+            hf_cache = DynamicCache(config=hc)
+            for i in range(cfg.n_layer):
+                hf_cache.update(torch.randn(B, cfg.n_kv_head, S, D, device=dev, dtype=dtype),
+                                torch.randn(B, cfg.n_kv_head, S, D, device=dev, dtype=dtype), i)
+
+            def step_hf():  # its cache grows by one token a step, as in generate
+                n = hf_cache.get_seq_length()
+                hf(tok, past_key_values=hf_cache, attention_mask=torch.ones(B, n + 1, device=dev, dtype=torch.long),
+                   position_ids=torch.full((B, 1), n, device=dev), logits_to_keep=1)
+
+            step_ours(), step_hf()
+            t_ours = min(seconds(step_ours) for _ in range(5))
+            t_hf = min(seconds(step_hf) for _ in range(5))
+            bytes_read = n_params * elt + 2 * cfg.n_layer * B * cfg.n_kv_head * S * D * elt
+            res[S] = (t_ours, t_hf)
+            print(f"{S:>8}{t_ours * 1e3:>9.1f}{t_hf * 1e3:>8.1f}{bytes_read / t_ours / 1e9:>11.1f}"
+                  f"{bytes_read / t_ours / copy_bw:>10.0%}")
+    print(f"2048 / 256: ours {res[2048][0] / res[256][0]:.2f}x, transformers {res[2048][1] / res[256][1]:.2f}x")
+
+
 BENCHES = {
     "logprobs": bench_logprobs,
     "reward": bench_reward,
+    "sample": bench_sample,
 }
 
 
