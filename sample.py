@@ -267,14 +267,19 @@ def main():
     ctx = tok.render(messages)
     # the followup closes an attempt and opens the next assistant turn; it does not depend on the attempt
     followup = tok.render_followup([{"role": "user", "content": P1}])
-    outs = generate_turns(model, [ctx], followup, args.max_new_tokens, turns=args.turns,
-                          temperature=args.temperature, top_p=args.top_p, stop_ids=tok.stop_ids,
-                          eot_id=tok.eot_id, seed=args.seed)
+    try:
+        outs = generate_turns(model, [ctx], followup, args.max_new_tokens, turns=args.turns,
+                              temperature=args.temperature, top_p=args.top_p, stop_ids=tok.stop_ids,
+                              eot_id=tok.eot_id, seed=args.seed)
+    except ValueError as e:  # e.g. the context does not fit: say so without a traceback
+        raise SystemExit(f"sample.py: {e}")
     for t, rows in enumerate(outs):
-        print(f"===== attempt {t + 1} =====")
-        print(tok.decode(rows[0]))
+        y = rows[0]
+        stopped = bool(y) and y[-1] in tok.stop_ids
+        print(f"===== attempt {t + 1} ({len(y)} tokens, {'stopped' if stopped else 'hit --max-new-tokens'}) =====")
+        print(tok.decode(y[:-1] if stopped else y))
         if t + 1 < len(outs):
-            print(f"----- instruction -----\n{P1}")
+            print(f"===== instruction =====\n{P1}")
 
 
 if __name__ == "__main__":
