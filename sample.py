@@ -50,21 +50,22 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
 
 
 def draw(weights, generator=None, block=128):
-    """One index per row, drawn with probability proportional to weights (B, V) >= 0.
-    Inverse CDF from one uniform per row, in two levels (which block of `block` entries, then
-    which entry) so that only one fp64 pass over (B, V) is needed: torch.multinomial draws V
-    exponentials per row, 20x slower on a CPU at V = 32768. A zero weight is never drawn."""
+    """One index per row, drawn with probability proportional to weights (B, V) >= 0; a zero
+    weight is never drawn. Inverse CDF from one uniform per row, in two levels: which block of
+    `block` entries (fp64 cumulative sum of the block sums), then which entry within it.
+    (torch.multinomial draws V exponentials per row: 20x slower on a CPU at V = 32768.)"""
     B, V = weights.shape
     nb = -(-V // block)
     w = (weights if V % block == 0 else F.pad(weights, (0, nb * block - V))).view(B, nb, block)
-    sums = w.sum(-1, dtype=torch.float64)  # (B, nb)
+    sums = w.sum(-1).double()  # (B, nb)
     cdf = sums.cumsum(-1)
-    u = torch.rand(B, 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:]
-    b = torch.searchsorted(cdf, u, right=True).clamp_(max=nb - 1)        # (B, 1): cdf[b - 1] <= u < cdf[b]
-    inner = w[torch.arange(B, device=w.device), b[:, 0]].double().cumsum(-1)  # (B, block) within block b
-    u = (u - (cdf.gather(1, b) - sums.gather(1, b))).clamp_(min=0)       # what is left of u inside it
-    u = torch.minimum(u, inner[:, -1:].nextafter(inner.new_zeros(())))        # rounding must not pass the end
-    j = torch.searchsorted(inner, u, right=True)                         # first entry with inner > u: w > 0
+    below = lambda x: torch.minimum(x.nextafter(x.new_zeros(())), x)  # largest float < x (rounding guard)
+    u = torch.minimum(torch.rand(B, 1, dtype=cdf.dtype, device=cdf.device, generator=generator) * cdf[:, -1:],
+                      below(cdf[:, -1:]))
+    b = torch.searchsorted(cdf, u, right=True)                      # (B, 1): cdf[b - 1] <= u < cdf[b], so sums[b] > 0
+    frac = ((u - cdf.gather(1, b) + sums.gather(1, b)) / sums.gather(1, b)).clamp_(0, 1)  # where u falls in block b
+    inner = w[torch.arange(B, device=w.device), b[:, 0]].double().cumsum(-1)  # (B, block)
+    j = torch.searchsorted(inner, torch.minimum(frac * inner[:, -1:], below(inner[:, -1:])), right=True)
     return (b * block + j).squeeze(1)
 
 

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from model import GPT, GPTConfig
-from sample import generate, generate_turns
+from sample import draw, generate, generate_turns
 
 V = 96
 
@@ -189,6 +189,22 @@ def test_sampling_distribution(pair):
         freq = torch.bincount(torch.tensor([o[0] for o in out]), minlength=V).double() / N
         assert (freq[expect == 0] == 0).all()
         assert ((freq - expect).abs() <= 4 * (expect * (1 - expect) / N).sqrt() + 1e-3).all()
+
+
+def test_draw_frequencies():
+    """draw() against the weights themselves: zero weights never drawn (also at block edges and in
+    the padded last block), the others in proportion; unnormalized weights are fine."""
+    w = torch.zeros(300)  # 3 blocks of 128, the last one padded
+    w[[1, 127, 128, 200, 299]] = torch.tensor([1.0, 3.0, 0.5, 2.0, 1.5])
+    N = 200000
+    idx = draw(w.expand(N, -1).contiguous(), torch.Generator().manual_seed(0))
+    freq = torch.bincount(idx, minlength=300).double() / N
+    p = w.double() / w.sum()
+    assert (freq[p == 0] == 0).all()
+    assert ((freq - p).abs() <= 4 * (p * (1 - p) / N).sqrt() + 1e-4).all()
+    one = torch.zeros(2, 300)
+    one[0, 0], one[1, 299] = 1e-30, 7.0  # a lone tiny weight, a lone last entry
+    assert draw(one).tolist() == [0, 299]
 
 
 def test_seed_reproducible(pair):
