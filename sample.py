@@ -147,7 +147,7 @@ def generate_turns(model, prompts, followup, max_new_tokens, turns=2, k=1, tempe
             logits = _prefill(model, cache, pending, slot, valid, pos)
             slot += max(len(p) for p in pending)
         gen, length, owed, slot = _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order,
-                                              temperature, top_p, stop_t, seed)
+                                          temperature, top_p, stop_t, seed)
         # collect this turn's attempts, in batch order, and what each row still owes the cache
         gen, length, order_l = gen.tolist(), length.tolist(), order.tolist()
         pending = []
