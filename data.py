@@ -24,7 +24,7 @@ import reward
 P1 = ("There might be an error in the solution above because of lack of understanding of the question. "
       "Please correct the error, if any, and rewrite the solution.")
 # The demo's byte-level model pays one token per character, so its preset uses a shorter p1.
-DEMO_P1 = "There might be an error in the solution above. Please correct it, if any."
+DEMO_P1 = "There might be an error above. Correct it, if any."
 
 
 def instruction(task):
@@ -47,7 +47,7 @@ class DataError(ValueError):
 # ------------------------------------------------------------------------------- demo task
 DEMO_EVAL_SEED = 777_777  # evaluation problems; training uses other seeds (train_base: 1.., RL: --seed)
 
-def make_demo(n, seed, size=6, lo=1, hi=30):
+def make_demo(n, seed, size=5, lo=1, hi=9):
     """n problems: `size` distinct numbers in [lo, hi], exactly one pair of which sums to the target.
     Finding the pair means searching all pairs; checking a proposed pair is one addition."""
     rng = random.Random(seed)

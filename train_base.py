@@ -1,13 +1,18 @@
 """
-The demo only: train the small base model from scratch on single-turn solved examples of the
-built-in task (byte-level tokenizer), and stop while it still errs, so that there is something
-for self-correction to fix. The base model never sees a second turn.
+The demo only: train the small base model from scratch on solved examples of the built-in task
+(byte-level tokenizer), and stop while it still errs, so that there is something for
+self-correction to fix.
+
+A base trained on single-turn examples alone answers the second turn with noise (0% accuracy at
+turn 2), which leaves Stage I no reward to learn from. Base models in the paper instead answer
+the second turn much as the first. So a fraction of the examples (--two-turn) add the
+instruction p1 and the same right answer again. The base never sees a wrong first attempt, let
+alone a correction: what it does after one is its own, and its greedy Delta is 0.
 
     python train_base.py --out out/demo/base
 """
 import argparse
-import math
-import os
+import random
 import time
 
 import torch
@@ -35,15 +40,23 @@ def get_args(argv=None):
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems for the greedy accuracy check")
     p.add_argument("--stop-acc", type=float, default=0.5,
                    help="stop at the first evaluation whose greedy accuracy reaches this (the base must still err)")
+    p.add_argument("--two-turn", type=float, default=0.5,
+                   help="fraction of examples with a second turn (p1, then the same right answer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     return p.parse_args(argv)
 
 
-def example(tok, prob):
-    """(ids, number of prompt ids): chat(x) followed by the solved answer and the end of the turn."""
+def example(tok, prob, rng, two_turn):
+    """(ids, loss mask over the predicted positions): chat(x), the answer, the end of the turn; with
+    probability two_turn, then p1 and the same (right) answer again."""
     prompt = tok.render([{"role": "user", "content": prob.prompt}])
-    return prompt + tok.encode(prob.reference) + [tok.eot_id], len(prompt)
+    y = tok.encode(prob.reference) + [tok.eot_id]
+    ids, mask = prompt + y, [False] * (len(prompt) - 1) + [True] * len(y)  # train the answers, not x or p1
+    if rng.random() < two_turn:
+        followup = tok.render_followup([{"role": "user", "content": data.DEMO_P1}])
+        ids, mask = ids + followup + y, mask + [False] * len(followup) + [True] * len(y)
+    return ids, mask
 
 
 def greedy_accuracy(model, tok, problems, batch=100):
@@ -81,13 +94,14 @@ def main(argv=None):
         for g in opt.param_groups:
             g["lr"] = lr
         problems = data.make_demo(args.batch * world, seed=train_seed + step)[rank::world]  # this rank's share
-        batch = [example(tok, p) for p in problems]
+        rng = random.Random(train_seed + step)
+        batch = [example(tok, p, rng, args.two_turn) for p in problems]
         T = max(len(ids) for ids, _ in batch)
         idx = torch.zeros(len(batch), T, dtype=torch.long)
         loss_mask = torch.zeros(len(batch), T - 1, dtype=torch.bool)
-        for i, (ids, n_prompt) in enumerate(batch):
+        for i, (ids, mask) in enumerate(batch):  # predict the answers and their end of turn only
             idx[i, :len(ids)] = torch.tensor(ids)
-            loss_mask[i, n_prompt - 1:len(ids) - 1] = True  # predict the answer and the end of turn only
+            loss_mask[i, :len(mask)] = torch.tensor(mask)
         h = model.hidden(idx[:, :-1])  # (B, T-1, d)
         logp = token_logprobs(h[loss_mask], model.head_weight, idx[:, 1:][loss_mask])
         loss = -logp.mean()
