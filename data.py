@@ -45,7 +45,8 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------- demo task
-DEMO_EVAL_SEED = 777_777  # evaluation problems; training uses other seeds (train_base: 1.., RL: --seed)
+DEMO_EVAL_SEED = 2026  # evaluation problems; training uses other seeds (train_base: 1.., RL: --seed).
+# The demo's hyperparameters were chosen on the problems of seed 777777; the reported table uses these.
 
 def make_demo(n, seed, size=5, lo=1, hi=9):
     """n problems: `size` distinct numbers in [lo, hi], exactly one pair of which sums to the target.

@@ -38,9 +38,12 @@ from tokenizer import Tokenizer
 # Presets, in plain sight. Paper defaults (Table 5): Adam, temperature 1.0, alpha 10, beta1 0.01;
 # MATH beta2 0.1, lr 5e-6, batch 512, 3000 steps; MBPP beta2 0.25, lr 1e-5, batch 128, 1500 steps.
 # `batch` counts two-turn rollouts per update (prompts x k); `steps` is per stage.
+# The demo's 0.8M-parameter model moves turn 1 through the weights it shares with turn 2 far more
+# than a 1.5B model does, so its Stage I holds turn 1 with beta2 = 0.5 (0.1 let it collapse, see
+# README.md); run.sh gives Stage II its own steps and learning rate.
 PRESETS = {
     "demo": dict(task="demo", data=None, base="out/demo/base", root="out/demo", n_train=20000,
-                 lr=1e-4, batch=128, k=4, micro_batch=128, steps=60, beta1=0.01, beta2=0.1, alpha=10.0,
+                 lr=3e-4, batch=128, k=4, micro_batch=128, steps=60, beta1=0.01, beta2=0.5, alpha=10.0,
                  max_new_tokens=16, save_every=10, threads=0),
     "math": dict(task="math", data="data/math_train.jsonl", base="out/math/base", root="out/math", n_train=None,
                  lr=5e-6, batch=512, k=4, micro_batch=4, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,

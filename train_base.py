@@ -36,7 +36,7 @@ def get_args(argv=None):
     p.add_argument("--batch", type=int, default=64, help="sequences per step")
     p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument("--eval-every", type=int, default=100)
+    p.add_argument("--eval-every", type=int, default=50)
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems for the greedy accuracy check")
     p.add_argument("--stop-acc", type=float, default=0.5,
                    help="stop at the first evaluation whose greedy accuracy reaches this (the base must still err)")
