@@ -60,7 +60,8 @@ def get_args(stage, argv=None):
     pre.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     preset = PRESETS[pre.parse_known_args(argv)[0].preset]
     doc = __import__("__main__").__doc__ or ""
-    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
+    p = argparse.ArgumentParser(description=doc, formatter_class=fmt)
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="demo: the CPU demo; math: MATH train / MATH500 eval; code: MBPP train / HumanEval eval")
     p.add_argument("--task", help="demo | math | mbpp | humaneval")
@@ -294,7 +295,10 @@ def run(args, objective, name):
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
     if args.resume:
         opt.load_state_dict(state["opt"])
-    problems = data.load_task(args.task, args.data, n=args.n_train, seed=args.seed)
+    try:
+        problems = data.load_task(args.task, args.data, n=args.n_train, seed=args.seed)
+    except data.DataError as e:
+        raise SystemExit(f"{name}: {e}") from None
     log_path = os.path.join(args.out, "log.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
