@@ -269,9 +269,9 @@ def save_checkpoint(ckpt_dir, config, state_dict):
 
 # -------------------------------------------------------------------- fused log-probs
 class _TokenLogprobs(torch.autograd.Function):
-    """log_softmax(hidden @ weight.T / temperature)[targets], chunk by chunk over tokens.
-    Forward keeps only the per-token log-sum-exp; backward recomputes each chunk's logits. One
-    (chunk, V) buffer is reused for every chunk, so the (N, V) logits never exist."""
+    """log_softmax(hidden @ weight.T / temperature)[targets]: forward in blocks of tokens, keeping
+    only the per-token log-sum-exp; backward recomputes the logits in blocks of the vocabulary.
+    One buffer of chunk x V elements is reused for every block, so the (N, V) logits never exist."""
 
     @staticmethod
     def forward(ctx, hidden, weight, targets, temperature, chunk):
@@ -292,34 +292,40 @@ class _TokenLogprobs(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_out):
+        # Recompute the logits in column blocks of the vocabulary, the same buffer size as forward:
+        # each block of the weight gradient is written once, and only the small (N, d) hidden
+        # gradient accumulates (token blocks would add into the whole (V, d) gradient every block).
         hidden, weight, targets, lse = ctx.saved_tensors
-        T, chunk = ctx.temperature, ctx.chunk
+        T = ctx.temperature
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        grad_h = torch.empty_like(hidden) if need_h else None
-        # accumulate the weight gradient in fp32 (or fp64) whatever the weight's dtype
-        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=lse.dtype) if need_w else None
-        buf = torch.empty(min(chunk, hidden.shape[0]), weight.shape[0], device=hidden.device, dtype=lse.dtype)
-        for s in range(0, hidden.shape[0], chunk):
-            h, g = hidden[s:s + chunk], grad_out[s:s + chunk].to(lse.dtype)
-            # d out_i / d logits_ij = (1[j == t_i] - p_ij) / T, so G = g * (onehot - p) / T
-            G = _chunk_logits(h, weight, T, buf).sub_(lse[s:s + chunk, None]).exp_().mul_(-g[:, None] / T)
-            G.scatter_add_(1, targets[s:s + chunk, None], g[:, None] / T)
-            G = G.to(weight.dtype)
+        N, V = hidden.shape[0], weight.shape[0]
+        cols = max(1, min(V, ctx.chunk * V // max(N, 1)))
+        g = grad_out.to(lse.dtype) / T  # d out_i / d logits_ij = (1[j == t_i] - p_ij) / T
+        grad_h = torch.zeros(hidden.shape, device=hidden.device, dtype=lse.dtype) if need_h else None
+        grad_w = torch.empty_like(weight) if need_w else None
+        buf = torch.empty(N, cols, device=hidden.device, dtype=lse.dtype)
+        for v in range(0, V, cols):
+            Wv = weight[v:v + cols]
+            G = _chunk_logits(hidden, Wv, T, buf[:, :Wv.shape[0]]).sub_(lse[:, None]).exp_().mul_(-g[:, None])
+            rows = ((targets >= v) & (targets < v + cols)).nonzero().squeeze(1)  # targets in this block
+            G[rows, targets[rows] - v] += g[rows]
+            G = G.to(weight.dtype)  # (N, cols) = g * (onehot - p) / T
             if need_h:
-                grad_h[s:s + chunk] = G @ weight
-            if need_w:
-                if grad_w.dtype == G.dtype:
-                    grad_w.addmm_(G.T, h)  # in place: no (V, d) temporary
+                if grad_h.dtype == G.dtype:
+                    grad_h.addmm_(G, Wv)
                 else:
-                    grad_w += G.T @ h
-        if need_w:
-            grad_w = grad_w.to(weight.dtype)
-        return grad_h, grad_w, None, None, None
+                    grad_h += G @ Wv
+            if need_w:  # this block of the weight gradient, written once
+                if G.dtype == hidden.dtype:
+                    torch.mm(G.T, hidden, out=grad_w[v:v + cols])
+                else:
+                    grad_w[v:v + cols] = G.T @ hidden
+        return (grad_h.to(hidden.dtype) if need_h else None), grad_w, None, None, None
 
 
 def _chunk_logits(h, weight, temperature, buf):
     """h @ weight.T / temperature into (a view of) buf, in buf's dtype."""
-    out = buf[:h.shape[0]]
+    out = buf[:h.shape[0], :weight.shape[0]]
     if h.dtype == out.dtype:
         torch.mm(h, weight.T, out=out)
     else:
