@@ -20,9 +20,9 @@ import torch
 import torch.distributed as dist
 
 import data
+import evaluate
 import rl
 from model import GPT, GPTConfig, token_logprobs
-from sample import generate
 from tokenizer import Tokenizer
 
 
@@ -59,17 +59,12 @@ def example(tok, prob, rng, two_turn):
     return ids, mask
 
 
-def greedy_accuracy(model, tok, problems, batch=100):
+def greedy_accuracy(model, tok, problems):
+    """Greedy first-attempt accuracy (under torchrun the ranks share the problems)."""
     model.eval()
-    correct = 0
-    for i in range(0, len(problems), batch):
-        chunk = problems[i:i + batch]
-        prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in chunk]
-        outs = generate(model, prompts, max_new_tokens=16, temperature=0.0, stop_ids=tok.stop_ids)
-        texts = [tok.decode([t for t in o if t not in tok.stop_ids]) for o in outs]
-        correct += sum(data.rewards(chunk, texts))
+    texts = evaluate.attempts(model, tok, problems, 1, data.DEMO_P1, max_new_tokens=16, batch=100)[0]
     model.train()
-    return correct / len(problems)
+    return sum(data.rewards(problems, texts)) / len(problems)
 
 
 def main(argv=None):
