@@ -43,7 +43,7 @@ from tokenizer import Tokenizer
 # README.md); run.sh gives Stage II its own steps and learning rate.
 PRESETS = {
     "demo": dict(task="demo", data=None, base="out/demo/base", root="out/demo", n_train=20000,
-                 lr=3e-4, batch=128, k=4, micro_batch=128, steps=60, beta1=0.01, beta2=0.5, alpha=10.0,
+                 lr=3e-4, batch=128, k=4, micro_batch=128, steps=120, beta1=0.01, beta2=0.5, alpha=10.0,
                  max_new_tokens=16, save_every=10, threads=0),
     "math": dict(task="math", data="data/math_train.jsonl", base="out/math/base", root="out/math", n_train=None,
                  lr=5e-6, batch=512, k=4, micro_batch=4, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,
@@ -326,15 +326,17 @@ def run(args, objective, name):
                 good = latest(args.out)
                 raise SystemExit(f"step {step}: {e}; stopping. The last good checkpoint is "
                                  f"{good or 'none (no step was saved yet)'}.")
-        counts = torch.stack([ro.r1.sum(), ro.r2.sum(), torch.tensor(float(ro.n_generated), device=dev)])
+        counts = torch.stack([ro.r1.sum(), ro.r2.sum(), ((1 - ro.r1) * ro.r2).sum(), (ro.r1 * (1 - ro.r2)).sum(),
+                              torch.tensor(float(ro.n_generated), device=dev)])
         if world > 1:
             dist.all_reduce(counts)
-        tokens_done += int(counts[2])
+        tokens_done += int(counts[4])
         rate = tokens_done / (time.time() - t_start)
         eta = (time.time() - t_start) / (step - step0) * (args.steps - step) / 60
-        rec = dict(step=step, acc_t1=counts[0].item() / args.batch, acc_t2=counts[1].item() / args.batch,
-                   kl_t1=kl1, kl_t2=kl2, loss=loss, tokens=int(counts[2]), seconds=time.time() - t0)
-        say(f"step {step}/{args.steps} | acc t1 {rec['acc_t1']:.1%} t2 {rec['acc_t2']:.1%} | "
+        acc_t1, acc_t2, i2c, c2i = (counts[:4] / args.batch).tolist()  # of the sampled rollouts (temperature T)
+        rec = dict(step=step, acc_t1=acc_t1, acc_t2=acc_t2, delta_i2c=i2c, delta_c2i=c2i,
+                   kl_t1=kl1, kl_t2=kl2, loss=loss, tokens=int(counts[4]), seconds=time.time() - t0)
+        say(f"step {step}/{args.steps} | acc t1 {acc_t1:.1%} t2 {acc_t2:.1%} (i->c {i2c:.1%}, c->i {c2i:.1%}) | "
             f"KL t1 {kl1:.4f} t2 {kl2:.4f} | loss {loss:+.4f} | {rate:.0f} tok/s | ETA {eta:.1f} min", flush=True)
         if rank == 0:
             with open(log_path, "a") as f:

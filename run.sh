@@ -20,7 +20,7 @@ if [ "$preset" = demo ]; then
   else
     base_args=""
     rl_args=""
-    s1=60; s2=40; eval_n=1000; s2_lr=3e-5
+    s1=120; s2=80; eval_n=1000; s2_lr=3e-5
   fi
   python train_base.py --out "$OUT/base" $base_args
   python train_stage1.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/stage1" --steps $s1 $rl_args

@@ -21,3 +21,5 @@ def test_run_sh_quick(tmp_path):
     for stage in ("stage1", "stage2", "ablation"):
         log = (tmp_path / "demo" / stage / "log.jsonl").read_text().splitlines()
         assert len(log) == (4 if stage == "ablation" else 2)
+        for rec in map(json.loads, log):  # the sampled rollouts' i->c and c->i account for the change in accuracy
+            assert abs((rec["acc_t2"] - rec["acc_t1"]) - (rec["delta_i2c"] - rec["delta_c2i"])) < 1e-9
