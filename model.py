@@ -342,3 +342,67 @@ def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=None):
                          f"targets {tuple(targets.shape)} do not fit (N, d), (V, d), (N,)")
     chunk = chunk or max(1, 2**25 // weight.shape[0])
     return _TokenLogprobs.apply(hidden, weight, targets, float(temperature), chunk)
+
+
+class _TokenLoss(torch.autograd.Function):
+    """sum_i f_i(log p_i) with its gradient computed in the forward pass, block by block of tokens,
+    while each block's logits are at hand. The backward only scales the stored gradients, so the
+    vocabulary is crossed once: three (N, d) x (d, V) products, as the naive path, not four."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, token_loss, temperature, chunk):
+        N, V = hidden.shape[0], weight.shape[0]
+        acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        lp = torch.empty(N, device=hidden.device, dtype=acc)
+        loss = torch.zeros((), device=hidden.device, dtype=acc)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
+        buf = torch.empty(min(chunk, N), V, device=hidden.device, dtype=acc)
+        W_h = weight.to(hidden.dtype) if need_h else None  # for grad_h = G @ W, in hidden's dtype
+        for s in range(0, N, chunk):
+            h, t = hidden[s:s + chunk], targets[s:s + chunk]
+            P = _chunk_logits(h, weight, temperature, buf)  # (c, V) logits
+            tgt = P.gather(1, t[:, None]).squeeze(1)
+            m = P.amax(dim=1)
+            z = P.sub_(m[:, None]).exp_().sum(dim=1)  # P now holds exp(logits - m), in place
+            x = (tgt - m - z.log()).requires_grad_()  # log p of the targets
+            with torch.enable_grad():
+                f = token_loss(x, slice(s, s + h.shape[0])).sum()
+                (g,) = torch.autograd.grad(f, x)
+            loss += f.detach()
+            lp[s:s + h.shape[0]] = x.detach()
+            G = P.mul_((-g / (z * temperature))[:, None])  # (c, V) = g * (onehot - p) / T
+            G[torch.arange(h.shape[0], device=G.device), t] += g / temperature
+            G = G.to(hidden.dtype)
+            if need_h:
+                torch.mm(G, W_h, out=grad_h[s:s + h.shape[0]])
+            if need_w:
+                if G.dtype == acc:
+                    grad_w.addmm_(G.T, h)
+                else:
+                    grad_w += G.T @ h
+        ctx.grads, ctx.w_dtype = (grad_h, grad_w), weight.dtype
+        ctx.mark_non_differentiable(lp)
+        return loss, lp
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lp):
+        grad_h, grad_w = ctx.grads
+        del ctx.grads
+        scale = lambda x: x if x is None or bool(grad_loss == 1) else x.mul_(grad_loss.to(x.dtype))
+        grad_w = scale(grad_w)
+        return scale(grad_h), (grad_w.to(ctx.w_dtype) if grad_w is not None else None), None, None, None, None
+
+
+def token_loss(hidden, weight, targets, loss_fn, temperature=1.0, chunk=None):
+    """The training path of the log-prob head when each token's loss is a function of its own log-prob:
+    returns (loss, log_probs) with loss = sum_i loss_fn(lp, slice)_i, differentiable in hidden and weight,
+    and the log-probs (N,) (no gradient). loss_fn(lp, s) gets the log-probs lp (c,) of tokens s (a slice)
+    and returns their losses (c,), differentiably in lp. Same values as token_logprobs; the gradient is
+    computed during the forward pass, so the backward does not recompute the logits."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"token_loss: shapes hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+                         f"targets {tuple(targets.shape)} do not fit (N, d), (V, d), (N,)")
+    chunk = chunk or max(1, 2**25 // weight.shape[0])
+    return _TokenLoss.apply(hidden, weight, targets, loss_fn, float(temperature), chunk)

@@ -6,12 +6,15 @@ accumulation, checkpoints, resuming and logging. Each stage script supplies only
     objective(b, args) -> per-row loss (m,)
 
 where b holds, for a micro-batch of m two-turn rollouts (whole groups of k samples per prompt):
-    b.logp1, b.logp2  sum over the tokens of y1 / y2 of log pi(token)            (m,) with grad
-    b.kl1, b.kl2      sum over the tokens of y1 / y2 of the per-token KL term     (m,) with grad
+    b.logp1, b.logp2  sum over the tokens of y1 / y2 of log pi(token)            (m,)
+    b.kl1, b.kl2      sum over the tokens of y1 / y2 of the per-token KL term     (m,)
     b.r1, b.r2        oracle rewards r(y1), r(y2) in {0, 1}                        (m,)
     b.group           which prompt each row was sampled from                      (m,)
 Rows whose y1 was drawn from the base model (--base-first, paper 5.3) have logp1 = kl1 = 0: that
-y1 is not pi's sample, so only turn 2 learns from it.
+y1 is not pi's sample, so only turn 2 learns from it. The objective is linear in the four sums
+(REINFORCE: its weights carry no gradient), so update() reads each sum's weight off the objective
+by autograd and gives every generated token the loss w_lp * log pi + w_kl * k2; the policy's head
+forms that gradient in the same pass that computes the log-probs (model.token_loss).
 
 The per-token KL term is k2 = 0.5 * (log pi - log pi_ref)^2 on tokens sampled from pi. Its
 gradient, (log pi - log pi_ref) * grad log pi, has expectation grad KL(pi || pi_ref) for each
@@ -31,7 +34,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import GPT, token_logprobs
+from model import GPT, token_logprobs, token_loss
 from sample import generate, generate_turns
 from tokenizer import Tokenizer
 
@@ -165,24 +168,45 @@ def kl_term(lp, lp_ref):
     return 0.5 * (lp - lp_ref) ** 2
 
 
-def turn_terms(policy, ref, ro, rows, temperature):
-    """Per-row sums over each turn's generated tokens of log pi, of the KL term k2 (both with grad),
-    and of k3 (a non-negative KL estimate, for the logs)."""
+def objective_weights(objective, args, r1, r2, group, on_policy):
+    """d objective / d (logp1, logp2, kl1, kl2) for each row: (4, m). A REINFORCE objective is linear in
+    these sums (rewards, bonus and baseline carry no gradient), so its weights do not depend on the
+    log-probs and are known before the policy runs. Checked: the weights at two points must agree."""
+    def weights_at(s):
+        s.requires_grad_()
+        b = SimpleNamespace(logp1=s[0] * on_policy, logp2=s[1], kl1=s[2] * on_policy, kl2=s[3],
+                            r1=r1, r2=r2, group=group)
+        return torch.autograd.grad(objective(b, args).sum(), s)[0]
+    w = weights_at(torch.zeros(4, len(r1), device=r1.device))
+    if not torch.allclose(w, weights_at(torch.randn(4, len(r1), device=r1.device)), equal_nan=True):
+        raise ValueError("the objective is not linear in b.logp1, b.logp2, b.kl1, b.kl2: rl.update needs "
+                         "REINFORCE weights that carry no gradient")
+    return w
+
+
+def micro_batch_loss(policy, ref, ro, rows, objective, args, R):
+    """The micro-batch's share of the loss, sum over rows of objective(b) / R, ready for backward(),
+    and the k3 KL estimate (exp(-d) - 1 + d >= 0, for the logs) summed over each turn's tokens.
+    Every generated token's loss is w_lp * log pi + w_kl * k2, with the objective's weights for its
+    row and turn, so the policy's head forms the gradient while its logits are at hand (token_loss)."""
     m1, m2 = ro.m1[rows], ro.m2[rows]
     sel = m1 | m2  # only generated tokens count: prompt, instruction and padding never do
     L = int(sel.any(0).nonzero().max()) + 2  # drop the padding columns no row of this micro-batch needs
-    idx, m1, m2, sel = ro.tokens[rows, :L], m1[:, :L - 1], m2[:, :L - 1], sel[:, :L - 1]
+    idx, m2, sel = ro.tokens[rows, :L], m2[:, :L - 1], sel[:, :L - 1]
     tgt = idx[:, 1:][sel]
-    lp = token_logprobs(policy.hidden(idx[:, :-1])[sel], policy.head_weight, tgt, temperature)
+    on_policy = ro.first_from_pi[rows].float()  # a y1 drawn from the base model gets no turn-1 terms
+    group = ro.group[rows] - ro.group[rows].min()
+    w = objective_weights(objective, args, ro.r1[rows], ro.r2[rows], group, on_policy) / R  # (4, m)
+    row, turn2 = sel.nonzero()[:, 0], m2[sel]  # each generated token's row and turn
+    w_lp = torch.where(turn2, w[1, row], w[0, row])  # d loss / d log pi(token)
+    w_kl = torch.where(turn2, w[3, row], w[2, row])  # d loss / d k2(token)
     with torch.no_grad():
-        lp_ref = token_logprobs(ref.hidden(idx[:, :-1])[sel], ref.head_weight, tgt, temperature)
-        d = lp - lp_ref
-        k3 = torch.expm1(-d) + d  # exp(-d) - 1 + d >= 0
-
-    def per_turn(v):  # (n,) values at the generated tokens -> per-row sums over y1's and over y2's
-        full = torch.zeros(sel.shape, dtype=v.dtype, device=v.device).masked_scatter(sel, v)
-        return (full * m1).sum(1), (full * m2).sum(1)
-    return per_turn(lp), per_turn(kl_term(lp, lp_ref)), per_turn(k3)
+        lp_ref = token_logprobs(ref.hidden(idx[:, :-1])[sel], ref.head_weight, tgt, args.temperature)
+    loss, lp = token_loss(policy.hidden(idx[:, :-1])[sel], policy.head_weight, tgt,
+                          lambda lp, s: w_lp[s] * lp + w_kl[s] * kl_term(lp, lp_ref[s]), args.temperature)
+    d = lp - lp_ref
+    k3 = torch.expm1(-d) + d
+    return loss, (k3 * (~turn2) * on_policy[row]).sum(), (k3 * turn2).sum()
 
 
 def update(policy, ref, opt, ro, objective, args, world=1):
@@ -195,14 +219,10 @@ def update(policy, ref, opt, ro, objective, args, world=1):
     stats = torch.zeros(4, device=ro.tokens.device)  # loss, KL turn 1, KL turn 2, non-finite losses
     for s in range(0, ro.tokens.shape[0], args.micro_batch):
         rows = torch.arange(s, min(s + args.micro_batch, ro.tokens.shape[0]), device=ro.tokens.device)
-        (logp1, logp2), (k2_1, k2_2), (k3_1, k3_2) = turn_terms(policy, ref, ro, rows, args.temperature)
-        on_policy = ro.first_from_pi[rows]  # a y1 drawn from the base model gets no turn-1 terms
-        b = SimpleNamespace(logp1=logp1 * on_policy, logp2=logp2, kl1=k2_1 * on_policy, kl2=k2_2,
-                            r1=ro.r1[rows], r2=ro.r2[rows], group=ro.group[rows] - ro.group[rows].min())
-        loss = objective(b, args).sum() / R
+        loss, k3_1, k3_2 = micro_batch_loss(policy, ref, ro, rows, objective, args, R)
         if torch.isfinite(loss):
             loss.backward()
-        stats += torch.stack([loss.detach(), k3_1.sum() / R, k3_2.sum() / R, (~torch.isfinite(loss)).float()])
+        stats += torch.stack([loss.detach(), k3_1 / R, k3_2 / R, (~torch.isfinite(loss)).float()])
     if world > 1:  # every rank takes part in both collectives, even after a bad loss: no deadlock
         dist.all_reduce(stats)
         all_reduce_grads(policy)

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
-from model import GPT, GPTConfig, KVCache, token_logprobs
+from model import GPT, GPTConfig, KVCache, token_logprobs, token_loss
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -185,3 +185,57 @@ def test_training_forward_has_gradients_through_hidden():
     g2 = torch.autograd.grad(ref.sum(), m.embed_tokens.weight)[0]
     assert (lp - ref).abs().max() < 1e-5
     assert (g1 - g2).abs().max() < 1e-5
+
+
+# ------------------------------------------------------------- token_loss: gradient formed in the forward
+def naive_loss(h, W, t, temperature, loss_fn):
+    lp = torch.log_softmax(h @ W.T / temperature, dim=-1).gather(1, t[:, None]).squeeze(1)  # in h's dtype
+    return loss_fn(lp, slice(None)).sum(), lp
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.float64, 1e-12)])
+@pytest.mark.parametrize("chunk", [7, 4096])
+def test_token_loss_values_and_gradients(dtype, tol, chunk):
+    """A non-linear per-token loss (a weight times log p plus a squared distance to reference log-probs,
+    the shape of the RL objective) and an upstream scale != 1: loss, log-probs and both gradients
+    against autograd through the naive log_softmax."""
+    torch.manual_seed(4)
+    N, d, V = 150, 32, 301
+    h = torch.randn(N, d, dtype=dtype, requires_grad=True)
+    W = (torch.randn(V, d, dtype=dtype) * 0.3).requires_grad_()
+    t = torch.randint(0, V, (N,))
+    a, lp_ref = torch.randn(N, dtype=dtype), torch.randn(N, dtype=dtype) - 5
+    loss_fn = lambda lp, s: a[s] * lp + 0.05 * (lp - lp_ref[s]) ** 2
+    loss, lp = token_loss(h, W, t, loss_fn, 0.7, chunk=chunk)
+    gh, gw = torch.autograd.grad(-2.5 * loss, (h, W))
+    ref, ref_lp = naive_loss(h, W, t, 0.7, loss_fn)
+    rh, rw = torch.autograd.grad(-2.5 * ref, (h, W))
+    assert lp.dtype == dtype and not lp.requires_grad
+    assert (lp - ref_lp).abs().max() < tol
+    assert abs(loss.item() - ref.item()) < tol * max(1.0, abs(ref.item()))
+    assert (gh - rh).abs().max() < tol * max(1.0, rh.abs().max().item())
+    assert (gw - rw).abs().max() < tol * max(1.0, rw.abs().max().item())
+
+
+def test_token_loss_bf16_frozen_head_and_bad_shapes():
+    """bf16 within the same stated tolerance as token_logprobs; a head without grad gets none."""
+    torch.manual_seed(5)
+    N, d, V = 200, 64, 1000
+    h = torch.randn(N, d).bfloat16().requires_grad_()
+    W = (torch.randn(V, d) * 0.2).bfloat16().requires_grad_()
+    t = torch.randint(0, V, (N,))
+    g = torch.randn(N)
+    loss, _ = token_loss(h, W, t, lambda lp, s: g[s] * lp, chunk=64)
+    gh, gw = torch.autograd.grad(loss, (h, W))
+    assert gh.dtype == gw.dtype == torch.bfloat16
+    h32, W32 = h.detach().float().requires_grad_(), W.detach().float().requires_grad_()
+    rh, rw = torch.autograd.grad((naive_logprobs(h32, W32, t, 1.0) * g).sum(), (h32, W32))
+    assert (gh.float() - rh).abs().max() < 0.02 * rh.abs().max()
+    assert (gw.float() - rw).abs().max() < 0.02 * rw.abs().max()
+    h2, W2 = torch.randn(10, 8, requires_grad=True), torch.randn(20, 8)
+    t2 = torch.randint(0, 20, (10,))
+    (gh2,) = torch.autograd.grad(token_loss(h2, W2, t2, lambda lp, s: lp)[0], (h2,))
+    (rh2,) = torch.autograd.grad(naive_logprobs(h2, W2, t2, 1.0).sum(), (h2,))
+    assert (gh2 - rh2).abs().max() < 1e-5
+    with pytest.raises(ValueError, match="do not fit"):
+        token_loss(h2, W2[:, :4], t2, lambda lp, s: lp)
