@@ -280,8 +280,9 @@ class _TokenLogprobs(torch.autograd.Function):
         out = torch.empty(N, device=hidden.device, dtype=acc)
         lse = torch.empty(N, device=hidden.device, dtype=acc)
         buf = torch.empty(min(chunk, N), weight.shape[0], device=hidden.device, dtype=acc)
+        W = weight.to(hidden.dtype)  # products in hidden's dtype (a bf16 hidden under autocast, an fp32 head)
         for s in range(0, N, chunk):
-            logits = _chunk_logits(hidden[s:s + chunk], weight, temperature, buf)  # (c, V)
+            logits = _chunk_logits(hidden[s:s + chunk], W, temperature, buf)  # (c, V)
             tgt = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
             m = logits.amax(dim=1)
             lse[s:s + chunk] = m + logits.sub_(m[:, None]).exp_().sum(dim=1).log()  # in place: no 2nd buffer
@@ -304,19 +305,20 @@ class _TokenLogprobs(torch.autograd.Function):
         grad_h = torch.zeros(hidden.shape, device=hidden.device, dtype=lse.dtype) if need_h else None
         grad_w = torch.empty_like(weight) if need_w else None
         buf = torch.empty(N, cols, device=hidden.device, dtype=lse.dtype)
+        W = weight.to(hidden.dtype)  # as in forward; backward may run outside the forward's autocast
         for v in range(0, V, cols):
-            Wv = weight[v:v + cols]
+            Wv = W[v:v + cols]
             G = _chunk_logits(hidden, Wv, T, buf[:, :Wv.shape[0]]).sub_(lse[:, None]).exp_().mul_(-g[:, None])
             rows = ((targets >= v) & (targets < v + cols)).nonzero().squeeze(1)  # targets in this block
             G[rows, targets[rows] - v] += g[rows]
-            G = G.to(weight.dtype)  # (N, cols) = g * (onehot - p) / T
+            G = G.to(hidden.dtype)  # (N, cols) = g * (onehot - p) / T
             if need_h:
                 if grad_h.dtype == G.dtype:
                     grad_h.addmm_(G, Wv)
                 else:
                     grad_h += G @ Wv
             if need_w:  # this block of the weight gradient, written once
-                if G.dtype == hidden.dtype:
+                if G.dtype == grad_w.dtype:
                     torch.mm(G.T, hidden, out=grad_w[v:v + cols])
                 else:
                     grad_w[v:v + cols] = G.T @ hidden
@@ -359,10 +361,10 @@ class _TokenLoss(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, device=weight.device, dtype=acc) if need_w else None
         buf = torch.empty(min(chunk, N), V, device=hidden.device, dtype=acc)
-        W_h = weight.to(hidden.dtype) if need_h else None  # for grad_h = G @ W, in hidden's dtype
+        W = weight.to(hidden.dtype)  # products in hidden's dtype (a bf16 hidden under autocast, an fp32 head)
         for s in range(0, N, chunk):
             h, t = hidden[s:s + chunk], targets[s:s + chunk]
-            P = _chunk_logits(h, weight, temperature, buf)  # (c, V) logits
+            P = _chunk_logits(h, W, temperature, buf)  # (c, V) logits
             tgt = P.gather(1, t[:, None]).squeeze(1)
             m = P.amax(dim=1)
             z = P.sub_(m[:, None]).exp_().sum(dim=1)  # P now holds exp(logits - m), in place
@@ -376,7 +378,7 @@ class _TokenLoss(torch.autograd.Function):
             G[torch.arange(h.shape[0], device=G.device), t] += g / temperature
             G = G.to(hidden.dtype)
             if need_h:
-                torch.mm(G, W_h, out=grad_h[s:s + h.shape[0]])
+                torch.mm(G, W, out=grad_h[s:s + h.shape[0]])
             if need_w:
                 if G.dtype == acc:
                     grad_w.addmm_(G.T, h)

@@ -91,8 +91,9 @@ def get_args(stage, argv=None):
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
     p.add_argument("--save-every", type=int, help="checkpoint every N updates (and at the end)")
     p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the problems' order and the sampling of every step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda; with torchrun, each process takes cuda:LOCAL_RANK")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
     p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root",)})
     p.set_defaults(init=preset["base"] if stage == 1 else f"{preset['root']}/stage1/ckpt",

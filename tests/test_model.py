@@ -239,3 +239,25 @@ def test_token_loss_bf16_frozen_head_and_bad_shapes():
     assert (gh2 - rh2).abs().max() < 1e-5
     with pytest.raises(ValueError, match="do not fit"):
         token_loss(h2, W2[:, :4], t2, lambda lp, s: lp)
+
+
+def test_bf16_hidden_with_fp32_head_as_under_autocast():
+    """The GPU training case: hidden states in bf16 (autocast) and the fp32 head parameter, with the
+    backward run after autocast has ended. Both kernels against fp32 naive, the bf16 tolerance above."""
+    torch.manual_seed(6)
+    N, d, V = 120, 32, 500
+    h = torch.randn(N, d).bfloat16().requires_grad_()
+    W = (torch.randn(V, d) * 0.2).requires_grad_()
+    t, g = torch.randint(0, V, (N,)), torch.randn(N)
+    h32, W32 = h.detach().float().requires_grad_(), W.detach().clone().requires_grad_()
+    ref = naive_logprobs(h32, W32, t, 1.0)
+    rh, rw = torch.autograd.grad((ref * g).sum(), (h32, W32))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lp = token_logprobs(h, W, t, chunk=30)
+        loss, lp2 = token_loss(h, W, t, lambda lp, s: g[s] * lp, chunk=30)
+    for out, grads in ((lp, torch.autograd.grad((lp * g).sum(), (h, W))), (lp2, torch.autograd.grad(loss, (h, W)))):
+        gh, gw = grads
+        assert gh.dtype == torch.bfloat16 and gw.dtype == torch.float32
+        assert (out - ref).abs().max() < 0.05
+        assert (gh.float() - rh).abs().max() < 0.02 * rh.abs().max()
+        assert (gw - rw).abs().max() < 0.02 * rw.abs().max()
