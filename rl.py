@@ -179,7 +179,7 @@ def objective_weights(objective, args, r1, r2, group, on_policy):
                             r1=r1, r2=r2, group=group)
         return torch.autograd.grad(objective(b, args).sum(), s)[0]
     w = weights_at(torch.zeros(4, len(r1), device=r1.device))
-    if not torch.allclose(w, weights_at(torch.randn(4, len(r1), device=r1.device)), equal_nan=True):
+    if not torch.allclose(w, weights_at(torch.ones(4, len(r1), device=r1.device)), equal_nan=True):
         raise ValueError("the objective is not linear in b.logp1, b.logp2, b.kl1, b.kl2: rl.update needs "
                          "REINFORCE weights that carry no gradient")
     return w
