@@ -335,14 +335,19 @@ def _chunk_logits(h, weight, temperature, buf):
     return out.div_(temperature) if temperature != 1.0 else out
 
 
+def _check_head(name, hidden, weight, targets, chunk):
+    """Refuse shapes that do not fit; return the chunk (default: a 128 MiB fp32 buffer of chunk x V)."""
+    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
+        raise ValueError(f"{name}: shapes hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
+                         f"targets {tuple(targets.shape)} do not fit (N, d), (V, d), (N,)")
+    return chunk or max(1, 2**25 // weight.shape[0])
+
+
 def token_logprobs(hidden, weight, targets, temperature=1.0, chunk=None):
     """Log-probs (N,) in fp32 (fp64 for fp64 inputs) of `targets` (N,) under
     softmax(hidden (N, d) @ weight (V, d).T / temperature), differentiable in hidden and weight,
     never materializing the (N, V) logits: chunks of `chunk` tokens (default: a 128 MiB buffer)."""
-    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"token_logprobs: shapes hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
-                         f"targets {tuple(targets.shape)} do not fit (N, d), (V, d), (N,)")
-    chunk = chunk or max(1, 2**25 // weight.shape[0])
+    chunk = _check_head("token_logprobs", hidden, weight, targets, chunk)
     return _TokenLogprobs.apply(hidden, weight, targets, float(temperature), chunk)
 
 
@@ -403,8 +408,5 @@ def token_loss(hidden, weight, targets, loss_fn, temperature=1.0, chunk=None):
     and the log-probs (N,) (no gradient). loss_fn(lp, s) gets the log-probs lp (c,) of tokens s (a slice)
     and returns their losses (c,), differentiably in lp. Same values as token_logprobs; the gradient is
     computed during the forward pass, so the backward does not recompute the logits."""
-    if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
-        raise ValueError(f"token_loss: shapes hidden {tuple(hidden.shape)}, weight {tuple(weight.shape)}, "
-                         f"targets {tuple(targets.shape)} do not fit (N, d), (V, d), (N,)")
-    chunk = chunk or max(1, 2**25 // weight.shape[0])
+    chunk = _check_head("token_loss", hidden, weight, targets, chunk)
     return _TokenLoss.apply(hidden, weight, targets, loss_fn, float(temperature), chunk)
