@@ -24,11 +24,14 @@ if [ "$preset" = demo ]; then
   fi
   python train_base.py --out "$OUT/base" $base_args
   python train_stage1.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/stage1" --steps $s1 $rl_args
+  # Stage II draws half of its first attempts from the base model (paper 5.3): turn 2 keeps
+  # practising on the base's mistakes while turn 1 improves
   python train_stage2.py --preset demo --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2" \
-    --steps $s2 --lr $s2_lr $rl_args
-  # ablation on the same RL budget: multi-turn RL straight from the base, no Stage I, no bonus (alpha = 0)
+    --steps $s2 --lr $s2_lr --base-first 0.5 $rl_args
+  # ablation on the same RL budget: Stage II's recipe without Stage I (it starts from the base) and
+  # without the bonus (alpha = 0)
   python train_stage2.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/ablation" \
-    --steps $((s1 + s2)) --lr $s2_lr --alpha 0 $rl_args
+    --steps $((s1 + s2)) --lr $s2_lr --base-first 0.5 --alpha 0 $rl_args
   python evaluate.py --task demo --n $eval_n \
     --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" \
     --ckpt "$OUT/stage2/ckpt" --name "SCoRe (Stage II)" --ckpt "$OUT/ablation/ckpt" --name "ablation: no Stage I, alpha 0" \
