@@ -283,9 +283,8 @@ class _TokenLogprobs(torch.autograd.Function):
         W = weight.to(hidden.dtype)  # products in hidden's dtype (a bf16 hidden under autocast, an fp32 head)
         for s in range(0, N, chunk):
             logits = _chunk_logits(hidden[s:s + chunk], W, temperature, buf)  # (c, V)
-            tgt = logits.gather(1, targets[s:s + chunk, None]).squeeze(1)
-            m = logits.amax(dim=1)
-            lse[s:s + chunk] = m + logits.sub_(m[:, None]).exp_().sum(dim=1).log()  # in place: no 2nd buffer
+            tgt, m, z = _shifted_exp_(logits, targets[s:s + chunk])
+            lse[s:s + chunk] = m + z.log()
             out[s:s + chunk] = tgt - lse[s:s + chunk]
         ctx.save_for_backward(hidden, weight, targets, lse)
         ctx.temperature, ctx.chunk = temperature, chunk
@@ -335,6 +334,14 @@ def _chunk_logits(h, weight, temperature, buf):
     return out.div_(temperature) if temperature != 1.0 else out
 
 
+def _shifted_exp_(logits, targets):
+    """The target logits, the row maxima m and z = sum exp(logits - m); turns `logits` into
+    exp(logits - m) in place, so no second (c, V) buffer is needed."""
+    tgt = logits.gather(1, targets[:, None]).squeeze(1)
+    m = logits.amax(dim=1)
+    return tgt, m, logits.sub_(m[:, None]).exp_().sum(dim=1)
+
+
 def _check_head(name, hidden, weight, targets, chunk):
     """Refuse shapes that do not fit; return the chunk (default: a 128 MiB fp32 buffer of chunk x V)."""
     if hidden.dim() != 2 or targets.shape != hidden.shape[:1] or weight.shape[1] != hidden.shape[1]:
@@ -357,7 +364,7 @@ class _TokenLoss(torch.autograd.Function):
     vocabulary is crossed once: three (N, d) x (d, V) products, as the naive path, not four."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, token_loss, temperature, chunk):
+    def forward(ctx, hidden, weight, targets, loss_fn, temperature, chunk):
         N, V = hidden.shape[0], weight.shape[0]
         acc = torch.float64 if hidden.dtype == torch.float64 else torch.float32
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
@@ -370,12 +377,10 @@ class _TokenLoss(torch.autograd.Function):
         for s in range(0, N, chunk):
             h, t = hidden[s:s + chunk], targets[s:s + chunk]
             P = _chunk_logits(h, W, temperature, buf)  # (c, V) logits
-            tgt = P.gather(1, t[:, None]).squeeze(1)
-            m = P.amax(dim=1)
-            z = P.sub_(m[:, None]).exp_().sum(dim=1)  # P now holds exp(logits - m), in place
+            tgt, m, z = _shifted_exp_(P, t)  # P now holds exp(logits - m)
             x = (tgt - m - z.log()).requires_grad_()  # log p of the targets
             with torch.enable_grad():
-                f = token_loss(x, slice(s, s + h.shape[0])).sum()
+                f = loss_fn(x, slice(s, s + h.shape[0])).sum()
                 (g,) = torch.autograd.grad(f, x)
             loss += f.detach()
             lp[s:s + h.shape[0]] = x.detach()
