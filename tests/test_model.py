@@ -132,7 +132,8 @@ def test_token_logprobs_fp32_values_and_gradients(temperature, chunk):
     assert got.dtype == torch.float32
     assert (got - ref).abs().max() < 1e-5
     assert (gh - rh).abs().max() < 1e-5
-    assert (gw - rw).abs().max() < 1e-5
+    # the weight gradient sums over N = 150 tokens (entries up to ~4): fp32 rounding is relative to its size
+    assert (gw - rw).abs().max() < 1e-5 * max(1.0, rw.abs().max().item())
 
 
 def test_token_logprobs_fp64_gradcheck():
