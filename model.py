@@ -50,10 +50,10 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x):
-        # normalize in fp32, scale in the input's dtype (as the reference implementations do)
+        # normalize in fp32, scale in the input's dtype (as the reference implementations do for bf16 weights)
         xf = x.float()
         xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.to(x.dtype)
+        return self.weight.to(x.dtype) * xf.to(x.dtype)  # fp32 weights under autocast: a bf16 product
 
 
 def rope_frequencies(config):
@@ -210,6 +210,10 @@ class GPT(nn.Module):
         angles = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
         x = self.embed_tokens(idx)
+        if torch.is_autocast_enabled(x.device.type):
+            # compute precision: under autocast the residual stream is kept in the autocast dtype, so fp32
+            # master weights compute exactly what the same weights stored in that dtype compute
+            x = x.to(torch.get_autocast_dtype(x.device.type))
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         for i, block in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None

@@ -1,25 +1,36 @@
 """
 What both stages of SCoRe share: two-turn rollouts, oracle rewards, per-token log-probs and KL of
 the policy and the frozen reference, the leave-one-out baseline, the optimizer step with gradient
-accumulation, checkpoints, resuming and logging. Each stage script supplies only its objective:
+accumulation, checkpoints, resuming and logging. Each stage script supplies only its objective,
+written with `reinforce`: each turn's reward and KL weight,
 
-    objective(b, args) -> per-row loss (m,)
+    objective(b, args) = reinforce(b, args, turn1=(reward, beta), turn2=(reward, beta)) -> per-row loss (m,)
 
 where b holds, for a micro-batch of m two-turn rollouts (whole groups of k samples per prompt):
-    b.logp1, b.logp2  sum over the tokens of y1 / y2 of log pi(token)            (m,)
-    b.kl1, b.kl2      sum over the tokens of y1 / y2 of the per-token KL term     (m,)
-    b.r1, b.r2        oracle rewards r(y1), r(y2) in {0, 1}                        (m,)
-    b.group           which prompt each row was sampled from                      (m,)
-Rows whose y1 was drawn from the base model (--base-first, paper 5.3) have logp1 = kl1 = 0: that
-y1 is not pi's sample, so only turn 2 learns from it. The objective is linear in the four sums
-(REINFORCE: its weights carry no gradient), so update() reads each sum's weight off the objective
-by autograd and gives every generated token the loss w_lp * log pi + w_kl * k2; the policy's head
-forms that gradient in the same pass that computes the log-probs (model.token_loss).
+    b.logp1, b.logp2  sum over the tokens of y1 / y2 of log pi(token)                      (m,)
+    b.kl1, b.kl2      the turn's KL: sum over its tokens of log pi - log pi_ref (--kl reward)
+                      or of k2 = 0.5 (log pi - log pi_ref)^2 (--kl loss)                  (m,)
+    b.r1, b.r2        oracle rewards r(y1), r(y2) in {0, 1}                                  (m,)
+    b.group           which prompt each row was sampled from                                (m,)
 
-The per-token KL term is k2 = 0.5 * (log pi - log pi_ref)^2 on tokens sampled from pi. Its
-gradient, (log pi - log pi_ref) * grad log pi, has expectation grad KL(pi || pi_ref) for each
-token's distribution (tests/test_rl.py checks this against the exact KL of a categorical policy).
-The k3 estimator used as a loss would give the gradient of KL(pi_ref || pi) instead.
+The estimator (--kl reward, the paper's RLOO, Ahmadian et al. 2024): each turn's return is its
+reward minus beta times the log-ratio of the whole attempt, log pi(y) - log pi_ref(y), taken as a
+constant; the advantage is that return minus the leave-one-out mean of the other k - 1 samples'
+returns; the loss is -advantage * log pi(y). Its expected gradient is exactly the gradient of
+E[r] - beta * KL(pi || pi_ref) of the sequence (tests/test_estimator.py enumerates it). The log-ratio
+uses the sampler's log-probs of the sampled tokens, so it costs no extra forward pass of the policy.
+--kl loss puts the per-token k2 into the loss instead: its gradient is each token's KL with the
+tokens before it held fixed, and misses how a token changes the KL of the tokens after it.
+
+Rows whose y1 was drawn from the base model (--base-first, paper 5.3) get no turn-1 terms: that y1
+is not pi's sample, so only turn 2 learns from it. The objective is linear in logp1, logp2 (and
+the k2 sums), so update() reads each sum's weight off it by autograd (token_weights) and gives every
+generated token the loss w_lp * log pi + w_kl * k2; the policy's head forms that gradient in the
+same pass that computes the log-probs (model.token_loss).
+
+Precision: the policy is always trained on fp32 master weights (fp32 Adam state), whatever the
+checkpoint's dtype; --dtype bf16 runs sampling, the reference and the policy's forward and backward
+under torch.autocast, on the CPU as on the GPU. The reference is stored in the compute dtype.
 """
 import argparse
 import json
@@ -35,7 +46,7 @@ import torch.distributed as dist
 
 import data
 from model import GPT, token_logprobs, token_loss
-from sample import generate, generate_turns
+from sample import generate, generate_turns, layout
 from tokenizer import Tokenizer
 
 # Presets, in plain sight. Paper defaults (Table 5): Adam, temperature 1.0, alpha 10, beta1 0.01;
@@ -81,6 +92,9 @@ def get_args(stage, argv=None):
     p.add_argument("--alpha", type=float, help="alpha: weight of the Stage II bonus r(y2) - r(y1)")
     p.add_argument("--beta1", type=float, help="beta1: KL(pi || pi_ref) weight (turn 2 in Stage I, both turns in Stage II)")
     p.add_argument("--beta2", type=float, help="beta2: the strong KL weight on turn 1 in Stage I")
+    p.add_argument("--kl", default="reward", choices=["reward", "loss"],
+                   help="reward: the paper's RLOO, -beta * (log pi - log pi_ref) of each attempt in its return; "
+                        "loss: a per-token k2 = 0.5 (log pi - log pi_ref)^2 in the loss (for comparison)")
     p.add_argument("--baseline", default="loo", choices=["loo", "none"],
                    help="loo: leave-one-out mean of the k samples of a prompt; none: the paper's plain REINFORCE")
     p.add_argument("--base-first", type=float, default=0.0,
@@ -89,8 +103,16 @@ def get_args(stage, argv=None):
     p.add_argument("--max-new-tokens", type=int, help="per turn")
     p.add_argument("--p1", help="the self-correction instruction (default: the paper's; the demo's is shorter)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--save-every", type=int, help="checkpoint every N updates (and at the end)")
-    p.add_argument("--resume", action="store_true", help="continue the run in --out from its checkpoint")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32",
+                   help="compute precision of sampling, reference and training (autocast over fp32 master weights)")
+    p.add_argument("--gen-batch", type=int,
+                   help="generate each step's rollouts in chunks of at most N rows (whole prompt groups); "
+                        "default: all at once on the CPU, what fits the free memory on a GPU (memory_model)")
+    p.add_argument("--save-every", type=int, help="checkpoint OUT/ckpt every N updates (and at the end)")
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="also keep OUT/step_NNNNNN every N updates (0: only ckpt/ and best/)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (only --steps may change)")
     p.add_argument("--seed", type=int, default=0, help="seeds the problems' order and the sampling of every step")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda; with torchrun, each process takes cuda:LOCAL_RANK")
@@ -105,51 +127,63 @@ def get_args(stage, argv=None):
         p.error(f"--batch ({args.batch}) and --micro-batch ({args.micro_batch}) must be multiples of --k ({args.k})")
     if not 0.0 <= args.base_first <= 1.0:
         p.error("--base-first is a fraction in [0, 1]")
+    if args.gen_batch is not None and args.gen_batch < args.k:
+        p.error(f"--gen-batch ({args.gen_batch}) must hold at least one prompt's k = {args.k} samples")
     return args
 
 
 # ------------------------------------------------------------------------------- rollouts
 def rollout(policy, ref, tok, problems, args, seed):
-    """Two attempts for each of `problems` (k samples each, prompt-major), their rewards, and the
-    token-level layout of each rollout: prompt x, y1, (eot if y1 was cut), followup p1, y2."""
+    """Two attempts for each of `problems` (k samples each, prompt-major), their rewards, the sampler's
+    log-probs of the sampled tokens, and the token layout of each rollout (sample.layout), generated in
+    chunks of at most args.gen_batch rows (whole prompt groups) so that the KV cache stays bounded."""
     prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in problems]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])
-    R = len(problems) * args.k
-    first = None
+    R, k = len(problems) * args.k, args.k
     from_base = torch.rand(R, generator=torch.Generator().manual_seed(seed)) < args.base_first
-    if from_base.any():  # paper 5.3: some first attempts come from the base model
-        rows = from_base.nonzero().squeeze(1).tolist()
-        ys = generate(ref, [prompts[r // args.k] for r in rows], args.max_new_tokens, args.temperature,
-                      stop_ids=tok.stop_ids, seed=seed + 1)
-        first = [None] * R
-        for r, y in zip(rows, ys):
-            first[r] = y
-    y1s, y2s = generate_turns(policy, prompts, followup, args.max_new_tokens, turns=2, k=args.k,
-                              temperature=args.temperature, stop_ids=tok.stop_ids, eot_id=tok.eot_id,
-                              seed=seed, first=first)
-    seqs, spans = [], []
-    for r, (y1, y2) in enumerate(zip(y1s, y2s)):
-        x = prompts[r // args.k]
-        closed = y1 + ([] if y1 and y1[-1] in tok.stop_ids else [tok.eot_id])  # as generate_turns does
-        seqs.append(x + closed + followup + y2)
-        s2 = len(x) + len(closed) + len(followup)
-        spans.append(((len(x), len(x) + len(y1)), (s2, s2 + len(y2))))
+    per = max(1, (getattr(args, "gen_batch", None) or R) // k)  # prompts per chunk
+    y1s, y2s, lp1s, lp2s = [], [], [], []
+    t0 = time.time()
+    for c, a in enumerate(range(0, len(prompts), per)):
+        ps, rows = prompts[a:a + per], range(a * k, min(a + per, len(prompts)) * k)
+        first = None
+        base_rows = [r for r in rows if from_base[r]]
+        if base_rows:  # paper 5.3: some first attempts come from the base model
+            ys = generate(ref, [prompts[r // k] for r in base_rows], args.max_new_tokens, args.temperature,
+                          stop_ids=tok.stop_ids, seed=seed + 1 + 7 * c)
+            first = [None] * len(rows)
+            for r, y in zip(base_rows, ys):
+                first[r - a * k] = y
+        (ys1, ys2), (lps1, lps2) = generate_turns(
+            policy, ps, followup, args.max_new_tokens, turns=2, k=k, temperature=args.temperature,
+            stop_ids=tok.stop_ids, eot_id=tok.eot_id, seed=seed + 7 * c, first=first, return_logprobs=True)
+        y1s += ys1; y2s += ys2; lp1s += lps1; lp2s += lps2
+    t_sample = time.time() - t0
+    seqs, spans = zip(*(layout(prompts[r // k], [y1s[r], y2s[r]], followup, tok.eot_id) for r in range(R)))
     L, dev = max(map(len, seqs)), policy.embed_tokens.weight.device
     tokens = torch.zeros(R, L, dtype=torch.long)
     m1 = torch.zeros(R, L - 1, dtype=torch.bool)  # target positions: token j + 1 is predicted at j
     m2 = torch.zeros(R, L - 1, dtype=torch.bool)
+    lp_old = torch.zeros(R, L - 1)  # the sampler's log pi of each generated token, at its target position
     for r, (s, ((a1, b1), (a2, b2))) in enumerate(zip(seqs, spans)):
         tokens[r, :len(s)] = torch.tensor(s)
         m1[r, a1 - 1:b1 - 1] = True
         m2[r, a2 - 1:b2 - 1] = True
-    reps = [p for p in problems for _ in range(args.k)]
+        if lp1s[r] is not None:
+            lp_old[r, a1 - 1:b1 - 1] = torch.tensor(lp1s[r])
+        lp_old[r, a2 - 1:b2 - 1] = torch.tensor(lp2s[r])
+    t0 = time.time()
+    reps = [p for p in problems for _ in range(k)]
     text = lambda y: tok.decode([t for t in y if t not in tok.stop_ids])
     t1, t2 = [text(y) for y in y1s], [text(y) for y in y2s]
     r1 = torch.tensor(data.rewards(reps, t1), device=dev)
     r2 = torch.tensor(data.rewards(reps, t2), device=dev)
-    group = torch.arange(len(problems), device=dev).repeat_interleave(args.k)
-    return SimpleNamespace(tokens=tokens.to(dev), m1=m1.to(dev), m2=m2.to(dev), r1=r1, r2=r2, group=group,
-                           first_from_pi=(~from_base).to(dev), n_generated=int(m1.sum() + m2.sum()), y1=t1, y2=t2)
+    cut = lambda ys: sum(len(y) == args.max_new_tokens and y[-1] not in tok.stop_ids for y in ys)
+    return SimpleNamespace(tokens=tokens.to(dev), m1=m1.to(dev), m2=m2.to(dev), lp_old=lp_old.to(dev), r1=r1, r2=r2,
+                           group=torch.arange(len(problems), device=dev).repeat_interleave(k),
+                           first_from_pi=(~from_base).to(dev), n_generated=int(m1.sum() + m2.sum()), y1=t1, y2=t2,
+                           len_y1=sum(map(len, y1s)), len_y2=sum(map(len, y2s)), cut=cut(y1s) + cut(y2s),
+                           t_sample=t_sample, t_score=time.time() - t0)
 
 
 def baseline(returns, group, args):
@@ -164,75 +198,103 @@ def baseline(returns, group, args):
 
 
 def kl_term(lp, lp_ref):
-    """Per-token KL term k2 = 0.5 * (log pi - log pi_ref)^2 on tokens sampled from pi: its gradient
-    (log pi - log pi_ref) * grad log pi has expectation grad KL(pi || pi_ref)."""
+    """Per-token KL term k2 = 0.5 * (log pi - log pi_ref)^2 on tokens sampled from pi (--kl loss): its
+    gradient (log pi - log pi_ref) * grad log pi has expectation grad KL(pi || pi_ref) of one token's
+    distribution, with the tokens before it held fixed."""
     return 0.5 * (lp - lp_ref) ** 2
 
 
-def objective_weights(objective, args, r1, r2, group, on_policy):
-    """d objective / d (logp1, logp2, kl1, kl2) for each row: (4, m). A REINFORCE objective is linear in
-    these sums (rewards, bonus and baseline carry no gradient), so its weights do not depend on the
-    log-probs and are known before the policy runs. Checked: the weights at two points must agree."""
-    def weights_at(s):
-        s.requires_grad_()
-        b = SimpleNamespace(logp1=s[0] * on_policy, logp2=s[1], kl1=s[2] * on_policy, kl2=s[3],
-                            r1=r1, r2=r2, group=group)
-        return torch.autograd.grad(objective(b, args).sum(), s)[0]
-    w = weights_at(torch.zeros(4, len(r1), device=r1.device))
-    if not torch.allclose(w, weights_at(torch.ones(4, len(r1), device=r1.device)), equal_nan=True):
-        raise ValueError("the objective is not linear in b.logp1, b.logp2, b.kl1, b.kl2: rl.update needs "
+def reinforce(b, args, turn1, turn2):
+    """The per-row REINFORCE loss of a two-turn rollout, each turn credited with its own return (gamma = 0).
+    turn1, turn2: (reward, beta) of each turn: its reward (m,) or a number, and the weight of its KL.
+      --kl reward (RLOO): return R = reward - beta * (log pi(y) - log pi_ref(y)), a constant; loss -A(R) log pi(y)
+      --kl loss:          loss -A(reward) log pi(y) + beta * sum of the per-token k2
+    A(.) is the return minus the leave-one-out mean of the other samples of the prompt (--baseline loo)."""
+    loss = 0.0
+    for logp, kl, (reward, beta) in ((b.logp1, b.kl1, turn1), (b.logp2, b.kl2, turn2)):
+        reward = torch.zeros_like(b.r1) + reward
+        if args.kl == "reward":
+            loss = loss - baseline(reward - beta * kl, b.group, args) * logp
+        else:
+            loss = loss - baseline(reward, b.group, args) * logp + beta * kl
+    return loss
+
+
+def token_weights(objective, args, b):
+    """(w_lp, w_kl), each (2, m): d objective / d logp_t and d objective / d k2-sum_t of each row's turn t.
+    b: r1, r2, group, on_policy (1: y1 sampled from pi, 0: from the base model, which zeroes turn 1's
+    terms), kl1, kl2 (with --kl reward, each turn's sum of log pi - log pi_ref; with --kl loss unused).
+    A REINFORCE objective is linear in the log-prob sums (rewards, KL returns and baseline are constants),
+    so the weights are known before the policy runs; checked: the weights at zeros and ones must agree."""
+    on, reward_kl = b.on_policy, args.kl == "reward"
+
+    def weights_at(v):
+        s = torch.full((4, len(b.r1)), v, device=b.r1.device, requires_grad=True)
+        kl1, kl2 = (b.kl1, b.kl2) if reward_kl else (s[2], s[3])
+        bb = SimpleNamespace(logp1=s[0] * on, logp2=s[1], kl1=kl1 * on, kl2=kl2, r1=b.r1, r2=b.r2, group=b.group)
+        return torch.autograd.grad(objective(bb, args).sum(), s)[0]
+    w = weights_at(0.0)
+    if not torch.allclose(w, weights_at(1.0), equal_nan=True):
+        raise ValueError("the objective is not linear in b.logp1, b.logp2 (and the k2 sums): rl.update needs "
                          "REINFORCE weights that carry no gradient")
-    return w
+    return w[:2], w[2:]
 
 
 def micro_batch_loss(policy, ref, ro, rows, objective, args, R):
-    """The micro-batch's share of the loss, sum over rows of objective(b) / R, ready for backward(),
-    and the k3 KL estimate (exp(-d) - 1 + d >= 0, for the logs) summed over each turn's tokens.
+    """The micro-batch's share of the loss, sum over rows of objective(b) / R, ready for backward(); the
+    k3 KL estimate (exp(-d) - 1 + d >= 0, for the logs) summed over each turn's tokens; and the sum of
+    |trainer log pi - sampler log pi| over the generated tokens (the sampler-trainer mismatch).
     Every generated token's loss is w_lp * log pi + w_kl * k2, with the objective's weights for its
     row and turn, so the policy's head forms the gradient while its logits are at hand (token_loss)."""
     m1, m2 = ro.m1[rows], ro.m2[rows]
     sel = m1 | m2  # only generated tokens count: prompt, instruction and padding never do
     L = int(sel.any(0).nonzero().max()) + 2  # drop the padding columns no row of this micro-batch needs
     idx, m2, sel = ro.tokens[rows, :L], m2[:, :L - 1], sel[:, :L - 1]
-    tgt = idx[:, 1:][sel]
+    tgt, lp_old = idx[:, 1:][sel], ro.lp_old[rows, :L - 1][sel]
     on_policy = ro.first_from_pi[rows].float()  # a y1 drawn from the base model gets no turn-1 terms
-    group = ro.group[rows] - ro.group[rows].min()
-    w = objective_weights(objective, args, ro.r1[rows], ro.r2[rows], group, on_policy) / R  # (4, m)
     row, turn2 = sel.nonzero()[:, 0], m2[sel]  # each generated token's row and turn
-    w_lp = torch.where(turn2, w[1, row], w[0, row])  # d loss / d log pi(token)
-    w_kl = torch.where(turn2, w[3, row], w[2, row])  # d loss / d k2(token)
     with torch.no_grad():
         lp_ref = token_logprobs(ref.hidden(idx[:, :-1])[sel], ref.head_weight, tgt, args.temperature)
+    per_row = lambda x: torch.zeros(len(rows), device=x.device).index_add_(0, row, x)  # (n_tok,) -> (m,)
+    d_old = lp_old - lp_ref  # the KL in the reward: log pi - log pi_ref of each sampled token
+    b = SimpleNamespace(r1=ro.r1[rows], r2=ro.r2[rows], group=ro.group[rows] - ro.group[rows].min(),
+                        on_policy=on_policy, kl1=per_row(d_old * ~turn2), kl2=per_row(d_old * turn2))
+    w_lp, w_kl = token_weights(objective, args, b)
+    w_lp = torch.where(turn2, w_lp[1, row], w_lp[0, row]) / R  # d loss / d log pi(token)
+    w_kl = torch.where(turn2, w_kl[1, row], w_kl[0, row]) / R  # d loss / d k2(token)
     loss, lp = token_loss(policy.hidden(idx[:, :-1])[sel], policy.head_weight, tgt,
                           lambda lp, s: w_lp[s] * lp + w_kl[s] * kl_term(lp, lp_ref[s]), args.temperature)
     d = lp - lp_ref
     k3 = torch.expm1(-d) + d
-    return loss, (k3 * (~turn2) * on_policy[row]).sum(), (k3 * turn2).sum()
+    sampled = turn2 | (on_policy[row] > 0)  # tokens pi sampled (not a base model's y1)
+    return loss, (k3 * (~turn2) * on_policy[row]).sum(), (k3 * turn2).sum(), ((lp - lp_old).abs() * sampled).sum(), \
+        sampled.sum()
 
 
 def update(policy, ref, opt, ro, objective, args, world=1):
     """One optimizer step over a batch of rollouts, accumulated over micro-batches of whole groups.
     With several processes each holds 1/world of the batch; the loss is scaled by the global batch
     and the summed gradients are all-reduced once, after the last micro-batch, so the update is the
-    one a single process would make on the whole batch. Returns (loss, KL turn 1, KL turn 2), global."""
+    one a single process would make on the whole batch. Returns the global (loss, KL turn 1, KL turn 2,
+    gradient norm before clipping, mean |trainer - sampler log-prob| per generated token)."""
     R = ro.tokens.shape[0] * world  # rollouts in the global batch
     opt.zero_grad(set_to_none=True)
-    stats = torch.zeros(4, device=ro.tokens.device)  # loss, KL turn 1, KL turn 2, non-finite losses
+    stats = torch.zeros(6, device=ro.tokens.device)  # loss, KL t1, KL t2, non-finite, |lp - lp_old|, tokens
     for s in range(0, ro.tokens.shape[0], args.micro_batch):
         rows = torch.arange(s, min(s + args.micro_batch, ro.tokens.shape[0]), device=ro.tokens.device)
-        loss, k3_1, k3_2 = micro_batch_loss(policy, ref, ro, rows, objective, args, R)
+        loss, k3_1, k3_2, mismatch, n_tok = micro_batch_loss(policy, ref, ro, rows, objective, args, R)
         if torch.isfinite(loss):
             loss.backward()
-        stats += torch.stack([loss.detach(), k3_1 / R, k3_2 / R, (~torch.isfinite(loss)).float()])
+        stats += torch.stack([loss.detach().float(), k3_1 / R, k3_2 / R, (~torch.isfinite(loss)).float(),
+                              mismatch, n_tok.float()])
     if world > 1:  # every rank takes part in both collectives, even after a bad loss: no deadlock
         dist.all_reduce(stats)
         all_reduce_grads(policy)
     if stats[3] > 0:
         raise FloatingPointError(f"loss is {'nan' if stats[0].isnan() else stats[0].item()}")
-    if args.grad_clip:
-        torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip)
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
     opt.step()
-    return stats[0].item(), stats[1].item(), stats[2].item()
+    return stats[0].item(), stats[1].item(), stats[2].item(), norm.item(), (stats[4] / stats[5].clamp(min=1)).item()
 
 
 def all_reduce_grads(model, average=False):
@@ -260,19 +322,37 @@ def setup_distributed(device):
     return dist.get_rank(), dist.get_world_size(), device
 
 
+def default_gen_batch(config, args, world, budget):
+    """The largest --gen-batch (whole prompt groups, halving from all of a rank's rows) whose step the
+    memory model predicts to fit in 90% of `budget` bytes; at least one prompt's k rows."""
+    rows = args.batch // world
+    while rows > args.k and memory_model(config, SimpleNamespace(**{**vars(args), "gen_batch": rows}), world)["total"] > 0.9 * budget:
+        rows = max(args.k, rows // 2 // args.k * args.k)
+    return rows
+
+
 # ------------------------------------------------------------------------------- checkpoints
-def save(out, policy, tok, opt, step, args):
-    """Write the whole checkpoint into a temporary directory, then swap it in: ckpt/ is always a
-    complete checkpoint (the previous one stays as ckpt.old/ until the swap is done)."""
-    final, tmp, old = os.path.join(out, "ckpt"), os.path.join(out, "ckpt.tmp"), os.path.join(out, "ckpt.old")
+# Flags that change what a run computes: --resume refuses to continue a run with other values.
+RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "alpha", "beta1", "beta2", "kl",
+             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype")
+
+
+def save(path, policy, tok, opt, step, args, extra=None):
+    """Write a whole checkpoint at `path` (the policy's fp32 masters, the tokenizer, task.json, and
+    state.pt with the Adam state, step and args) into a temporary directory, then swap it in: `path` is
+    always a complete checkpoint (the previous one stays as path.old until the swap is done)."""
+    tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    torch.save({"opt": opt.state_dict(), "step": step, "args": vars(args)}, os.path.join(tmp, "state.pt"))
-    if os.path.exists(final):
+    with open(os.path.join(tmp, "task.json"), "w") as f:  # what evaluate.py and sample.py default to
+        json.dump({"task": args.task, "p1": args.p1, "max_new_tokens": args.max_new_tokens}, f, indent=2)
+    torch.save({"opt": opt.state_dict(), "step": step, "args": vars(args), **(extra or {})},
+               os.path.join(tmp, "state.pt"))
+    if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(final, old)
-    os.replace(tmp, final)
+        os.replace(path, old)
+    os.replace(tmp, path)
     shutil.rmtree(old, ignore_errors=True)
 
 
@@ -285,6 +365,38 @@ def latest(out):
     return None
 
 
+def check_resume(saved, args):
+    """--resume continues the same run: a flag that changes it is an error naming the flag."""
+    for k in RUN_FLAGS:
+        if k in saved and saved[k] != getattr(args, k):
+            raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r} but the run in {args.out} "
+                             f"was started with {saved[k]!r}; only --steps may change (or start a new --out)")
+
+
+def load_problems(args, tok, max_len, say):
+    """The training problems: the task's, minus MBPP's test split (task ids 11-510) and minus those whose
+    two turns cannot fit the model's context (each with a printed count): never a crash mid-run."""
+    try:
+        problems = data.load_task(args.task, args.data, n=args.n_train, seed=args.seed)
+    except data.DataError as e:
+        raise SystemExit(f"{args.task}: {e}") from None
+    if args.task == "mbpp":
+        lo, hi = data.MBPP_SPLITS["test"]
+        kept = [p for p in problems if not lo <= p.meta.get("task_id", 0) <= hi]
+        if len(kept) < len(problems):
+            say(f"dropped {len(problems) - len(kept)} MBPP test-split problems (task ids {lo}-{hi}): never trained on")
+        problems = kept
+    followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
+    fits = lambda p: len(tok.render([{"role": "user", "content": p.prompt}])) + 2 * args.max_new_tokens + followup + 1 <= max_len
+    kept = [p for p in problems if fits(p)]
+    if len(kept) < len(problems):
+        say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose two turns of "
+            f"{args.max_new_tokens} new tokens do not fit the context of {max_len} positions")
+    if not kept:
+        raise SystemExit(f"{args.task}: no problem left to train on")
+    return kept
+
+
 # ------------------------------------------------------------------------------- the loop
 def run(args, objective, name):
     """The loop both stages share: sample, score, update, log, checkpoint. Under torchrun each rank
@@ -294,32 +406,33 @@ def run(args, objective, name):
     rank, world, device = setup_distributed(args.device)
     torch.manual_seed(args.seed)
     dev = torch.device(device)
-    cuda = dev.type == "cuda"
     n_prompts = args.batch // args.k
     if n_prompts % world:
         raise SystemExit(f"--batch / --k = {n_prompts} prompts per step do not split over {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)
-    tok = Tokenizer.from_pretrained(args.base)
-    step0, init = 0, args.init
+    step0, init, state = 0, args.init, {}
     if args.resume:
         init = latest(args.out)
         if init is None:
             raise SystemExit(f"--resume: no checkpoint in {args.out}/ckpt to resume from")
-        state = torch.load(os.path.join(init, "state.pt"), weights_only=False)
+        state = torch.load(os.path.join(init, "state.pt"), map_location=dev, weights_only=False)  # on this rank's device
+        check_resume(state["args"], args)
         step0 = state["step"]
     for path, what in ((init, "--init"), (args.base, "--base")):
         if not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{what} {path}: not a checkpoint (no config.json); run the previous step first")
-    policy = GPT.from_pretrained(init, device=dev)  # fp32 weights; bf16 autocast on the GPU
-    ref = GPT.from_pretrained(args.base, device=dev, dtype=torch.bfloat16 if cuda else None).eval()
+    tok = Tokenizer.from_pretrained(args.base)
+    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
+    policy = GPT.from_pretrained(init, device=dev, dtype=torch.float32)  # fp32 masters, whatever the checkpoint's dtype
+    ref = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval()  # frozen, in the compute dtype
     ref.requires_grad_(False)
-    opt = torch.optim.Adam(policy.parameters(), lr=args.lr)
+    opt = torch.optim.Adam(policy.parameters(), lr=args.lr)  # its state takes the parameters' dtype: fp32
     if args.resume:
         opt.load_state_dict(state["opt"])
-    try:
-        problems = data.load_task(args.task, args.data, n=args.n_train, seed=args.seed)
-    except data.DataError as e:
-        raise SystemExit(f"{name}: {e}") from None
+    problems = load_problems(args, tok, ref.config.max_seq_len, say)
+    if args.gen_batch is None and dev.type == "cuda":  # the memory model's choice for this GPU
+        args.gen_batch = default_gen_batch(policy.config, args, world, torch.cuda.get_device_properties(dev).total_memory)
+        say(f"--gen-batch {args.gen_batch} (from the memory model; pass --gen-batch to override)")
     log_path = os.path.join(args.out, "log.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -330,9 +443,10 @@ def run(args, objective, name):
         with open(log_path, "w") as f:
             f.writelines(kept)
     say(f"{name}: policy {init}, reference {args.base}, {len(problems)} problems, {args.steps} steps of "
-        f"{n_prompts} prompts x {args.k} samples on {world} process(es), from step {step0}", flush=True)
+        f"{n_prompts} prompts x {args.k} samples on {world} process(es), {args.dtype}, from step {step0}", flush=True)
     t_start, tokens_done = time.time(), 0
-    autocast = torch.autocast("cuda", dtype=torch.bfloat16) if cuda else torch.autocast("cpu", enabled=False)
+    best, window = state.get("best_reward", -math.inf), []  # the training reward of the steps since the last save
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for step in range(step0 + 1, args.steps + 1):
         t0 = time.time()
         seed = args.seed * 1_000_003 + step  # everything random in a step follows from (seed, step): resumable
@@ -341,31 +455,47 @@ def run(args, objective, name):
             policy.eval()
             ro = rollout(policy, ref, tok, batch[rank::world], args, seed + 7919 * rank)
             policy.train()
+            t1 = time.time()
             try:
-                loss, kl1, kl2 = update(policy, ref, opt, ro, objective, args, world)
+                loss, kl1, kl2, grad_norm, mismatch = update(policy, ref, opt, ro, objective, args, world)
             except FloatingPointError as e:
                 good = latest(args.out)
                 raise SystemExit(f"step {step}: {e}; stopping. The last good checkpoint is "
                                  f"{good or 'none (no step was saved yet)'}.")
-        counts = torch.stack([ro.r1.sum(), ro.r2.sum(), ((1 - ro.r1) * ro.r2).sum(), (ro.r1 * (1 - ro.r2)).sum(),
-                              torch.tensor(float(ro.n_generated), device=dev)])
+        t_update = time.time() - t1
+        counts = torch.tensor([ro.r1.sum(), ro.r2.sum(), ((1 - ro.r1) * ro.r2).sum(), (ro.r1 * (1 - ro.r2)).sum(),
+                               ro.n_generated, ro.len_y1, ro.len_y2, ro.cut], dtype=torch.float64, device=dev)
         if world > 1:
             dist.all_reduce(counts)
         tokens_done += int(counts[4])
         rate = tokens_done / (time.time() - t_start)
         eta = (time.time() - t_start) / (step - step0) * (args.steps - step) / 60
         acc_t1, acc_t2, i2c, c2i = (counts[:4] / args.batch).tolist()  # of the sampled rollouts (temperature T)
-        rec = dict(step=step, acc_t1=acc_t1, acc_t2=acc_t2, delta_i2c=i2c, delta_c2i=c2i,
-                   kl_t1=kl1, kl_t2=kl2, loss=loss, tokens=int(counts[4]), seconds=time.time() - t0)
+        rec = dict(step=step, acc_t1=acc_t1, acc_t2=acc_t2, delta_i2c=i2c, delta_c2i=c2i, kl_t1=kl1, kl_t2=kl2,
+                   loss=loss, grad_norm=grad_norm, lp_mismatch=mismatch, tokens=int(counts[4]),
+                   len_y1=counts[5].item() / args.batch, len_y2=counts[6].item() / args.batch,
+                   cut=counts[7].item() / (2 * args.batch), t_sample=ro.t_sample, t_score=ro.t_score,
+                   t_update=t_update, seconds=time.time() - t0)
         say(f"step {step}/{args.steps} | acc t1 {acc_t1:.1%} t2 {acc_t2:.1%} (i->c {i2c:.1%}, c->i {c2i:.1%}) | "
-            f"KL t1 {kl1:.4f} t2 {kl2:.4f} | loss {loss:+.4f} | {rate:.0f} tok/s | ETA {eta:.1f} min", flush=True)
+            f"KL t1 {kl1:.4f} t2 {kl2:.4f} | loss {loss:+.4f} | |g| {grad_norm:.3f} | {rate:.0f} tok/s | "
+            f"ETA {eta:.1f} min", flush=True)
+        window.append(acc_t2)
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
             if step % args.save_every == 0 or step == args.steps:
-                save(args.out, policy, tok, opt, step, args)
+                reward = sum(window) / len(window)  # the final attempt's training reward since the last save
+                if reward > best:
+                    best = reward
+                save(os.path.join(args.out, "ckpt"), policy, tok, opt, step, args, {"best_reward": best})
+                if best == reward:  # the paper evaluates the checkpoints with the highest training reward
+                    save(os.path.join(args.out, "best"), policy, tok, opt, step, args, {"best_reward": best})
+                window = []
+            if args.keep_every and step % args.keep_every == 0:
+                save(os.path.join(args.out, f"step_{step:06d}"), policy, tok, opt, step, args, {"best_reward": best})
         if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
-    say(f"{name}: done; checkpoint {os.path.join(args.out, 'ckpt')}", flush=True)
+    say(f"{name}: done; checkpoint {os.path.join(args.out, 'ckpt')}, best training reward {best:.1%} in "
+        f"{os.path.join(args.out, 'best')}", flush=True)
     if world > 1:
         dist.destroy_process_group()

@@ -14,14 +14,21 @@ stopped rows cost nothing but the occasional swap; their cache stays, for the ne
 
 Turns. Tokens that belong to a row's context but are not in the cache yet are the row's
 "pending" tokens: the prompt before turn 1; before each later turn, the last sampled token of
-the previous attempt (if it was not fed yet), eot_id if that attempt hit max_new_tokens
-without a stop token, and the followup (the instruction p1, rendered). A turn starts with one
+the previous attempt (if it was not fed yet), eot_id unless that attempt ended with it (it hit
+max_new_tokens, or stopped on another stop token such as <|endoftext|>: `close_turn`), and the followup (the instruction p1, rendered). A turn starts with one
 prefill of the pending block at the next free slots, so turn 2 never re-runs x or y1.
 
 Context length. Positions are checked up front: the longest row needs
     max prompt length + turns * max_new_tokens + (turns - 1) * (len(followup) + 1)
 positions (the +1 is the possible eot_id); if that exceeds model.config.max_seq_len,
 generate_turns raises ValueError naming the numbers. Nothing is truncated silently.
+
+The token layout of a finished rollout, x + y1 + close + followup + y2 + ..., is `layout`'s: the
+trainer reads each attempt's span from it, so sampler and trainer cannot disagree on it.
+
+Precision: under torch.autocast the KV cache is allocated in the autocast dtype (bf16), otherwise in
+the weights' dtype. With return_logprobs the log-prob of each sampled token under softmax(logits / T)
+(T = 1 for greedy) is returned too, in fp32: the trainer uses them for the KL in the reward.
 
 This file imports only model.py (and torch), so it can be copied with model.py alone.
 """
@@ -77,6 +84,25 @@ def generate(model, prompts, max_new_tokens, temperature=1.0, top_p=1.0, stop_id
                           top_p=top_p, stop_ids=stop_ids, seed=seed)[0]
 
 
+def close_turn(attempt, eot_id):
+    """What closes an attempt in the chat format before the next user turn: the end-of-turn token,
+    unless the attempt already ends with it. An attempt cut at max_new_tokens, or stopped by another
+    stop token (<|endoftext|> in ChatML), gets it too."""
+    return [] if eot_id is None or (attempt and attempt[-1] == eot_id) else [eot_id]
+
+
+def layout(prompt, attempts, followup, eot_id):
+    """The whole token sequence of one rollout, prompt + y1 + close + followup + y2 + ..., as the
+    sampler feeds it, and the (start, end) span of each attempt in it."""
+    seq, spans = list(prompt), []
+    for t, y in enumerate(attempts):
+        if t:
+            seq += close_turn(attempts[t - 1], eot_id) + list(followup)
+        spans.append((len(seq), len(seq) + len(y)))
+        seq += y
+    return seq, spans
+
+
 def _prefix(cache, n):
     """The first n rows of the cache, as views: the model's in-place writes land in `cache`."""
     return SimpleNamespace(k=[k[:n] for k in cache.k], v=[v[:n] for v in cache.v])
@@ -84,7 +110,7 @@ def _prefix(cache, n):
 
 @torch.inference_mode()
 def generate_turns(model, prompts, followup, max_new_tokens, turns=2, k=1, temperature=1.0, top_p=1.0,
-                   stop_ids=(), eot_id=None, seed=None, first=None):
+                   stop_ids=(), eot_id=None, seed=None, first=None, return_logprobs=False):
     """Attempts of `turns` turns: a list over turns of lists over rows of new token lists.
 
     prompts: P token lists (chat(x) rendered, ending where the assistant speaks).
@@ -92,15 +118,18 @@ def generate_turns(model, prompts, followup, max_new_tokens, turns=2, k=1, tempe
       the attempt's turn and opens the next assistant turn).
     k: samples per prompt, sharing one prefill. Rows are prompt-major: row p * k + j is sample j of prompt p.
     stop_ids: a row's attempt ends at its first stop token (kept in the returned tokens).
-    eot_id: appended to the context (not to the returned tokens) after an attempt that hit
-      max_new_tokens without a stop token, so the next turn's context is well formed.
+    eot_id: the chat format's end of turn, appended to the context (not to the returned tokens) after
+      an attempt that does not end with it (close_turn), so the next turn's context is well formed.
     first: None, or one entry per row: None (sample turn 1) or a token list, used as that row's
       first attempt instead of sampling (teacher-forced into the cache; paper 5.3).
     seed: None (torch's global generator), an int, or a torch.Generator on the model's device.
+    return_logprobs: also return, in the same nesting, each returned token's log-prob (fp32 floats;
+      None for a given first attempt): returns (attempts, logprobs).
     """
     cfg = model.config
     W = model.head_weight
-    device, dtype = W.device, W.dtype
+    device = W.device
+    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else W.dtype
     P, B, Fl = len(prompts), len(prompts) * k, len(followup)
     if P == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_turns: every prompt needs at least one token")
@@ -128,6 +157,7 @@ def generate_turns(model, prompts, followup, max_new_tokens, turns=2, k=1, tempe
     valid = torch.zeros(B, S, dtype=torch.bool, device=device)  # slot holds a real token of this row
     pos = torch.zeros(B, dtype=torch.long, device=device)       # next RoPE position of each row
     outs = [[None] * B for _ in range(turns)]
+    lps = [[None] * B for _ in range(turns)]
 
     # ---- turn 1 prefill: the P prompts once, then each prompt's cache repeated for its k rows
     cache = KVCache(cfg, P, S, device=device, dtype=dtype)
@@ -146,23 +176,23 @@ def generate_turns(model, prompts, followup, max_new_tokens, turns=2, k=1, tempe
             n = B
             logits = _prefill(model, cache, pending, slot, valid, pos)
             slot += max(len(p) for p in pending)
-        gen, length, owed, slot = _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order,
-                                          temperature, top_p, stop_t, seed)
+        gen, lp, length, owed, slot = _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order,
+                                              temperature, top_p, stop_t, seed, return_logprobs)
         # collect this turn's attempts, in batch order, and what each row still owes the cache
-        gen, length, order_l = gen.tolist(), length.tolist(), order.tolist()
+        gen, lp, length, order_l = gen.tolist(), lp.tolist(), length.tolist(), order.tolist()
         pending = []
         for i in range(B):
             r = order_l[i]
             if i < n:
                 y = gen[i][:length[i]]
+                lps[t][order_l[i]] = lp[i][:length[i]]
                 owe = [y[-1]] if owed[i] else []
             else:  # a given first attempt: all of it goes into the cache
                 y = list(first[r])
                 owe = list(y)
             outs[t][r] = y
-            stopped = bool(y) and y[-1] in stop_ids
-            pending.append(owe + ([eot_id] if eot_id is not None and not stopped else []) + list(followup))
-    return outs
+            pending.append(owe + close_turn(y, eot_id) + list(followup))
+    return (outs, lps) if return_logprobs else outs
 
 
 def _prefill(model, cache, seqs, slot, valid, pos):
@@ -185,14 +215,16 @@ def _prefill(model, cache, seqs, slot, valid, pos):
     return F.linear(h[:, -1], model.head_weight)
 
 
-def _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order, temperature, top_p, stop_t, gen_rng):
+def _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order, temperature, top_p, stop_t, gen_rng,
+            want_lp=False):
     """Sample up to max_new_tokens for batch rows [0, n), starting from `logits` (n, V).
     Feeds each sampled token of a live row back at the next slot; when a quarter of the rows
     being run have stopped, live rows are swapped to the front and only those are run.
-    Returns gen (n, max_new_tokens), length (n,), owed (list: the row's last token is not in
+    Returns gen (n, max_new_tokens), their log-probs (n, max_new_tokens) (zeros unless want_lp), length (n,), owed (list: the row's last token is not in
     the cache yet) and the next free slot. Permutes the rows of cache, valid, pos and order in place."""
     dev, W = valid.device, model.head_weight
     gen = torch.zeros(n, max_new_tokens, dtype=torch.long, device=dev)
+    lp = torch.zeros(n, max_new_tokens, dtype=torch.float32, device=dev)
     length = torch.zeros(n, dtype=torch.long, device=dev)
     done = torch.zeros(n, dtype=torch.bool, device=dev)
     owed = torch.zeros(n, dtype=torch.bool, device=dev)
@@ -202,6 +234,9 @@ def _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order, te
         live = ~done[:m]                                        # rows that get a new token this step
         tok = sample_next(logits, temperature, top_p, gen_rng)  # (m,)
         gen[:m, step] = tok
+        if want_lp:  # log softmax(logits / T) of the drawn token, in fp32 (T = 1 for greedy)
+            lf = logits.float() / (temperature or 1.0)
+            lp[:m, step] = lf.gather(1, tok[:, None]).squeeze(1) - lf.logsumexp(-1)
         length[:m] += live
         owed[:m] |= live
         if len(stop_t):
@@ -215,7 +250,7 @@ def _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order, te
             perm = _live_first(done[:m])
             for buf in cache.k + cache.v:
                 _permute_rows(buf, perm, slot)
-            for x in (gen, length, done, owed, valid, pos, order):
+            for x in (gen, lp, length, done, owed, valid, pos, order):
                 x[:m] = x[perm]
             m = n_live
             tok, live, view = tok[perm][:m], live[perm][:m], _prefix(cache, m)
@@ -226,7 +261,7 @@ def _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order, te
         owed[:m] &= ~live
         slot += 1
         logits = F.linear(h[:, -1], W)
-    return gen, length, owed.tolist(), slot
+    return gen, lp, length, owed.tolist(), slot
 
 
 def _live_first(done):

@@ -4,7 +4,8 @@ the reward-shaping bonus that pays for turning a wrong first attempt into a righ
 
     max  E[ r(y1) + r^(y2) ]  -  beta1 * ( KL_turn1 + KL_turn2 ),   r^(y2) = r(y2) + alpha * (r(y2) - r(y1))
 
-Each turn's log-probs are weighted by that turn's own reward (gamma = 0).
+Each turn's log-probs are weighted by that turn's own return (gamma = 0). With --kl reward (the
+paper's RLOO, the default) each KL enters its turn's return as -beta1 * (log pi(y) - log pi_ref(y)).
 
     python train_stage2.py                      # the CPU demo, from Stage I's checkpoint
     python train_stage2.py --alpha 0 --init out/demo/base --out out/demo/ablation   # no Stage I, no bonus
@@ -13,11 +14,10 @@ import rl
 
 
 def objective(b, args):
-    R1 = b.r1                                      # Eq. 4: turn 1 credited with r(y1)
-    R2 = b.r2 + args.alpha * (b.r2 - b.r1)         # Eq. 4 + shaping: r(y2) + alpha * (r(y2) - r(y1))
-    A1, A2 = rl.baseline(R1, b.group, args), rl.baseline(R2, b.group, args)
-    return (-(A1 * b.logp1 + A2 * b.logp2)         # REINFORCE on both attempts
-            + args.beta1 * (b.kl1 + b.kl2))        # Eq. 4: beta1 * KL on both turns
+    bonus = args.alpha * (b.r2 - b.r1)                 # reward shaping: alpha * (r(y2) - r(y1))
+    return rl.reinforce(b, args,
+                        turn1=(b.r1, args.beta1),          # Eq. 4: r(y1); beta1 * KL on turn 1
+                        turn2=(b.r2 + bonus, args.beta1))  # Eq. 4: r^(y2) = r(y2) + bonus; beta1 * KL on turn 2
 
 
 if __name__ == "__main__":

@@ -15,20 +15,20 @@ from tokenizer import Tokenizer
 
 
 def args(**kw):
-    return SimpleNamespace(**{"alpha": 10.0, "beta1": 0.01, "beta2": 0.1, "baseline": "none", **kw})
+    return SimpleNamespace(**{"alpha": 10.0, "beta1": 0.01, "beta2": 0.1, "baseline": "none", "kl": "loss", **kw})
 
 
 def batch(r1, r2, group):
-    """A micro-batch whose log-prob and KL sums are leaves, so d loss / d leaf is each term's weight."""
+    """A micro-batch's rewards and groups, every y1 sampled from pi, and no KL in the returns."""
     n = len(r1)
-    leaf = lambda: torch.zeros(n, requires_grad=True)
-    return SimpleNamespace(logp1=leaf(), logp2=leaf(), kl1=leaf(), kl2=leaf(), r1=torch.tensor(r1),
-                           r2=torch.tensor(r2), group=torch.tensor(group))
+    return SimpleNamespace(r1=torch.tensor(r1), r2=torch.tensor(r2), group=torch.tensor(group),
+                           on_policy=torch.ones(n), kl1=torch.zeros(n), kl2=torch.zeros(n))
 
 
 def weights(objective, b, a):
-    objective(b, a).sum().backward()
-    return b.logp1.grad, b.logp2.grad, b.kl1.grad, b.kl2.grad
+    """d loss / d (logp1, logp2, k2 sum 1, k2 sum 2) of each row, as rl.update reads them."""
+    (g1, g2), (k1, k2) = rl.token_weights(objective, a, b)
+    return g1, g2, k1, k2
 
 
 R1, R2 = [0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]  # wrong->right, right->right, right->wrong, wrong->wrong
@@ -36,7 +36,7 @@ R1, R2 = [0.0, 1.0, 1.0, 0.0], [1.0, 1.0, 0.0, 0.0]  # wrong->right, right->righ
 
 def test_stage1_weights_no_baseline():
     g1, g2, k1, k2 = weights(train_stage1.objective, batch(R1, R2, [0, 1, 2, 3]), args())
-    assert g1 is None                                         # turn 1: no reward gradient at all
+    assert torch.equal(g1, torch.zeros(4))                    # turn 1: no reward gradient at all
     assert torch.equal(g2, -torch.tensor(R2))                 # turn 2: - r(y2)
     assert torch.allclose(k1, torch.full((4,), 0.1))          # beta2 on turn 1's KL
     assert torch.allclose(k2, torch.full((4,), 0.01))         # beta1 on turn 2's KL
@@ -110,25 +110,29 @@ def tiny(tmp_path_factory):
 
 
 def test_rollout_layout_and_masks(tiny):
+    """Each greedy rollout's tokens and masks against the layout built by hand from independent greedy
+    generations: x, y1, the end-of-turn token unless y1 ends with it, p1 rendered, y2; the masks mark
+    exactly the positions that predict y1's and y2's tokens."""
     model, tok, _ = tiny
     problems = data.make_demo(3, seed=5)
-    a = SimpleNamespace(k=2, max_new_tokens=6, temperature=1.0, p1=data.DEMO_P1, base_first=0.0)
+    a = SimpleNamespace(k=2, max_new_tokens=6, temperature=0.0, p1=data.DEMO_P1, base_first=0.0, gen_batch=None)
     ro = rl.rollout(model, model, tok, problems, a, seed=3)
     followup = tok.render_followup([{"role": "user", "content": data.DEMO_P1}])
+    closes = 0
     for r in range(6):
         x = tok.render([{"role": "user", "content": problems[r // 2].prompt}])
-        seq = ro.tokens[r].tolist()
-        tgt = ro.tokens[r, 1:]
-        y1, y2 = tgt[ro.m1[r]].tolist(), tgt[ro.m2[r]].tolist()
-        assert 1 <= len(y1) <= 6 and 1 <= len(y2) <= 6
-        # the turn-2 context is x, then y1's own tokens, then the instruction: checked token by token
-        closed = y1 if y1[-1] in tok.stop_ids else y1 + [tok.eot_id]
-        assert seq[:len(x) + len(closed) + len(followup)] == x + closed + followup
-        assert seq[len(x) + len(closed) + len(followup):][:len(y2)] == y2
-        # masks cover generated tokens only: nothing of x, the instruction or the padding
-        assert ro.m1[r].sum() + ro.m2[r].sum() == len(y1) + len(y2)
-        assert not ro.m1[r, :len(x) - 1].any() and not (ro.m1[r] & ro.m2[r]).any()
+        y1 = generate(model, [x], 6, temperature=0.0, stop_ids=tok.stop_ids)[0]
+        close = [] if y1[-1] == tok.eot_id else [tok.eot_id]
+        closes += len(close)
+        y2 = generate(model, [x + y1 + close + followup], 6, temperature=0.0, stop_ids=tok.stop_ids)[0]
+        seq = x + y1 + close + followup + y2
+        assert ro.tokens[r, :len(seq)].tolist() == seq and not ro.tokens[r, len(seq):].any()
+        s1, s2 = len(x), len(x) + len(y1) + len(close) + len(followup)  # where y1 and y2 start
+        want1 = [s1 - 1 <= j < s1 - 1 + len(y1) for j in range(ro.m1.shape[1])]  # position j predicts token j + 1
+        want2 = [s2 - 1 <= j < s2 - 1 + len(y2) for j in range(ro.m2.shape[1])]
+        assert ro.m1[r].tolist() == want1 and ro.m2[r].tolist() == want2
         assert tok.decode([t for t in y1 if t not in tok.stop_ids]) == ro.y1[r]
+    assert closes > 0  # some y1 was cut or stopped on another token, so the closing rule was exercised
 
 
 def test_turn2_is_conditioned_on_y1(tiny):
@@ -136,13 +140,13 @@ def test_turn2_is_conditioned_on_y1(tiny):
     when y1 is replaced: y2 depends on y1."""
     model, tok, _ = tiny
     problems = data.make_demo(4, seed=6)
-    a = SimpleNamespace(k=1, max_new_tokens=6, temperature=0.0, p1=data.DEMO_P1, base_first=0.0)
+    a = SimpleNamespace(k=1, max_new_tokens=6, temperature=0.0, p1=data.DEMO_P1, base_first=0.0, gen_batch=None)
     ro = rl.rollout(model, model, tok, problems, a, seed=0)
     followup = tok.render_followup([{"role": "user", "content": data.DEMO_P1}])
     for r, p in enumerate(problems):
         x = tok.render([{"role": "user", "content": p.prompt}])
         y1 = ro.tokens[r, 1:][ro.m1[r]].tolist()
-        closed = y1 if y1[-1] in tok.stop_ids else y1 + [tok.eot_id]
+        closed = y1 if y1[-1] == tok.eot_id else y1 + [tok.eot_id]
         y2 = ro.tokens[r, 1:][ro.m2[r]].tolist()
         assert generate(model, [x + closed + followup], 6, temperature=0.0, stop_ids=tok.stop_ids)[0] == y2
 
@@ -153,32 +157,37 @@ def naive_gradients(policy, ref, ro, objective, a):
     lp = lambda m, r: torch.log_softmax(m(ro.tokens[r:r + 1])[0, :-1], -1).gather(1, ro.tokens[r, 1:, None])[:, 0]
     sums = []
     for r in range(ro.tokens.shape[0]):
-        pol = lp(policy, r)
-        k2 = 0.5 * (pol - lp(ref, r).detach()) ** 2
+        pol, pref = lp(policy, r), lp(ref, r).detach()
+        # --kl loss: per-token k2 in the loss; --kl reward: the attempt's log-ratio, a constant in its return
+        kl = 0.5 * (pol - pref) ** 2 if a.kl == "loss" else (pol - pref).detach()
         on = float(ro.first_from_pi[r])  # a y1 from the base model: no turn-1 terms
         sums.append(torch.stack([(pol * ro.m1[r]).sum() * on, (pol * ro.m2[r]).sum(),
-                                 (k2 * ro.m1[r]).sum() * on, (k2 * ro.m2[r]).sum()]))
+                                 (kl * ro.m1[r]).sum() * on, (kl * ro.m2[r]).sum()]))
     s = torch.stack(sums, 1)
     b = SimpleNamespace(logp1=s[0], logp2=s[1], kl1=s[2], kl2=s[3], r1=ro.r1, r2=ro.r2, group=ro.group)
     (objective(b, a).sum() / ro.tokens.shape[0]).backward()
     return {n: p.grad.clone() for n, p in policy.named_parameters()}
 
 
+@pytest.mark.parametrize("kl", ["reward", "loss"])
 @pytest.mark.parametrize("stage", [1, 2])
-def test_update_gradients_match_naive_objective(tiny, stage):
+def test_update_gradients_match_naive_objective(tiny, stage, kl):
     """rl.update's gradient (weights read off the objective, the head's gradient formed in its
     forward, micro-batches accumulated) equals autograd through the naive objective, with some
     first attempts from the base model, synthetic rewards in all four patterns and the loo baseline."""
     model, tok, base = tiny
     problems = data.make_demo(4, seed=7)
     a = SimpleNamespace(k=2, max_new_tokens=5, temperature=1.0, p1=data.DEMO_P1, base_first=0.5, micro_batch=4,
-                        grad_clip=0.0, alpha=10.0, beta1=0.01, beta2=0.1, baseline="loo")
+                        grad_clip=0.0, alpha=10.0, beta1=0.01, beta2=0.1, baseline="loo", kl=kl, gen_batch=None)
     ro = rl.rollout(model, model, tok, problems, a, seed=11)
     assert 0 < (~ro.first_from_pi).sum() < 8
     ro.r1 = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
     ro.r2 = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     objective = (train_stage1 if stage == 1 else train_stage2).objective
     policy = GPT.from_pretrained(base + "/init")  # differs from the reference: the KL terms have gradients
+    ro = rl.rollout(policy, model, tok, problems, a, seed=11)  # the policy's samples: its log-probs are the sampler's
+    ro.r1 = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    ro.r2 = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     ref_grads = naive_gradients(policy, model, ro, objective, a)
     rl.update(policy, model, torch.optim.SGD(policy.parameters(), lr=0.0), ro, objective, a)
     for n, p in policy.named_parameters():
@@ -188,7 +197,7 @@ def test_update_gradients_match_naive_objective(tiny, stage):
 def test_update_refuses_a_nonlinear_objective(tiny):
     model, tok, _ = tiny
     a = SimpleNamespace(k=2, max_new_tokens=4, temperature=1.0, p1=data.DEMO_P1, base_first=0.0, micro_batch=4,
-                        grad_clip=0.0, baseline="none")
+                        grad_clip=0.0, baseline="none", kl="reward", gen_batch=None)
     ro = rl.rollout(model, model, tok, data.make_demo(2, seed=1), a, seed=2)
     with pytest.raises(ValueError, match="not linear"):
         rl.update(model, model, torch.optim.SGD(model.parameters(), lr=0.0), ro,

@@ -126,7 +126,8 @@ def test_stop_ends_its_row_only(pair):
 
 def _two_turn_reference(model, p, followup, n, stop_ids, eot_id, y1=None):
     y1 = _naive_greedy(model, p, n, stop_ids) if y1 is None else y1
-    ctx = p + y1 + ([] if y1 and y1[-1] in stop_ids else [eot_id]) + followup
+    # the chat format closes every attempt with its end-of-turn token, unless the attempt ended with it
+    ctx = p + y1 + ([] if y1 and y1[-1] == eot_id else [eot_id]) + followup
     return y1, _naive_greedy(model, ctx, n, stop_ids)
 
 
@@ -154,7 +155,7 @@ def test_turn2_from_cache_equals_from_scratch(pair):
         assert (y1, y2) == (r1, r2)
         # and transformers on the same two-turn context, when turn 2 ran its full length
         if not any(t in stops for t in y2):
-            ctx = p + y1 + ([eot] if y1[-1] not in stops else []) + followup
+            ctx = p + y1 + [eot] + followup  # no stop token here is the end of turn: every y1 is closed
             assert y2 == _hf_greedy(hf, ctx, 20)
 
 
