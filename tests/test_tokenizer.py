@@ -307,3 +307,26 @@ def test_clear_errors(tmp_path):
                                                       for i, b in enumerate(ranks)))
     with pytest.raises(ValueError, match="tokenizer.model: some token ids appear twice"):
         Tokenizer.from_pretrained(tmp_path)
+
+
+def test_layout_closes_every_attempt_in_the_chat_format(hf_dir, llama_dir):
+    """sample.layout puts exactly one end-of-turn token between an attempt and the instruction, whatever
+    ended the attempt: against the tokenizer's own render of the whole conversation (an attempt that ended
+    with the end of turn, or was cut) and against the by-hand layout (one that stopped on another stop token,
+    <|endoftext|> in ChatML, <|end_of_text|> or <|eom_id|> in Llama 3)."""
+    from sample import layout
+    msgs = [{"role": "user", "content": "Problem: 1 + 1?"}]
+    more = [{"role": "user", "content": "There might be an error. Correct it."}]
+    for tok in (Tokenizer.from_pretrained(hf_dir), Tokenizer.from_pretrained(llama_dir), Tokenizer.byte_level()):
+        x, f, y2 = tok.render(msgs), tok.render_followup(more), tok.encode("3")
+        content = tok.encode("The answer is 2.")
+        whole = tok.render(msgs + [{"role": "assistant", "content": "The answer is 2."}] + more)
+        for y1 in (content + [tok.eot_id], content):  # stopped on the end of turn; cut at max_new_tokens
+            seq, spans = layout(x, [y1, y2], f, tok.eot_id)
+            assert seq[:spans[1][0]] == whole and seq[spans[1][0]:] == y2
+            assert spans == [(len(x), len(x) + len(y1)), (len(whole), len(whole) + len(y2))]
+        others = [s for s in tok.stop_ids if s != tok.eot_id]
+        assert others, tok.chat_format
+        for stop in others:
+            seq, spans = layout(x, [content + [stop], y2], f, tok.eot_id)
+            assert seq == x + content + [stop, tok.eot_id] + f + y2
