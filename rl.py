@@ -54,11 +54,12 @@ from tokenizer import Tokenizer
 # `batch` counts two-turn rollouts per update (prompts x k); `steps` is per stage.
 # The demo's 0.8M-parameter model moves turn 1 through the weights it shares with turn 2 far more
 # than a 1.5B model does, so its Stage I holds turn 1 with beta2 = 0.5 (0.1 let it collapse, see
-# README.md); run.sh gives Stage II its own steps and learning rate.
+# README.md). Its Stage II runs 80 steps at lr 3e-5 and draws half of its first attempts from the base
+# (paper 5.3): `stage2` holds what a preset changes for Stage II. run.sh passes none of these again.
 PRESETS = {
     "demo": dict(task="demo", data=None, base="out/demo/base", root="out/demo", n_train=20000,
                  lr=3e-4, batch=128, k=4, micro_batch=128, steps=120, beta1=0.01, beta2=0.5, alpha=10.0,
-                 max_new_tokens=16, save_every=10, threads=0),
+                 max_new_tokens=16, save_every=10, threads=0, stage2=dict(steps=80, lr=3e-5, base_first=0.5)),
     "math": dict(task="math", data="data/math_train.jsonl", base="out/math/base", root="out/math", n_train=None,
                  lr=5e-6, batch=512, k=4, micro_batch=4, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,
                  max_new_tokens=1024, save_every=50, threads=0),
@@ -68,14 +69,24 @@ PRESETS = {
 }
 
 
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's layout; shows a default once, where the help does not already state one."""
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+            return h
+        return h + " (default: %(default)s)"
+
+
 def get_args(stage, argv=None):
     """Arguments of a stage script: a preset's values as defaults, every knob overridable."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     preset = PRESETS[pre.parse_known_args(argv)[0].preset]
-    doc = __import__("__main__").__doc__ or ""
-    fmt = type("Fmt", (argparse.RawDescriptionHelpFormatter, argparse.ArgumentDefaultsHelpFormatter), {})
-    p = argparse.ArgumentParser(description=doc, formatter_class=fmt)
+    name = pre.parse_known_args(argv)[0].preset
+    doc = (__import__("__main__").__doc__ or "") + (
+        f"\nDefaults below are the {name!r} preset's for Stage {'I' * stage}; --preset changes them all.")
+    p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="demo: the CPU demo; math: MATH train / MATH500 eval; code: MBPP train / HumanEval eval")
     p.add_argument("--task", help="demo | math | mbpp | humaneval")
@@ -117,7 +128,9 @@ def get_args(stage, argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda; with torchrun, each process takes cuda:LOCAL_RANK")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
-    p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root",)})
+    p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2")})
+    if stage == 2:
+        p.set_defaults(**preset.get("stage2", {}))
     p.set_defaults(init=preset["base"] if stage == 1 else f"{preset['root']}/stage1/ckpt",
                    out=f"{preset['root']}/stage{stage}")
     args = p.parse_args(argv)

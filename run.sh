@@ -16,22 +16,22 @@ if [ "$preset" = demo ]; then
   if [ "$QUICK" = 1 ]; then
     base_args="--max-steps 3 --eval-every 3 --eval-n 8"
     rl_args="--batch 8 --k 2 --micro-batch 8 --n-train 50 --save-every 1"
-    s1=2; s2=2; eval_n=8; s2_lr=1e-4
+    s1=2; s2=2; eval_n=8
   else
     base_args=""
     rl_args=""
-    s1=120; s2=80; eval_n=1000; s2_lr=3e-5
+    s1=120; s2=80; eval_n=1000
   fi
   python train_base.py --out "$OUT/base" $base_args
   python train_stage1.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/stage1" --steps $s1 $rl_args
-  # Stage II draws half of its first attempts from the base model (paper 5.3): turn 2 keeps
-  # practising on the base's mistakes while turn 1 improves
+  # the demo preset's Stage II (rl.PRESETS) draws half of its first attempts from the base model
+  # (paper 5.3): turn 2 keeps practising on the base's mistakes while turn 1 improves
   python train_stage2.py --preset demo --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2" \
-    --steps $s2 --lr $s2_lr --base-first 0.5 $rl_args
+    --steps $s2 $rl_args
   # ablation on the same RL budget: Stage II's recipe without Stage I (it starts from the base) and
   # without the bonus (alpha = 0)
   python train_stage2.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/ablation" \
-    --steps $((s1 + s2)) --lr $s2_lr --base-first 0.5 --alpha 0 $rl_args
+    --steps $((s1 + s2)) --alpha 0 $rl_args
   python evaluate.py --task demo --n $eval_n \
     --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" \
     --ckpt "$OUT/stage2/ckpt" --name "SCoRe (Stage II)" --ckpt "$OUT/ablation/ckpt" --name "ablation: no Stage I, alpha 0" \
