@@ -128,6 +128,7 @@ def get_args(stage, argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda; with torchrun, each process takes cuda:LOCAL_RANK")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--label", help="the run's name in the progress lines (default: the stage's)")
     p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2")})
     if stage == 2:
         p.set_defaults(**preset.get("stage2", {}))
@@ -423,6 +424,7 @@ def run(args, objective, name):
     if n_prompts % world:
         raise SystemExit(f"--batch / --k = {n_prompts} prompts per step do not split over {world} processes")
     say = print if rank == 0 else (lambda *a, **k: None)
+    name = args.label or name
     step0, init, state = 0, args.init, {}
     if args.resume:
         init = latest(args.out)

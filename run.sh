@@ -11,6 +11,10 @@ cd "$(dirname "$0")"
 preset=${1:-demo}
 OUT=${OUT:-out}/$preset
 QUICK=${QUICK:-0}
+t_run=$SECONDS
+stage() {  # stage N of M: what, and the time since run.sh started
+  echo "===== run.sh: stage $1 of $2: $3 ($(( (SECONDS - t_run) / 60 )) min $(( (SECONDS - t_run) % 60 )) s so far) =====" >&2
+}
 
 if [ "$preset" = demo ]; then
   if [ "$QUICK" = 1 ]; then
@@ -22,20 +26,28 @@ if [ "$preset" = demo ]; then
     rl_args=""
     s1=120; s2=80; eval_n=1000
   fi
+  stage 1 5 "the base model (train_base.py)"
   python train_base.py --out "$OUT/base" $base_args
+  stage 2 5 "Stage I from the base"
   python train_stage1.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/stage1" --steps $s1 $rl_args
   # the demo preset's Stage II (rl.PRESETS) draws half of its first attempts from the base model
   # (paper 5.3): turn 2 keeps practising on the base's mistakes while turn 1 improves
+  stage 3 5 "Stage II from Stage I (SCoRe)"
   python train_stage2.py --preset demo --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2" \
     --steps $s2 $rl_args
   # ablation on the same RL budget: Stage II's recipe without Stage I (it starts from the base) and
   # without the bonus (alpha = 0)
+  stage 4 5 "the ablation: Stage II from the base, alpha 0"
   python train_stage2.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/ablation" \
-    --steps $((s1 + s2)) --alpha 0 $rl_args
+    --steps $((s1 + s2)) --alpha 0 --label "ablation" $rl_args
+  stage 5 5 "greedy evaluation on held-out problems"
   python evaluate.py --task demo --n $eval_n \
     --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" \
     --ckpt "$OUT/stage2/ckpt" --name "SCoRe (Stage II)" --ckpt "$OUT/ablation/ckpt" --name "ablation: no Stage I, alpha 0" \
     --out "$OUT/report.json" --markdown "$OUT/table.md"
+  # a picture of each run (matplotlib is optional: without it plot.py says so in one line)
+  for run in stage1 stage2 ablation; do python plot.py "$OUT/$run" || true; done
+  echo "run.sh: done in $(( (SECONDS - t_run) / 60 )) min $(( (SECONDS - t_run) % 60 )) s" >&2
 elif [ "$preset" = math ] || [ "$preset" = code ]; then
   if [ "$preset" = math ]; then eval_task=math; eval_data=${EVAL_DATA:-data/MATH500.jsonl}
   else eval_task=humaneval; eval_data=${EVAL_DATA:-data/HumanEval.jsonl.gz}; fi
