@@ -205,7 +205,7 @@ def baseline(returns, group, args):
     (unbiased: it does not depend on the row's own sample); --baseline none keeps the raw return."""
     if args.baseline == "none":
         return returns
-    n = torch.zeros(int(group.max()) + 1, device=returns.device).index_add_(0, group, torch.ones_like(returns))
+    n = returns.new_zeros(int(group.max()) + 1).index_add_(0, group, torch.ones_like(returns))
     total = torch.zeros_like(n).index_add_(0, group, returns)
     n, total = n[group], total[group]
     return returns - (total - returns) / (n - 1).clamp(min=1)
@@ -239,16 +239,18 @@ def token_weights(objective, args, b):
     b: r1, r2, group, on_policy (1: y1 sampled from pi, 0: from the base model, which zeroes turn 1's
     terms), kl1, kl2 (with --kl reward, each turn's sum of log pi - log pi_ref; with --kl loss unused).
     A REINFORCE objective is linear in the log-prob sums (rewards, KL returns and baseline are constants),
-    so the weights are known before the policy runs; checked: the weights at zeros and ones must agree."""
+    so the weights are known before the policy runs. Checked: the weights at zero and at a point that
+    differs in every row must agree (equal values everywhere would hide a leave-one-out non-linearity)."""
     on, reward_kl = b.on_policy, args.kl == "reward"
 
     def weights_at(v):
-        s = torch.full((4, len(b.r1)), v, device=b.r1.device, requires_grad=True)
+        s = v.detach().clone().requires_grad_()
         kl1, kl2 = (b.kl1, b.kl2) if reward_kl else (s[2], s[3])
         bb = SimpleNamespace(logp1=s[0] * on, logp2=s[1], kl1=kl1 * on, kl2=kl2, r1=b.r1, r2=b.r2, group=b.group)
         return torch.autograd.grad(objective(bb, args).sum(), s)[0]
-    w = weights_at(0.0)
-    if not torch.allclose(w, weights_at(1.0), equal_nan=True):
+    zero = torch.zeros(4, len(b.r1), device=b.r1.device, dtype=b.r1.dtype)
+    w = weights_at(zero)
+    if not torch.allclose(w, weights_at(zero + torch.arange(1, 4 * len(b.r1) + 1).view(4, -1) % 7 - 3), equal_nan=True):
         raise ValueError("the objective is not linear in b.logp1, b.logp2 (and the k2 sums): rl.update needs "
                          "REINFORCE weights that carry no gradient")
     return w[:2], w[2:]

@@ -212,9 +212,10 @@ def test_token_weights_refuses_a_nonlinear_objective():
     b = hand_batch(ON)
     with pytest.raises(ValueError, match="not linear"):
         rl.token_weights(lambda s, a: -s.logp2.exp(), args(), b)
-    # the KL in the return without its detach: the loss is then a product of the KL and the log-prob,
-    # also behind the leave-one-out baseline (whose weights cancel where every log-prob is equal)
+    # a log-prob inside the return (as an undetached KL would put it there), behind the leave-one-out
+    # baseline, whose weights cancel where every row's log-prob is equal: the probe must differ per row.
+    # (With --kl reward the KL sums reach token_weights as numbers, from the sampler and the frozen reference.)
     for baseline in ("none", "loo"):
         a = args(kl="reward", baseline=baseline)
         with pytest.raises(ValueError, match="not linear"):
-            rl.token_weights(lambda s, a: -rl.baseline(s.r2 - a.beta1 * s.kl2, s.group, a) * s.logp2, a, b)
+            rl.token_weights(lambda s, a: -rl.baseline(s.r2 - a.beta1 * s.logp2, s.group, a) * s.logp2, a, b)
