@@ -3,7 +3,8 @@ The tokenizer: a thin wrapper over a tiktoken.Encoding built from the model's ow
 special tokens, and the two chat formats written out by hand (ChatML for Qwen, Llama 3's headers).
 
 Files read by Tokenizer.from_pretrained(dir), first match wins:
-  byte_tokenizer.json          the demo's byte-level tokenizer (ids 0..255 are bytes, then ChatML tokens)
+  byte_tokenizer.json          the demo's byte-level tokenizer (ids 0..255 are bytes, then ChatML tokens,
+                               then whole words built by merges)
   tokenizer.model              Llama 3: tiktoken's own format, "base64(token) rank" per line
   tokenizer.json               Hugging Face byte-level BPE (Qwen2/2.5/3, Llama 3 in HF layout)
   vocab.json + merges.txt      the same BPE in the older two-file layout (Qwen2's pattern and NFC,
@@ -162,17 +163,35 @@ def _hf_pattern_and_nfc(tok, where):
     return pattern, bool(norms)
 
 
-def _write_hf_byte_level(out_dir, special):
-    """The byte-level tokenizer in HF layout too (a BPE with no merges), so transformers and vLLM
-    load an exported demo model. from_pretrained reads byte_tokenizer.json first."""
-    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": False}
+def _word_merges(words):
+    """Merges that build each word byte by byte, left to right: the pairs (prefix, next byte) in the
+    order their results first appear, so that token ids follow merge order (ids from 259)."""
+    merges, seen = [], set()
+    for w in words:
+        b = w.encode("utf-8")
+        for i in range(2, len(b) + 1):
+            if b[:i] not in seen:
+                seen.add(b[:i])
+                merges.append((b[:i - 1], b[i - 1:i]))
+    return merges
+
+
+def _write_hf_byte_level(out_dir, special, words=()):
+    """The byte-level tokenizer in HF layout too (a BPE whose merges build the words), so transformers
+    and vLLM load an exported demo model. from_pretrained reads byte_tokenizer.json first."""
+    byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": bool(words)}
+    u = bytes_to_unicode()
+    spell = lambda b: "".join(u[x] for x in b)
+    merges = _word_merges(words)
+    vocab = {c: b for b, c in u.items()}
+    vocab.update({spell(a + b): 256 + len(special) + i for i, (a, b) in enumerate(merges)})
     tok = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
                              "normalized": False, "special": True} for s, i in special.items()],
            "pre_tokenizer": byte_level, "decoder": byte_level,
            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
-                     "vocab": {c: b for b, c in bytes_to_unicode().items()}, "merges": []}}
+                     "vocab": vocab, "merges": [f"{spell(a)} {spell(b)}" for a, b in merges]}}
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
               "chat_template": CHATML_TEMPLATE}
     for name, obj in (("tokenizer.json", tok), ("tokenizer_config.json", config)):
@@ -193,6 +212,7 @@ class Tokenizer:
         self.special = dict(special)  # {string: id}
         self.nfc = nfc                # NFC-normalize text before encoding (Qwen's tokenizer.json says so)
         self.files = list(files)      # source files that save_pretrained copies; empty: the byte-level one
+        self.words = []               # the byte-level tokenizer's merged words
         self._special_re = re.compile("|".join(map(re.escape, sorted(special, key=len, reverse=True))))
         sid = special.get
         if sid("<|im_start|>") is not None and sid("<|im_end|>") is not None:
@@ -216,7 +236,7 @@ class Tokenizer:
             spec = _read_json(path("byte_tokenizer.json"))
             if spec.get("format") != "byte_level" or spec.get("special_tokens") != CHATML_SPECIALS:
                 raise ValueError(f"{path('byte_tokenizer.json')}: not this project's byte-level tokenizer")
-            return cls.byte_level()
+            return cls.byte_level(spec.get("words", ()))
         if not (has("tokenizer.model") or has("tokenizer.json") or has("vocab.json") and has("merges.txt")):
             raise FileNotFoundError(f"{ckpt_dir}: no tokenizer files (byte_tokenizer.json, tokenizer.model, "
                                     "tokenizer.json, or vocab.json + merges.txt)")
@@ -244,18 +264,29 @@ class Tokenizer:
         return cls(path("vocab.json"), QWEN2_PATTERN, ranks, added, nfc=True, files=copy)  # as Qwen2Tokenizer does
 
     @classmethod
-    def byte_level(cls):
-        """The demo's tokenizer: ids 0..255 are bytes, 256..258 are ChatML's tokens. No merges, so
-        any split of the text gives the same ids; the pattern only bounds the piece length."""
-        return cls("byte_level", r"(?s:.{1,256})", {bytes([b]): b for b in range(256)}, CHATML_SPECIALS)
+    def byte_level(cls, words=()):
+        """The demo's tokenizer: ids 0..255 are bytes, 256..258 are ChatML's tokens. Without words there
+        are no merges, so any split of the text gives the same ids and the pattern only bounds the piece
+        length. `words` (e.g. the chat roles, the words of p1, " 12") become single tokens, ids 259 on,
+        through merges that build each one byte by byte; the text is then split as GPT-2 splits it."""
+        words = list(dict.fromkeys(words))
+        ranks = {bytes([b]): b for b in range(256)}
+        for a, b in _word_merges(words):
+            ranks[a + b] = 256 + len(CHATML_SPECIALS) + len(ranks) - 256
+        tok = cls("byte_level", GPT2_PATTERN if words else r"(?s:.{1,256})", ranks, CHATML_SPECIALS)
+        tok.words = words
+        return tok
 
     def save_pretrained(self, out_dir):
         """Write the tokenizer into a checkpoint dir so from_pretrained reads it back."""
         os.makedirs(out_dir, exist_ok=True)
         if not self.files:
+            spec = {"format": "byte_level", "special_tokens": self.special}
+            if self.words:
+                spec["words"] = self.words
             with open(os.path.join(out_dir, "byte_tokenizer.json"), "w") as f:
-                json.dump({"format": "byte_level", "special_tokens": self.special}, f, indent=2)
-            _write_hf_byte_level(out_dir, self.special)
+                json.dump(spec, f, indent=2)
+            _write_hf_byte_level(out_dir, self.special, self.words)
         for src in self.files:
             dst = os.path.join(out_dir, os.path.basename(src))
             if not (os.path.exists(dst) and os.path.samefile(src, dst)):

@@ -330,3 +330,23 @@ def test_layout_closes_every_attempt_in_the_chat_format(hf_dir, llama_dir):
         for stop in others:
             seq, spans = layout(x, [content + [stop], y2], f, tok.eot_id)
             assert seq == x + content + [stop, tok.eot_id] + f + y2
+
+
+def test_byte_level_with_words(tmp_path):
+    """The demo's tokenizer with merged words: each word is one token, any text still round-trips, and
+    transformers reads the saved copy and splits every text the same way."""
+    words = ["user", "assistant", " might", " mig", " 12", " 1", "There"]
+    tok = Tokenizer.byte_level(words)
+    assert tok.vocab_size == 259 + len({w[:i] for w in words for i in range(2, len(w) + 1)})
+    for w in words:
+        assert len(tok.encode(w)) == 1 and tok.decode(tok.encode(w)) == w
+    assert tok.render([{"role": "user", "content": "x"}]) == [257, tok.encode("user")[0], 10, 120, 258, 10, 257,
+                                                            tok.encode("assistant")[0], 10]
+    tok.save_pretrained(tmp_path)
+    again = Tokenizer.from_pretrained(tmp_path)
+    assert again.words == words and again.vocab_size == tok.vocab_size
+    hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
+    for s in HAND_WRITTEN + ["There might be 12 or 1 12x mighty", "sum 12: 3 5 7 1 9"]:
+        ids = tok.encode(s, allow_special=True)
+        assert tok.decode(ids) == s and again.encode(s, allow_special=True) == ids
+        assert hf.encode(s, add_special_tokens=False) == ids, s
