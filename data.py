@@ -20,16 +20,52 @@ from dataclasses import dataclass, field
 
 import reward
 
-# The paper's self-correction instruction p1, appended as a user turn after the first attempt.
+TASKS = ("demo", "math", "mbpp", "humaneval")
+
+# The paper's self-correction instructions p1 (its appendix), appended as a user turn after the
+# first attempt: one for math, one for code.
 P1 = ("There might be an error in the solution above because of lack of understanding of the question. "
       "Please correct the error, if any, and rewrite the solution.")
+P1_CODE = ("There might be an error in the code above because of lack of understanding of the question. "
+           "Please correct the error, if any, and rewrite the solution. Only output the final correct Python program!")
 # The demo's byte-level model pays one token per character, so its preset uses a shorter p1.
 DEMO_P1 = "There might be an error above. Correct it, if any."
 
 
 def instruction(task):
     """The self-correction instruction p1 used for a task (training and evaluation alike)."""
-    return DEMO_P1 if task == "demo" else P1
+    if task not in TASKS:
+        raise DataError(f"unknown task {task!r}: choose {', '.join(TASKS)}")
+    return {"demo": DEMO_P1, "math": P1}.get(task, P1_CODE)
+
+
+def save_task_info(ckpt_dir, task, p1, max_new_tokens):
+    """Record in a checkpoint the task, p1 and max_new_tokens it was trained with (ckpt_dir/task.json),
+    so that sample.py and evaluate.py default to them. Written atomically."""
+    path = os.path.join(ckpt_dir, "task.json")
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump({"task": task, "p1": p1, "max_new_tokens": max_new_tokens}, f, indent=2)
+    os.replace(path + ".tmp", path)
+
+
+def task_info(ckpt_dir):
+    """What save_task_info recorded: {task, p1, max_new_tokens}; {} when the checkpoint has no task.json
+    (a converted model). A malformed file is a DataError naming it."""
+    path = os.path.join(ckpt_dir, "task.json")
+    if not os.path.exists(path):
+        return {}
+    try:
+        with open(path, encoding="utf-8") as f:
+            info = json.load(f)
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise DataError(f"{path}: not valid JSON ({e})") from None
+    if not isinstance(info, dict):
+        raise DataError(f"{path}: expected a JSON object, got {type(info).__name__}")
+    for key, ok in (("task", lambda v: v in TASKS), ("p1", lambda v: isinstance(v, str) and v),
+                    ("max_new_tokens", lambda v: type(v) is int and v > 0)):
+        if key in info and not ok(info[key]):
+            raise DataError(f"{path}: bad {key} {info[key]!r}")
+    return info
 
 
 @dataclass
@@ -37,7 +73,7 @@ class Problem:
     prompt: str                 # x, the user message
     reference: str              # math: the answer; code: the test source; demo: one correct pair "a+b"
     kind: str                   # "math" | "code" | "demo"
-    meta: dict = field(default_factory=dict)  # demo: numbers, target; code: entry_point
+    meta: dict = field(default_factory=dict)  # demo: numbers, target; humaneval: entry_point; mbpp: task_id
 
 
 class DataError(ValueError):
@@ -140,7 +176,7 @@ def load_mbpp(path, limit=None):
         setup = row.get("test_setup_code") or ""
         tests = "\n".join([setup] + row["test_list"]) if setup else "\n".join(row["test_list"])
         prompt = f"{row['text']}\nYour code should pass these tests:\n" + "\n".join(row["test_list"]) + CODE_FORMAT
-        out.append(Problem(prompt, tests, "code"))
+        out.append(Problem(prompt, tests, "code", {"task_id": row["task_id"]} if "task_id" in row else {}))
         if limit and len(out) == limit:
             break
     return out
@@ -163,16 +199,18 @@ def load_humaneval(path, limit=None):
 
 def load_task(name, path=None, n=None, seed=0):
     """Problems of a task by name: demo (generated: n problems from seed), math, mbpp, humaneval (read from path)."""
+    if name not in TASKS:
+        raise DataError(f"unknown task {name!r}: choose {', '.join(TASKS)}")
     if name == "demo":
         return make_demo(n or 500, seed)
     if path is None:
         raise DataError(f"task {name!r} needs a data path (--data)")
     if not os.path.exists(path):
         raise DataError(f"{path}: no such file or directory")
-    loaders = {"math": load_math, "mbpp": load_mbpp, "humaneval": load_humaneval}
-    if name not in loaders:
-        raise DataError(f"unknown task {name!r}: choose demo, math, mbpp or humaneval")
-    return loaders[name](path, limit=n)
+    problems = {"math": load_math, "mbpp": load_mbpp, "humaneval": load_humaneval}[name](path, limit=n)
+    if not problems:
+        raise DataError(f"{path}: no problems found")
+    return problems
 
 
 # ------------------------------------------------------------------------------- oracles

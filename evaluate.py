@@ -9,37 +9,44 @@ only the instruction p1, and answers again (turn 2).
     changed          fraction of problems whose final answer changed between the turns
     acc_t3, ...      with --turns N, the accuracy after each further round of p1
     scaling          with --scaling K: K samples each corrected once, majority vote, against 2K
-                     independent samples, majority vote (the paper's Figure 1, right)
+                     independent samples, majority vote (the paper's Figure 1, right; temperature 0.7)
 
     python evaluate.py --ckpt out/demo/base --task demo --out report.json
     python evaluate.py --ckpt A --name base --ckpt B --name SCoRe --task math --data MATH500.jsonl --markdown t.md
     torchrun --nproc_per_node=8 evaluate.py --ckpt A --task math --data MATH500.jsonl    # problems split over GPUs
 
-With one --ckpt the JSON report is that model's flat dict of metrics; with several, a list of them.
+p1 and max_new_tokens default to what each checkpoint was trained with (its task.json), else to
+the task's. With one --ckpt the JSON report is that model's flat dict of metrics; with several, a
+list of them.
 """
 import argparse
 import json
-from collections import Counter
+import sys
+import time
 
 import torch
 import torch.distributed as dist
 
 import data
+import reward
 import rl
-from model import GPT
-from sample import generate_turns
+from model import GPT, load_checkpoint
+from sample import generate_turns, is_checkpoint, max_new_that_fits
 from tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW = {"demo": 16, "math": 1024, "mbpp": 1024, "humaneval": 1024}
 
 
-def attempts(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temperature=0.0, seed=None):
+def attempts(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temperature=0.0, seed=None,
+             progress=None):
     """Texts of each turn: a list over turns of lists over rows (problem-major, k rows per problem).
-    Under torchrun each rank generates for its share of the problems and every rank gets all texts."""
+    Under torchrun each rank generates for its share of the problems and every rank gets all texts.
+    progress: a label; rank 0 then prints a line per batch (problems done, rate, ETA) to stderr."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = problems[rank::world]
     followup = tok.render_followup([{"role": "user", "content": p1}])
     out = [[] for _ in range(turns)]
+    t0 = time.time()
     for i in range(0, len(mine), batch):
         prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in mine[i:i + batch]]
         ys = generate_turns(model, prompts, followup, max_new_tokens, turns=turns, k=k, temperature=temperature,
@@ -47,6 +54,11 @@ def attempts(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temper
                             seed=None if seed is None else seed + 7919 * rank + i)
         for t in range(turns):
             out[t] += [tok.decode([x for x in y if x not in tok.stop_ids]) for y in ys[t]]
+        if progress and rank == 0 and len(mine) > batch:
+            done, dt = min(i + batch, len(mine)), time.time() - t0
+            eta = dt / done * (len(mine) - done)
+            print(f"{progress}: {done}/{len(mine)} problems{' (rank 0)' if world > 1 else ''}, "
+                  f"{done / dt:.2f}/s, ETA {eta // 60:.0f}m{eta % 60:02.0f}s", file=sys.stderr, flush=True)
     if world == 1:
         return out
     everyone = [None] * world  # each rank's texts, grouped per problem, back in the problems' order
@@ -69,30 +81,71 @@ def metrics(problems, texts):
     return rep
 
 
+def same_answer(problem, a, b):
+    """Whether two extracted answers (data.answer_of) are the same answer: math by reward.math_equal
+    (so \\frac12, 1/2 and 0.5 agree); the demo's are canonical already (the sorted pair)."""
+    return reward.math_equal(a, b) if problem.kind == "math" else a == b
+
+
 def majority_correct(problems, texts, k):
-    """Accuracy of the most common answer among each problem's k texts (ties: the first seen)."""
-    correct = 0
+    """Accuracy of the majority answer among each problem's k texts (problem-major), voting by
+    equivalence: each answer joins the first class whose representative (its first member) it
+    equals, else opens a new class. Texts without an answer do not vote; a problem with no answer
+    at all counts as wrong. Ties: the class whose first member appears first wins. The winning
+    class is scored by its first member's text."""
+    if problems and problems[0].kind == "code":
+        raise ValueError("majority voting compares answers; a vote by the text of programs is meaningless")
+    correct = 0.0
     for i, p in enumerate(problems):
         group = texts[i * k:(i + 1) * k]
-        answers = [data.answer_of(p, y) for y in group]
-        counts = Counter(a for a in answers if a is not None)
-        if counts:
-            best = counts.most_common(1)[0][0]
-            correct += data.rewards([p], [group[answers.index(best)]])[0]
+        classes = []  # [representative answer, votes, index of its first text], in order of appearance
+        for j, y in enumerate(group):
+            a = data.answer_of(p, y)
+            if a is None:
+                continue
+            for c in classes:
+                if same_answer(p, a, c[0]):
+                    c[1] += 1
+                    break
+            else:
+                classes.append([a, 1, j])
+        if classes:
+            best = max(classes, key=lambda c: c[1])  # max keeps the first of equal counts
+            correct += data.rewards([p], [group[best[2]]])[0]
     return correct / len(problems)
 
 
-def scaling(model, tok, problems, K, p1, max_new_tokens, batch, seed):
-    """Paper Figure 1 (right): K samples each corrected once (2K generations) against 2K parallel samples."""
-    seq = attempts(model, tok, problems, 2, p1, max_new_tokens, max(1, batch // K), k=K, temperature=1.0, seed=seed)
+def scaling(model, tok, problems, K, p1, max_new_tokens, batch, seed, temperature=0.7, progress=None):
+    """Paper Figure 1 (right), at its temperature 0.7: K samples each corrected once (2K generations,
+    majority vote over the K second attempts) against 2K parallel first attempts (majority vote)."""
+    label = lambda s: progress and f"{progress}, {s}"
+    seq = attempts(model, tok, problems, 2, p1, max_new_tokens, max(1, batch // K), k=K, temperature=temperature,
+                   seed=seed, progress=label(f"{K} samples corrected once"))
     par = attempts(model, tok, problems, 1, p1, max_new_tokens, max(1, batch // (2 * K)), k=2 * K,
-                   temperature=1.0, seed=seed + 1)
+                   temperature=temperature, seed=seed + 1, progress=label(f"{2 * K} parallel samples"))
     return {f"maj@{K}_self_corrected": majority_correct(problems, seq[1], K),
             f"maj@{2 * K}_parallel": majority_correct(problems, par[0], 2 * K)}
 
 
+def context_error(tok, max_seq_len, problems, p1, max_new_tokens, turns):
+    """None if every problem's `turns` turns fit the model's context, else a one-line message naming
+    the first problem that does not fit and the largest --max-new-tokens that fits them all."""
+    followup = len(tok.render_followup([{"role": "user", "content": p1}]))
+    lens = [len(tok.render([{"role": "user", "content": p.prompt}])) for p in problems]
+    fits = [max_new_that_fits(max_seq_len, n, followup, turns) for n in lens]
+    bad = [i for i, f in enumerate(fits) if f < max_new_tokens]
+    if not bad:
+        return None
+    i, worst = bad[0], min(range(len(fits)), key=fits.__getitem__)
+    what = (f"problem {i} (counting from 0; a {lens[i]}-token prompt) does not fit {turns} turns of "
+            f"{max_new_tokens} new tokens into the model's context of {max_seq_len} positions")
+    if fits[worst] < 1:
+        return f"{what}, and problem {worst}'s prompt ({lens[worst]} tokens) leaves no room at any --max-new-tokens"
+    return f"{what}: use --max-new-tokens {fits[worst]} or less"
+
+
 def markdown(reports):
-    cols = [c for c in reports[0] if c not in ("name", "ckpt", "n")]
+    cols = [c for c in reports[0] if c not in ("name", "ckpt", "n", "p1", "max_new_tokens", "dtype")]
     pct = lambda v: f"{100 * v:+.1f}" if isinstance(v, float) and v < 0 else f"{100 * v:.1f}"
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in reports:
@@ -104,55 +157,91 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="a checkpoint directory; repeat to compare")
     p.add_argument("--name", action="append", help="a label for each --ckpt, in order")
-    p.add_argument("--task", default="demo", help="demo | math | mbpp | humaneval")
+    p.add_argument("--task", default="demo", choices=data.TASKS)
     p.add_argument("--data", help="evaluation data (MATH500 JSONL, HumanEval JSONL(.gz), MBPP JSONL)")
     p.add_argument("--n", type=int, help="evaluate the first N problems (demo: how many to generate; default 500)")
     p.add_argument("--seed", type=int, default=data.DEMO_EVAL_SEED, help="demo problems' seed (held out from training)")
     p.add_argument("--turns", type=int, default=2, help="attempts per problem (p1 between each)")
-    p.add_argument("--scaling", type=int, default=0, metavar="K", help="also run the inference-compute comparison")
-    p.add_argument("--max-new-tokens", type=int, help="per turn (default: the task's)")
+    p.add_argument("--scaling", type=int, default=0, metavar="K",
+                   help="also run the inference-compute comparison (math and demo: it votes over answers)")
+    p.add_argument("--scaling-temperature", type=float, default=0.7, help="sampling temperature of --scaling (the paper's)")
+    p.add_argument("--max-new-tokens", type=int,
+                   help="per turn (default: each checkpoint's, from its task.json; else the task's: "
+                        + ", ".join(f"{t} {n}" for t, n in DEFAULT_MAX_NEW.items()) + ")")
     p.add_argument("--batch", type=int, default=64, help="problems generated together")
-    p.add_argument("--p1", help="the self-correction instruction (default: the one the task trains with)")
+    p.add_argument("--p1", help="the self-correction instruction (default: each checkpoint's, from its "
+                                "task.json; else the one the task trains with)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute precision (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--markdown", help="write the markdown table here")
     args = p.parse_args(argv)
     if args.turns < 2:
         p.error("--turns must be at least 2")
+    for flag in ("n", "max_new_tokens"):
+        if getattr(args, flag) is not None and getattr(args, flag) < 1:
+            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+    if args.batch < 1 or args.scaling < 0:
+        p.error("--batch must be at least 1 and --scaling at least 0")
+    if args.scaling and args.task in ("mbpp", "humaneval"):
+        p.error(f"--scaling votes over the answers' equivalence classes; for programs (task {args.task}) "
+                "a vote by their text is meaningless")
     names = args.name or []
     if len(names) > len(args.ckpt):
         p.error("more --name than --ckpt")
     names += args.ckpt[len(names):]
+    infos = []
+    for ckpt in args.ckpt:
+        if not is_checkpoint(ckpt):
+            p.error(f"--ckpt {ckpt}: not a checkpoint (no config.json and model.pt there)")
+        try:
+            infos.append(data.task_info(ckpt))
+        except data.DataError as e:
+            p.error(str(e))
     try:
         problems = data.load_task(args.task, args.data, n=args.n, seed=args.seed)
     except data.DataError as e:
         p.error(str(e))
-    p1 = args.p1 or data.instruction(args.task)
     rank, _, device = rl.setup_distributed(args.device)  # under torchrun: problems split over the ranks
-    args.device = device
-    max_new = args.max_new_tokens or DEFAULT_MAX_NEW.get(args.task, 1024)
+    dtype = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+    # each checkpoint's p1 and max_new_tokens, and whether every problem fits, before any model runs
+    plans = []
+    for ckpt, info in zip(args.ckpt, infos):
+        p1 = args.p1 or info.get("p1") or data.instruction(args.task)
+        max_new = args.max_new_tokens or info.get("max_new_tokens") or DEFAULT_MAX_NEW[args.task]
+        try:
+            tok, cfg = Tokenizer.from_pretrained(ckpt), load_checkpoint(ckpt)[0]
+        except (OSError, ValueError) as e:
+            p.error(f"--ckpt {ckpt}: {e}")
+        err = context_error(tok, cfg.max_seq_len, problems, p1, max_new, args.turns)
+        if err:
+            p.error(f"--ckpt {ckpt}: {err}")
+        plans.append((tok, p1, max_new))
     reports = []
-    for name, ckpt in zip(names, args.ckpt):
-        dtype = torch.bfloat16 if str(args.device).startswith("cuda") else None
-        model = GPT.from_pretrained(ckpt, device=args.device, dtype=dtype).eval()
-        tok = Tokenizer.from_pretrained(ckpt)
-        texts = attempts(model, tok, problems, args.turns, p1, max_new, args.batch)
+    for name, ckpt, (tok, p1, max_new) in zip(names, args.ckpt, plans):
+        model = GPT.from_pretrained(ckpt, device=device, dtype=torch.float32).eval()  # fp32 weights, autocast computes
+        amp = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+        with amp():
+            texts = attempts(model, tok, problems, args.turns, p1, max_new, args.batch, progress=name)
         rep = {"name": name, "ckpt": ckpt, **metrics(problems, texts)}
         if args.scaling:
-            rep.update(scaling(model, tok, problems, args.scaling, p1, max_new, args.batch, args.seed))
-        reports.append(rep)
-        if rank == 0:
-            print(f"{name}: " + ", ".join(f"{k} {v:.3f}" for k, v in rep.items() if isinstance(v, float)), flush=True)
+            with amp():
+                rep.update(scaling(model, tok, problems, args.scaling, p1, max_new, args.batch, args.seed,
+                                   temperature=args.scaling_temperature, progress=name))
+        reports.append({**rep, "p1": p1, "max_new_tokens": max_new, "dtype": dtype})
+        del model
     if rank != 0:
         return
     table = markdown(reports)
-    print("\n" + table)
+    print(table)
     if args.out:
         with open(args.out, "w") as f:
             json.dump(reports[0] if len(reports) == 1 else reports, f, indent=2)
+        print(f"wrote the report to {args.out}")
     if args.markdown:
         with open(args.markdown, "w") as f:
             f.write(table + "\n")
+        print(f"wrote the table to {args.markdown}")
 
 
 if __name__ == "__main__":

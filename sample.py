@@ -33,6 +33,7 @@ the weights' dtype. With return_logprobs the log-prob of each sampled token unde
 This file imports only model.py (and torch), so it can be copied with model.py alone.
 """
 import argparse
+import os
 from types import SimpleNamespace
 
 import torch
@@ -283,31 +284,67 @@ def _permute_rows(buf, perm, upto):
 
 
 # ------------------------------------------------------------------------------------ CLI
-def main():
+def max_new_that_fits(max_seq_len, prompt_len, followup_len, turns):
+    """The largest max_new_tokens with which generate_turns fits a prompt of prompt_len tokens into
+    max_seq_len positions (the count in this file's docstring, solved for max_new_tokens; < 1: none)."""
+    return (max_seq_len - prompt_len - (turns - 1) * (followup_len + 1)) // turns
+
+
+def is_checkpoint(path):
+    """Whether path holds a checkpoint as model.py writes it (config.json and model.pt)."""
+    return all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.pt"))
+
+
+def main(argv=None):
     p = argparse.ArgumentParser(description="Watch a model's attempts: y1 from chat(x), then y2 after the instruction p1.")
     p.add_argument("--ckpt", required=True, help="checkpoint directory (convert.py or a training script)")
     p.add_argument("--prompt", required=True, help="the problem x, as the user's message")
     p.add_argument("--turns", type=int, default=2, help="attempts (1: no self-correction turn)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (evaluation); the paper trains at 1.0")
     p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--max-new-tokens", type=int, default=512)
+    p.add_argument("--max-new-tokens", type=int,
+                   help="per turn (default: the checkpoint's, from its task.json; else 512, or less to fit the context)")
+    p.add_argument("--p1", help="the self-correction instruction (default: the one the checkpoint was trained "
+                                "with, from its task.json; else the paper's math p1)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute precision (default: bf16 on cuda, fp32 on cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = p.parse_args()
-    from tokenizer import Tokenizer  # lazily: sample.py itself needs only model.py
-    from data import P1
+    args = p.parse_args(argv)
+    import data  # lazily: sample.py itself needs only model.py
+    from tokenizer import Tokenizer
 
-    model = GPT.from_pretrained(args.ckpt, device=args.device).eval()
-    tok = Tokenizer.from_pretrained(args.ckpt)
-    messages = [{"role": "user", "content": args.prompt}]
-    ctx = tok.render(messages)
-    # the followup closes an attempt and opens the next assistant turn; it does not depend on the attempt
-    followup = tok.render_followup([{"role": "user", "content": P1}])
+    if args.turns < 1:
+        p.error("--turns must be at least 1")
+    if args.max_new_tokens is not None and args.max_new_tokens < 1:
+        p.error("--max-new-tokens must be at least 1")
+    if not is_checkpoint(args.ckpt):
+        p.error(f"--ckpt {args.ckpt}: not a checkpoint (no config.json and model.pt there)")
     try:
-        outs = generate_turns(model, [ctx], followup, args.max_new_tokens, turns=args.turns,
-                              temperature=args.temperature, top_p=args.top_p, stop_ids=tok.stop_ids,
-                              eot_id=tok.eot_id, seed=args.seed)
-    except ValueError as e:  # e.g. the context does not fit: say so without a traceback
+        info = data.task_info(args.ckpt)
+        tok = Tokenizer.from_pretrained(args.ckpt)
+        model = GPT.from_pretrained(args.ckpt, device=args.device, dtype=torch.float32).eval()  # fp32 weights
+    except (OSError, ValueError) as e:
+        p.error(f"--ckpt {args.ckpt}: {e}")
+    p1 = args.p1 or info.get("p1") or data.instruction("math")
+    dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
+    ctx = tok.render([{"role": "user", "content": args.prompt}])
+    # the followup closes an attempt and opens the next assistant turn; it does not depend on the attempt
+    followup = tok.render_followup([{"role": "user", "content": p1}])
+    fits = max_new_that_fits(model.config.max_seq_len, len(ctx), len(followup), args.turns)
+    if fits < 1:
+        p.error(f"the prompt ({len(ctx)} tokens) and {args.turns - 1} p1 turn(s) of {len(followup)} tokens leave "
+                f"no room in the model's context of {model.config.max_seq_len} positions")
+    max_new = args.max_new_tokens or info.get("max_new_tokens") or min(512, fits)
+    if max_new > fits:
+        p.error(f"{args.turns} turn(s) of {max_new} new tokens do not fit the model's context of "
+                f"{model.config.max_seq_len} positions with this prompt ({len(ctx)} tokens): "
+                f"use --max-new-tokens {fits} or less")
+    try:
+        with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            outs = generate_turns(model, [ctx], followup, max_new, turns=args.turns,
+                                  temperature=args.temperature, top_p=args.top_p, stop_ids=tok.stop_ids,
+                                  eot_id=tok.eot_id, seed=args.seed)
+    except ValueError as e:  # e.g. an empty prompt: say so without a traceback
         raise SystemExit(f"sample.py: {e}")
     for t, rows in enumerate(outs):
         y = rows[0]
@@ -315,7 +352,7 @@ def main():
         print(f"===== attempt {t + 1} ({len(y)} tokens, {'stopped' if stopped else 'hit --max-new-tokens'}) =====")
         print(tok.decode(y[:-1] if stopped else y))
         if t + 1 < len(outs):
-            print(f"===== instruction =====\n{P1}")
+            print(f"===== instruction =====\n{p1}")
 
 
 if __name__ == "__main__":

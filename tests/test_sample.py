@@ -219,6 +219,19 @@ def test_seed_reproducible(pair):
     assert generate_turns(model, prompts, [1, 2], 10, k=2, seed=g1) == generate_turns(model, prompts, [1, 2], 10, k=2, seed=g2)
 
 
+def test_max_new_that_fits_is_generate_turns_limit(pair):
+    from sample import max_new_that_fits
+    _, model = pair  # max_seq_len 256
+    for turns in (1, 2, 3):
+        for L in (30, 31):
+            for Fl in (6, 7):
+                best = max_new_that_fits(256, L, Fl, turns)
+                prompts, followup = _prompts([L, L - 5]), [1] * Fl
+                generate_turns(model, prompts, followup, best, turns=turns, temperature=0)
+                with pytest.raises(ValueError, match="max_seq_len"):
+                    generate_turns(model, prompts, followup, best + 1, turns=turns, temperature=0)
+
+
 def test_context_too_long_raises(pair):
     _, model = pair  # max_seq_len 256
     with pytest.raises(ValueError, match="max_seq_len"):
@@ -226,3 +239,83 @@ def test_context_too_long_raises(pair):
     generate(model, _prompts([200]), 56, temperature=0)  # 200 + 56 = 256 fits
     with pytest.raises(ValueError, match="max_seq_len"):
         generate_turns(model, _prompts([50]), [1] * 10, 100, temperature=0)  # 50 + 200 + 11 > 256
+
+
+# ----------------------------------------------------------------------------- the CLI (main)
+def _byte_ckpt(d, max_seq_len, info=None):
+    import data
+    from tokenizer import Tokenizer
+    tok = Tokenizer.byte_level()
+    torch.manual_seed(0)
+    GPT(GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64,
+                  max_seq_len=max_seq_len)).init_weights(std=0.3).save_pretrained(d)
+    tok.save_pretrained(d)
+    if info:
+        data.save_task_info(d, **info)
+    return str(d)
+
+
+def _cli(monkeypatch, argv):
+    """sample.main(argv) with generation replaced by a record of what it was asked for."""
+    import sample
+    from tokenizer import Tokenizer
+    seen = {}
+
+    def fake(model, prompts, followup, max_new_tokens, turns=2, **kw):
+        seen.update(max_new=max_new_tokens, p1_turn=Tokenizer.byte_level().decode(followup),
+                    autocast=torch.is_autocast_enabled("cpu"), param_dtype=model.head_weight.dtype)
+        return [[[65, 66]] for _ in range(turns)]
+    monkeypatch.setattr(sample, "generate_turns", fake)
+    sample.main(argv + ["--device", "cpu"])
+    return seen
+
+
+def test_cli_defaults_from_the_checkpoint(tmp_path, monkeypatch, capsys):
+    import data
+    d = _byte_ckpt(tmp_path / "a", 256, info=dict(task="demo", p1="Look again.", max_new_tokens=11))
+    seen = _cli(monkeypatch, ["--ckpt", d, "--prompt", "sum 5: 1 4"])
+    assert seen["max_new"] == 11 and "Look again." in seen["p1_turn"] and "Look again." in capsys.readouterr().out
+    assert not seen["autocast"] and seen["param_dtype"] == torch.float32
+    seen = _cli(monkeypatch, ["--ckpt", d, "--prompt", "q", "--p1", "Other.", "--dtype", "bf16"])
+    assert "Other." in seen["p1_turn"] and seen["autocast"] and seen["param_dtype"] == torch.float32
+    # no task.json: the paper's math p1, and 512 new tokens capped to what fits the context
+    big, small = _byte_ckpt(tmp_path / "b", 2048), _byte_ckpt(tmp_path / "c", 512)
+    seen = _cli(monkeypatch, ["--ckpt", big, "--prompt", "q"])
+    assert seen["max_new"] == 512 and data.P1 in seen["p1_turn"]
+    seen = _cli(monkeypatch, ["--ckpt", small, "--prompt", "q"])
+    # by hand (byte-level, one token per special): "<|im_start|>user\nq<|im_end|>\n<|im_start|>assistant\n" is
+    # 1 + 5 + 1 + 1 + 1 + 1 + 10 = 20 tokens; the followup "\n<|im_start|>user\n" + P1 +
+    # "<|im_end|>\n<|im_start|>assistant\n" is 1 + 1 + 5 + len(P1) + 1 + 1 + 1 + 10; one more for a closing eot
+    fits = (512 - 20 - (1 + 1 + 5 + len(data.P1) + 1 + 1 + 1 + 10 + 1)) // 2
+    assert seen["max_new"] == fits
+
+
+def test_cli_errors_are_one_line(tmp_path, capsys):
+    import sample
+    d = _byte_ckpt(tmp_path / "a", 512)
+    for argv, want in [(["--ckpt", str(tmp_path)], "not a checkpoint"),
+                       (["--ckpt", d, "--max-new-tokens", "400"], "use --max-new-tokens "),
+                       (["--ckpt", d, "--prompt", "q" * 400], "leave no room")]:
+        argv = argv + ([] if "--prompt" in argv else ["--prompt", "q"])
+        with pytest.raises(SystemExit):
+            sample.main(argv + ["--device", "cpu"])
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and want in err.strip().splitlines()[-1]
+    # the suggested value is the largest generate_turns accepts
+    with pytest.raises(SystemExit):
+        sample.main(["--ckpt", d, "--prompt", "q", "--max-new-tokens", "400", "--device", "cpu"])
+    best = int(capsys.readouterr().err.split("use --max-new-tokens ")[1].split()[0])
+    import data
+    from tokenizer import Tokenizer
+    tok, model = Tokenizer.byte_level(), GPT.from_pretrained(d)
+    ctx, fu = tok.render([{"role": "user", "content": "q"}]), tok.render_followup([{"role": "user", "content": data.P1}])
+    generate_turns(model, [ctx], fu, best, stop_ids=tok.stop_ids, eot_id=tok.eot_id)
+    with pytest.raises(ValueError):
+        generate_turns(model, [ctx], fu, best + 1, stop_ids=tok.stop_ids, eot_id=tok.eot_id)
+
+
+def test_module_imports_only_model():
+    import subprocess
+    import sys
+    code = "import sys, sample; bad = {'data', 'tokenizer', 'reward', 'rl'} & set(sys.modules); assert not bad, bad"
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=__file__.rsplit("/tests/", 1)[0])

@@ -1,0 +1,297 @@
+"""evaluate.py and the task metadata in data.py: the metrics and majority voting against tables
+computed by hand, the scaling experiment's sampling plan, each checkpoint's defaults, and every
+bad input as a one-line error. Tiny byte-level models built in-process; seconds on a CPU."""
+import json
+
+import pytest
+import torch
+
+import data
+import evaluate
+import reward
+from model import GPT, GPTConfig
+from sample import generate_turns
+from tokenizer import Tokenizer
+
+NUMS, TARGET = [1, 2, 4, 5, 9], 7  # the only pair summing to 7 is 2+5
+
+
+def demo(n):
+    return [data.Problem(f"sum {TARGET}: 1 2 4 5 9", "2+5", "demo", {"numbers": NUMS, "target": TARGET})
+            for _ in range(n)]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def make_ckpt(d, max_seq_len=256, info=None):
+    torch.manual_seed(0)
+    tok = Tokenizer.byte_level()
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=2, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64,
+                    max_seq_len=max_seq_len, tie_embeddings=True)
+    GPT(cfg).init_weights(std=0.3).save_pretrained(d)
+    tok.save_pretrained(d)
+    if info:
+        data.save_task_info(d, **info)
+    return str(d)
+
+
+@pytest.fixture(scope="module")
+def ckpt(tmp_path_factory):
+    return make_ckpt(tmp_path_factory.mktemp("ck"))
+
+
+def error_of(capsys, argv):
+    """main(argv) must stop with a one-line error (no traceback): that line."""
+    with pytest.raises(SystemExit) as e:
+        evaluate.main(argv)
+    err = capsys.readouterr().err
+    assert "Traceback" not in err
+    msg = str(e.value.code) if e.value.code not in (None, 2) else err.strip().splitlines()[-1]
+    assert "\n" not in msg.strip()
+    return msg
+
+
+# ----------------------------------------------------------------------------- metrics
+def test_metrics_three_turns_by_hand():
+    # per problem: the texts of turns 1-3, and (hand-checked) right/wrong and whether the answer changed
+    texts = [["2+5", "5+2", "1+4"],        # 1 1 0, same pair written backwards: unchanged
+             ["1+9", "2+5", "2+5"],        # 0 1 1, changed
+             ["5+2", "4+1", "5+2"],        # 1 0 1, changed
+             ["none", "no idea", "2+5"],   # 0 0 1, no answer twice: unchanged
+             ["1+9", "9+1", "4+1"],        # 0 0 0, unchanged
+             ["x", "so 5+2", "9+4"]]       # 0 1 0, changed (none -> 2+5)
+    rep = evaluate.metrics(demo(6), [list(t) for t in zip(*texts)])
+    want = dict(acc_t1=2 / 6, acc_t2=3 / 6, acc_t3=3 / 6, delta=1 / 6, delta_i2c=2 / 6, delta_c2i=1 / 6,
+                changed=3 / 6, n=6)
+    assert rep.keys() == want.keys()
+    for key, v in want.items():
+        assert rep[key] == pytest.approx(v, abs=1e-12), key
+
+
+def test_metrics_math():
+    p = [data.Problem("q", "1/2", "math"), data.Problem("q", "3", "math")]
+    t1 = ["\\boxed{0.5}", "\\boxed{4}"]
+    t2 = ["\\boxed{\\frac{1}{2}}", "it is \\boxed{3}"]
+    rep = evaluate.metrics(p, [t1, t2])
+    assert (rep["acc_t1"], rep["acc_t2"], rep["delta_i2c"], rep["delta_c2i"]) == (0.5, 1.0, 0.5, 0.0)
+
+
+# ----------------------------------------------------------------------------- majority voting
+def test_majority_demo_by_hand():
+    groups = [["2+5", "1+9", "9+1", "x"],     # 1+9 and 9+1 are one answer: 2 votes to 1 -> wrong
+              ["1+4", "2+5", "5+2", "4+1"],   # tie 2-2: 1+4 appeared first -> wrong
+              ["5+2", "1+4", "4+1", "2+5"],   # tie 2-2: 2+5 appeared first -> right
+              ["x", "y", "z", "5+2"],          # answerless texts do not vote -> right
+              ["x", "y", "z", "w"]]            # no answer at all -> wrong
+    assert evaluate.majority_correct(demo(5), sum(groups, []), 4) == pytest.approx(2 / 5)
+    # k = 1 is plain accuracy; every problem must see its own group (problem-major rows)
+    assert evaluate.majority_correct(demo(3), ["2+5", "x", "5+2"], 1) == pytest.approx(2 / 3)
+
+
+def test_majority_math_votes_by_equivalence():
+    # math_equal's semantics: these three write one number, 2.0 and 2 another
+    assert reward.math_equal("\\frac12", "1/2") and reward.math_equal("1/2", "0.5")
+    assert reward.math_equal("\\frac12", "0.5") and reward.math_equal("2.0", "2")
+    assert not reward.math_equal("3", "1/2")
+    b = lambda s: f"so \\boxed{{{s}}}"
+    p = [data.Problem("q", "1/2", "math") for _ in range(4)]
+    groups = [[b("\\frac12"), b("1/2"), b("3"), b("3"), b("0.5")],  # 1/2: 3 votes (by strings 3 would win)
+              [b("2"), b("0.5"), b("2.0"), b("1/2"), "no box"],     # tie 2-2, 2 came first -> wrong
+              [b("1/2"), b("2"), b("0.5"), b("2.0"), "no box"],     # tie 2-2, 1/2 came first -> right
+              ["none", "of", "these", "has", "one"]]                 # no answer -> wrong
+    assert evaluate.majority_correct(p, sum(groups, []), 5) == pytest.approx(2 / 4)
+
+
+def test_majority_refuses_code():
+    with pytest.raises(ValueError, match="programs"):
+        evaluate.majority_correct([data.Problem("q", "assert f()", "code")], ["```python\nx\n```"], 1)
+
+
+# ----------------------------------------------------------------------------- scaling
+def test_scaling_samples_K_and_2K_at_07(monkeypatch):
+    K, calls = 3, []
+
+    def fake(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temperature=0.0, seed=None, progress=None):
+        calls.append(dict(turns=turns, k=k, temperature=temperature, n=len(problems)))
+        if turns == 2:  # K samples, each corrected once: turn 1 right everywhere, turn 2 votes
+            t2 = ["1+4", "2+5", "5+2",     # 2+5 wins 2-1 -> right
+                  "1+4", "4+1", "2+5"]     # 1+4 wins -> wrong
+            return [["2+5"] * (2 * K), t2]
+        return [["x", "1+9", "1+9", "2+5", "5+2", "5+2",      # 2+5 wins 3-2 -> right
+                 "2+5", "9+1", "1+9", "x", "y", "5+2"]]       # tie 2-2, 2+5 first -> right
+    monkeypatch.setattr(evaluate, "attempts", fake)
+    out = evaluate.scaling(None, None, demo(2), K, "p1", 16, 64, seed=0)
+    assert [(c["turns"], c["k"], c["temperature"]) for c in calls] == [(2, K, 0.7), (1, 2 * K, 0.7)]
+    assert out == {f"maj@{K}_self_corrected": 0.5, f"maj@{2 * K}_parallel": 1.0}
+    calls.clear()
+    evaluate.scaling(None, None, demo(2), K, "p1", 16, 64, seed=0, temperature=0.3)
+    assert {c["temperature"] for c in calls} == {0.3}
+
+
+def test_scaling_temperature_flag_reaches_scaling(monkeypatch, ckpt, capsys):
+    seen = []
+    monkeypatch.setattr(evaluate, "attempts", lambda *a, k=1, temperature=0.0, **kw:
+                        seen.append((k, temperature)) or [["2+5"] * len(a[2]) * k] * a[3])
+    evaluate.main(["--ckpt", ckpt, "--n", "3", "--scaling", "2"])
+    assert seen == [(1, 0.0), (2, 0.7), (4, 0.7)]
+    seen.clear()
+    evaluate.main(["--ckpt", ckpt, "--n", "3", "--scaling", "2", "--scaling-temperature", "1.0"])
+    assert seen == [(1, 0.0), (2, 1.0), (4, 1.0)]
+
+
+def test_scaling_on_code_is_an_error(ckpt, tmp_path, capsys):
+    f = tmp_path / "mbpp.jsonl"
+    f.write_text(json.dumps({"task_id": 11, "text": "t", "test_list": ["assert f() == 1"]}) + "\n")
+    for task in ("mbpp", "humaneval"):
+        assert "meaningless" in error_of(capsys, ["--ckpt", ckpt, "--task", task, "--data", str(f), "--scaling", "2"])
+
+
+# ----------------------------------------------------------------------------- defaults and outputs
+def recorder(monkeypatch):
+    """Replace generation with a record of what it was asked for and of the precision it ran in."""
+    calls = []
+
+    def fake(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temperature=0.0, seed=None, progress=None):
+        calls.append(dict(p1=p1, max_new=max_new_tokens, param_dtype=next(model.parameters()).dtype,
+                          autocast=torch.is_autocast_enabled("cpu"), amp_dtype=torch.get_autocast_dtype("cpu")))
+        return [["2+5"] * len(problems) * k] * turns
+    monkeypatch.setattr(evaluate, "attempts", fake)
+    return calls
+
+
+def test_defaults_from_each_checkpoint(monkeypatch, tmp_path, ckpt, capsys):
+    a = make_ckpt(tmp_path / "a", info=dict(task="demo", p1="check it", max_new_tokens=9))
+    b = make_ckpt(tmp_path / "b", info=dict(task="demo", p1="again", max_new_tokens=12))
+    calls = recorder(monkeypatch)
+    evaluate.main(["--ckpt", a, "--ckpt", b, "--ckpt", ckpt, "--n", "4"])
+    assert [(c["p1"], c["max_new"]) for c in calls] == [("check it", 9), ("again", 12), (data.DEMO_P1, 16)]
+    calls.clear()
+    evaluate.main(["--ckpt", a, "--ckpt", ckpt, "--n", "4", "--p1", "P", "--max-new-tokens", "7"])
+    assert [(c["p1"], c["max_new"]) for c in calls] == [("P", 7), ("P", 7)]
+
+
+def test_dtype_autocast_over_fp32_weights(monkeypatch, ckpt, capsys):
+    calls = recorder(monkeypatch)
+    evaluate.main(["--ckpt", ckpt, "--n", "2", "--device", "cpu"])
+    evaluate.main(["--ckpt", ckpt, "--n", "2", "--device", "cpu", "--dtype", "bf16"])
+    evaluate.main(["--ckpt", ckpt, "--n", "2", "--device", "cpu", "--dtype", "fp32"])
+    assert [c["param_dtype"] for c in calls] == [torch.float32] * 3
+    assert [c["autocast"] for c in calls] == [False, True, False]
+    assert calls[1]["amp_dtype"] == torch.bfloat16
+
+
+def test_bf16_run_end_to_end_and_outputs(ckpt, tmp_path, capsys):
+    out, md = tmp_path / "r.json", tmp_path / "t.md"
+    evaluate.main(["--ckpt", ckpt, "--name", "tiny", "--n", "6", "--batch", "4", "--dtype", "bf16", "--turns", "3",
+                   "--out", str(out), "--markdown", str(md)])
+    stdout, stderr = capsys.readouterr()
+    rep = json.loads(out.read_text())
+    for key in ("acc_t1", "acc_t2", "acc_t3", "delta", "delta_i2c", "delta_c2i", "changed"):
+        assert 0.0 <= abs(rep[key]) <= 1.0, key
+    assert (rep["p1"], rep["max_new_tokens"], rep["dtype"]) == (data.DEMO_P1, 16, "bf16")
+    table = md.read_text().strip()
+    # stdout is the table, once, then one line per file written; progress went to stderr
+    assert stdout.strip().splitlines() == table.splitlines() + [f"wrote the report to {out}", f"wrote the table to {md}"]
+    assert "| tiny |" in table and "p1" not in table.splitlines()[0]
+    assert "tiny: 4/6 problems" in stderr and "tiny: 6/6 problems" in stderr and "ETA" in stderr
+
+
+# ----------------------------------------------------------------------------- one-line errors
+def test_not_a_checkpoint(tmp_path, capsys):
+    assert "not a checkpoint" in error_of(capsys, ["--ckpt", str(tmp_path)])
+    assert "not a checkpoint" in error_of(capsys, ["--ckpt", str(tmp_path / "nowhere")])
+
+
+def test_bad_task_and_data(ckpt, tmp_path, capsys):
+    assert "invalid choice: 'nonsense'" in error_of(capsys, ["--ckpt", ckpt, "--task", "nonsense"])
+    assert "needs a data path" in error_of(capsys, ["--ckpt", ckpt, "--task", "math"])
+    missing = str(tmp_path / "missing.jsonl")
+    assert f"{missing}: no such file" in error_of(capsys, ["--ckpt", ckpt, "--task", "math", "--data", missing])
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("\n")
+    assert f"{empty}: no problems found" in error_of(capsys, ["--ckpt", ckpt, "--task", "math", "--data", str(empty)])
+
+
+def test_malformed_task_json(tmp_path, capsys):
+    d = make_ckpt(tmp_path / "c")
+    (tmp_path / "c" / "task.json").write_text("{not json")
+    assert f"{tmp_path / 'c' / 'task.json'}: not valid JSON" in error_of(capsys, ["--ckpt", d])
+
+
+def test_context_overflow_names_problem_and_largest_fit(tmp_path, capsys):
+    # byte-level: MATH_FORMAT and p1 cost one token per character (about 100 and 175 tokens here)
+    d = make_ckpt(tmp_path / "small", max_seq_len=512)
+    f = tmp_path / "m.jsonl"
+    f.write_text("".join(json.dumps({"problem": q, "answer": "1"}) + "\n" for q in ["1+0?", "x" * 60, "2-1?", "x" * 70]))
+    msg = error_of(capsys, ["--ckpt", d, "--task", "math", "--data", str(f), "--max-new-tokens", "100"])
+    assert "problem 1 " in msg  # the first that does not fit; the suggestion must fit the longest (3) too
+    best = int(msg.split("--max-new-tokens ")[1].split()[0])
+    # the suggestion is exactly the largest value generate_turns accepts for every problem
+    tok, model = Tokenizer.byte_level(), GPT.from_pretrained(d).eval()
+    prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in data.load_task("math", str(f))]
+    followup = tok.render_followup([{"role": "user", "content": data.P1}])
+    with pytest.raises(ValueError):
+        generate_turns(model, prompts, followup, best + 1, stop_ids=tok.stop_ids, eot_id=tok.eot_id)
+    generate_turns(model, prompts, followup, best, stop_ids=tok.stop_ids, eot_id=tok.eot_id)
+    # the first problem fits at 100: the message was rightly about the second
+    generate_turns(model, prompts[:1], followup, 100, stop_ids=tok.stop_ids, eot_id=tok.eot_id)
+    assert best < 100
+
+
+def test_prompt_too_long_for_any_budget(tmp_path, capsys):
+    d = make_ckpt(tmp_path / "small", max_seq_len=512)
+    f = tmp_path / "m.jsonl"
+    f.write_text(json.dumps({"problem": "y" * 300, "answer": "1"}) + "\n")
+    assert "no room at any --max-new-tokens" in error_of(capsys, ["--ckpt", d, "--task", "math", "--data", str(f)])
+
+
+def test_errors_in_a_subprocess_have_no_traceback(tmp_path):
+    import subprocess
+    import sys
+    r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path), "--task", "demo"],
+                       capture_output=True, text=True, cwd=evaluate.__file__.rsplit("/", 1)[0])
+    assert r.returncode == 2 and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[-1] == f"evaluate.py: error: --ckpt {tmp_path}: not a checkpoint (no config.json and model.pt there)"
+
+
+# ----------------------------------------------------------------------------- data.py
+def test_instruction_per_task():
+    assert data.instruction("demo") == data.DEMO_P1
+    assert data.instruction("math") == ("There might be an error in the solution above because of lack of understanding "
+                                        "of the question. Please correct the error, if any, and rewrite the solution.")
+    code = ("There might be an error in the code above because of lack of understanding of the question. Please "
+            "correct the error, if any, and rewrite the solution. Only output the final correct Python program!")
+    assert data.instruction("mbpp") == data.instruction("humaneval") == code
+    with pytest.raises(data.DataError, match="unknown task 'chess'"):
+        data.instruction("chess")
+
+
+def test_task_info_round_trip_and_errors(tmp_path):
+    assert data.task_info(tmp_path) == {}
+    data.save_task_info(tmp_path, "mbpp", data.P1_CODE, 768)
+    assert data.task_info(tmp_path) == {"task": "mbpp", "p1": data.P1_CODE, "max_new_tokens": 768}
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["task.json"]  # no temporary file left
+    for bad, what in [("[1, 2]", "expected a JSON object"), ('{"max_new_tokens": "many"}', "bad max_new_tokens"),
+                      ('{"task": "chess"}', "bad task"), ('{"p1": ""}', "bad p1"), ("{", "not valid JSON")]:
+        (tmp_path / "task.json").write_text(bad)
+        with pytest.raises(data.DataError, match=f"^{tmp_path / 'task.json'}: {what}"):
+            data.task_info(tmp_path)
+
+
+def test_load_task_messages_and_mbpp_task_id(tmp_path):
+    with pytest.raises(data.DataError, match="unknown task 'nonsense'"):
+        data.load_task("nonsense")  # no path: still names the task, not the missing path
+    f = tmp_path / "mbpp.jsonl"
+    f.write_text(json.dumps({"task_id": 601, "text": "t", "test_list": ["assert 1"]}) + "\n"
+                 + json.dumps({"text": "u", "test_list": ["assert 2"]}) + "\n")
+    a, b = data.load_task("mbpp", str(f))
+    assert a.meta == {"task_id": 601} and b.meta == {}
+    f.write_text("")
+    with pytest.raises(data.DataError, match="no problems found"):
+        data.load_task("mbpp", str(f))
