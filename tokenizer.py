@@ -184,6 +184,7 @@ def _write_hf_byte_level(out_dir, special, words=()):
     spell = lambda b: "".join(u[x] for x in b)
     merges = _word_merges(words)
     vocab = {c: b for b, c in u.items()}
+    vocab.update(special)  # listed in the vocabulary too: transformers would renumber added tokens inside it
     vocab.update({spell(a + b): 256 + len(special) + i for i, (a, b) in enumerate(merges)})
     tok = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
