@@ -89,7 +89,7 @@ def get_args(stage, argv=None):
     p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="demo: the CPU demo; math: MATH train / MATH500 eval; code: MBPP train / HumanEval eval")
-    p.add_argument("--task", help="demo | math | mbpp | humaneval")
+    p.add_argument("--task", choices=data.TASKS, help="the training task")
     p.add_argument("--data", help="training data path (see data.py for the formats)")
     p.add_argument("--n-train", type=int, help="use only the first N training problems")
     p.add_argument("--base", help="the base model's checkpoint: pi_ref, and the tokenizer")
@@ -361,8 +361,7 @@ def save(path, policy, tok, opt, step, args, extra=None):
     shutil.rmtree(tmp, ignore_errors=True)
     policy.save_pretrained(tmp)
     tok.save_pretrained(tmp)
-    with open(os.path.join(tmp, "task.json"), "w") as f:  # what evaluate.py and sample.py default to
-        json.dump({"task": args.task, "p1": args.p1, "max_new_tokens": args.max_new_tokens}, f, indent=2)
+    data.save_task_info(tmp, args.task, args.p1, args.max_new_tokens)  # what evaluate.py and sample.py default to
     torch.save({"opt": opt.state_dict(), "step": step, "args": vars(args), **(extra or {})},
                os.path.join(tmp, "state.pt"))
     if os.path.exists(path):

@@ -115,6 +115,7 @@ def main(argv=None):
             if rank == 0:
                 model.save_pretrained(args.out)
                 tok.save_pretrained(args.out)
+                data.save_task_info(args.out, "demo", data.DEMO_P1, 16)
             if acc >= args.stop_acc:
                 break
     if world > 1:
