@@ -14,6 +14,7 @@ import gzip
 import json
 import os
 import random
+import re
 import shutil
 import tarfile
 from dataclasses import dataclass, field
@@ -28,8 +29,11 @@ P1 = ("There might be an error in the solution above because of lack of understa
       "Please correct the error, if any, and rewrite the solution.")
 P1_CODE = ("There might be an error in the code above because of lack of understanding of the question. "
            "Please correct the error, if any, and rewrite the solution. Only output the final correct Python program!")
-# The demo's byte-level model pays one token per character, so its preset uses a shorter p1.
+# The demo's model is small and its tokenizer small, so its preset uses a shorter p1.
 DEMO_P1 = "There might be an error above. Correct it, if any."
+# The words the demo's tokenizer makes single tokens (tokenizer.Tokenizer.byte_level): the chat roles, the
+# prompt's word and numbers, the words of its p1. A rollout is then ~45 tokens instead of ~125 characters.
+DEMO_WORDS = ["user", "assistant", "sum", *(f" {i}" for i in range(1, 19)), *re.findall(r" ?[A-Za-z]+", DEMO_P1)]
 
 
 def instruction(task):

@@ -73,7 +73,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     rank, world, _ = rl.setup_distributed("cpu")  # under torchrun: gloo processes, gradients averaged
     torch.manual_seed(args.seed)
-    tok = Tokenizer.byte_level()
+    tok = Tokenizer.byte_level(data.DEMO_WORDS)
     config = GPTConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head,
                        n_embd=args.n_embd, intermediate_size=3 * args.n_embd, max_seq_len=512, tie_embeddings=True,
                        arch="qwen2")
