@@ -2,7 +2,8 @@
 Speed and memory against the peers, measured in the same run, printed as ratios.
 
     python bench.py                 # every benchmark
-    python bench.py --only logprobs # one of: logprobs, sample, reward
+    python bench.py --only logprobs # one of: logprobs, sample, reward, demo
+    python bench.py --only demo --demo-dtype bf16 --against 63268c9 --against-base OLD_BASE
     python bench.py --device cuda   # on a GPU
 
 Each measurement that reports memory runs in a fresh child process, so one variant's
@@ -257,7 +258,94 @@ def bench_sample(args):
     print(f"2048 / 256: ours {res[2048][0] / res[256][0]:.2f}x, transformers {res[2048][1] / res[256][1]:.2f}x")
 
 
+# ------------------------------------------------------------------------------- demo
+def _demo_revision(root, base, steps, threads, dtype, eval_n):
+    """Time the demo's pieces with the scripts of the checkout at `root`, each in its own process:
+    Stage I from `base` (its log gives seconds and tokens per step), base training (a fixed number of
+    steps, no evaluation until the last) and greedy evaluation. dtype None: the revision's default."""
+    import json
+    import os
+    import subprocess
+    import sys
+    import tempfile
+    out = tempfile.mkdtemp(prefix="bench_demo_")
+    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=root, env=env, check=True, capture_output=True, text=True)
+    extra = ["--dtype", dtype] if dtype else []
+    run("train_stage1.py", "--base", base, "--init", base, "--out", f"{out}/s1", "--steps", str(steps),
+        "--threads", str(threads), "--save-every", str(steps), *extra)
+    log = [json.loads(x) for x in open(f"{out}/s1/log.jsonl")][1:]  # the first step warms up
+    sec = sum(r["seconds"] for r in log)
+    res = dict(stage1_steps_s=len(log) / sec, stage1_tok_s=sum(r["tokens"] for r in log) / sec,
+               context=sum(r.get("context", 0) for r in log) / len(log), gen=sum(r["tokens"] for r in log) / len(log),
+               t_update=sum(r.get("t_update", 0) for r in log) / len(log))
+    t0 = time.time()
+    run("train_base.py", "--out", f"{out}/b", "--max-steps", "40", "--eval-every", "40", "--eval-n", "8",
+        "--threads", str(threads))
+    res["base_steps_s"] = 40 / (time.time() - t0)  # includes the process's start and one tiny evaluation
+    t0 = time.time()
+    run("evaluate.py", "--task", "demo", "--n", str(eval_n), "--ckpt", base, *extra)
+    res["eval_problems_s"] = eval_n / (time.time() - t0)  # includes the process's start
+    return res
+
+
+def _matmul_rate(M, K, N, dtype, repeats=20):
+    a, b = torch.randn(M, K, dtype=dtype), torch.randn(K, N, dtype=dtype)
+    a @ b
+    t0 = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * M * K * N * repeats / (time.perf_counter() - t0)
+
+
+def bench_demo(args):
+    """The demo's speed at its own shapes: Stage I steps/s and generated tokens/s (the figure its logs
+    print), base training steps/s, evaluation problems/s, with --against REV the same scripts of git
+    revision REV (in a temporary worktree, from its own --against-base) measured in the same sitting,
+    and the share of the arithmetic bound of a Stage I step (its matrix FLOPs over this machine's
+    measured matrix-product rate in the dtype used)."""
+    import json
+    import os
+    import subprocess
+    import tempfile
+    torch.set_num_threads(args.threads)
+    here = os.path.dirname(os.path.abspath(__file__))
+    rows = [("this checkout", _demo_revision(here, os.path.abspath(args.demo_base), args.demo_steps, args.threads,
+                                             args.demo_dtype, args.demo_eval_n))]
+    if args.against:
+        wt = tempfile.mkdtemp(prefix="bench_rev_")
+        subprocess.run(["git", "worktree", "add", "--detach", wt, args.against], cwd=here, check=True, capture_output=True)
+        try:
+            rows.append((args.against, _demo_revision(wt, os.path.abspath(args.against_base), args.demo_steps,
+                                                      args.threads, None, args.demo_eval_n)))
+        finally:
+            subprocess.run(["git", "worktree", "remove", "--force", wt], cwd=here, capture_output=True)
+    with open(os.path.join(args.demo_base, "config.json")) as f:
+        c = json.load(f)
+    d, L, ff, V = c["n_embd"], c["n_layer"], c["intermediate_size"], c["vocab_size"]
+    kv = c["n_kv_head"] * d // c["n_head"]
+    per_tok = 2 * (L * (d * d + 2 * d * kv + d * d + 3 * d * ff) + d * V)  # matrix FLOPs of one token's forward
+    dt = torch.bfloat16 if args.demo_dtype == "bf16" else torch.float32
+    rate = _matmul_rate(4096, d, 3 * d, dt)
+    print(f"\ndemo ({args.threads} threads; Stage I {args.demo_steps} steps from {args.demo_base}, "
+          f"{args.demo_dtype or 'default'} dtype; matrix products {rate / 1e9:.0f} GFLOP/s in {dt})")
+    print(f"{'':>16}{'StageI steps/s':>16}{'gen tok/s':>11}{'ctx tok/step':>14}{'bound':>8}{'base steps/s':>14}"
+          f"{'eval probs/s':>14}")
+    for name, r in rows:
+        # a step: the policy's forward and backward (3 forwards) and the reference's forward over every
+        # rollout's tokens, and the sampler's forward over them once
+        flops = 5 * per_tok * r["context"]
+        bound = flops / rate * r["stage1_steps_s"] if r["context"] else float("nan")
+        print(f"{name:>16}{r['stage1_steps_s']:>16.2f}{r['stage1_tok_s']:>11.0f}{r['context']:>14.0f}{bound:>8.0%}"
+              f"{r['base_steps_s']:>14.2f}{r['eval_problems_s']:>14.1f}")
+    if len(rows) == 2:
+        a, b = rows[0][1], rows[1][1]
+        print(f"{'ratio':>16}{a['stage1_steps_s'] / b['stage1_steps_s']:>15.2f}x{a['stage1_tok_s'] / b['stage1_tok_s']:>10.2f}x"
+              f"{'':>22}{a['base_steps_s'] / b['base_steps_s']:>13.2f}x{a['eval_problems_s'] / b['eval_problems_s']:>13.2f}x")
+
+
 BENCHES = {
+    "demo": bench_demo,
     "logprobs": bench_logprobs,
     "reward": bench_reward,
     "sample": bench_sample,
@@ -272,6 +360,13 @@ def main():
     p.add_argument("--lp-tokens", type=int, default=2048, help="token_logprobs: N tokens")
     p.add_argument("--lp-dim", type=int, default=1536, help="token_logprobs: hidden size d (Qwen2.5-1.5B: 1536)")
     p.add_argument("--lp-vocab", type=int, default=151936, help="token_logprobs: vocabulary V (Qwen2.5: 151936)")
+    p.add_argument("--threads", type=int, default=2, help="demo: torch threads")
+    p.add_argument("--demo-base", default="out/demo/base", help="demo: the base checkpoint Stage I starts from")
+    p.add_argument("--demo-steps", type=int, default=6, help="demo: Stage I steps timed (the first is not counted)")
+    p.add_argument("--demo-dtype", choices=["bf16", "fp32"], help="demo: --dtype of this checkout's runs")
+    p.add_argument("--demo-eval-n", type=int, default=500, help="demo: problems evaluated")
+    p.add_argument("--against", metavar="REV", help="demo: also time the scripts of git revision REV")
+    p.add_argument("--against-base", help="demo: REV's own base checkpoint (its tokenizer may differ)")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
