@@ -382,7 +382,7 @@ class _TokenLoss(torch.autograd.Function):
             h, t = hidden[s:s + chunk], targets[s:s + chunk]
             P = _chunk_logits(h, W, temperature, buf)  # (c, V) logits
             tgt, m, z = _shifted_exp_(P, t)  # P now holds exp(logits - m)
-            x = (tgt - m - z.log()).requires_grad_()  # log p of the targets
+            x = (tgt - (m + z.log())).requires_grad_()  # log p of the targets, rounded as token_logprobs rounds it
             with torch.enable_grad():
                 f = loss_fn(x, slice(s, s + h.shape[0])).sum()
                 (g,) = torch.autograd.grad(f, x)
