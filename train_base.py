@@ -12,6 +12,7 @@ alone a correction: what it does after one is its own, and its greedy Delta is 0
     python train_base.py --out out/demo/base
 """
 import argparse
+import math
 import random
 import time
 
@@ -107,11 +108,15 @@ def main(argv=None):
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         if step % args.eval_every == 0 or step == args.max_steps:
-            acc = greedy_accuracy(model, tok, held_out)  # every rank: the same weights, the same verdict
+            prev, acc = acc, greedy_accuracy(model, tok, held_out)  # every rank: the same weights, the same verdict
             rate = step / (time.time() - t0)
-            say(f"step {step:5d} | loss {loss.item():.3f} | greedy acc {acc:.1%} | {rate:.1f} steps/s "
-                  f"| ETA {(args.max_steps - step) / rate / 60:.1f} min (or sooner at acc >= {args.stop_acc:.0%})",
-                  flush=True)
+            # the run stops at stop_acc: extrapolate the accuracy's last gain; max_steps bounds it
+            left = args.max_steps - step
+            if prev < acc < args.stop_acc:
+                left = min(left, math.ceil((args.stop_acc - acc) / (acc - prev)) * args.eval_every)
+            say(f"step {step:5d} | loss {loss.item():.3f} | greedy acc {acc:.1%} (stops at {args.stop_acc:.0%}) | "
+                f"{rate:.1f} steps/s | ETA {left / rate / 60:.1f} min at the last gain in accuracy "
+                f"(at most {(args.max_steps - step) / rate / 60:.0f} min)", flush=True)
             if rank == 0:
                 model.save_pretrained(args.out)
                 tok.save_pretrained(args.out)
