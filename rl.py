@@ -62,10 +62,10 @@ PRESETS = {
                  max_new_tokens=16, save_every=10, threads=0, stage2=dict(steps=80, lr=3e-5, base_first=0.5)),
     "math": dict(task="math", data="data/math_train.jsonl", base="out/math/base", root="out/math", n_train=None,
                  lr=5e-6, batch=512, k=4, micro_batch=4, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,
-                 max_new_tokens=1024, save_every=50, threads=0),
+                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=256),
     "code": dict(task="mbpp", data="data/mbpp.jsonl", base="out/code/base", root="out/code", n_train=None,
                  lr=1e-5, batch=128, k=4, micro_batch=4, steps=1500, beta1=0.01, beta2=0.25, alpha=10.0,
-                 max_new_tokens=1024, save_every=50, threads=0),
+                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=128),
 }
 
 
