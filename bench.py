@@ -2,7 +2,7 @@
 Speed and memory against the peers, measured in the same run, printed as ratios.
 
     python bench.py                 # every benchmark
-    python bench.py --only logprobs # one of: logprobs, sample, reward, demo
+    python bench.py --only logprobs # one of: logprobs, sample, reward, demo, memory
     python bench.py --only demo --demo-dtype bf16 --against 63268c9 --against-base OLD_BASE
     python bench.py --device cuda   # on a GPU
 
@@ -10,9 +10,12 @@ Each measurement that reports memory runs in a fresh child process, so one varia
 peak cannot hide another's. No test asserts a timing: this script is where speed is checked.
 """
 import argparse
+import gc
 import multiprocessing as mp
+import os
 import resource
 import time
+from types import SimpleNamespace
 
 import torch
 
@@ -344,7 +347,148 @@ def bench_demo(args):
               f"{'':>22}{a['base_steps_s'] / b['base_steps_s']:>13.2f}x{a['eval_problems_s'] / b['eval_problems_s']:>13.2f}x")
 
 
+# ------------------------------------------------------------------------------- memory
+# Qwen2.5's published config.json numbers (hidden, layers, heads, KV heads, intermediate, vocabulary)
+QWEN = {
+    "Qwen2.5-1.5B": dict(n_embd=1536, n_layer=28, n_head=12, n_kv_head=2, intermediate_size=8960,
+                         vocab_size=151936, tie_embeddings=True, qkv_bias=True),
+    "Qwen2.5-7B": dict(n_embd=3584, n_layer=28, n_head=28, n_kv_head=4, intermediate_size=18944,
+                       vocab_size=152064, tie_embeddings=False, qkv_bias=True),
+}
+# the CPU check's shapes (vocabulary 32768): tied and untied heads, plain multi-head and GQA
+CHECK = [dict(n_embd=384, n_layer=6, n_head=6, n_kv_head=6, intermediate_size=1024, tie_embeddings=True),
+         dict(n_embd=512, n_layer=8, n_head=8, n_kv_head=2, intermediate_size=1408, tie_embeddings=True),
+         dict(n_embd=640, n_layer=10, n_head=10, n_kv_head=2, intermediate_size=1792, tie_embeddings=False)]
+CHECK_KNOBS = dict(batch=16, k=4, micro_batch=4, max_new_tokens=32)
+
+
+def _peak_reset():
+    with open("/proc/self/clear_refs", "w") as f:  # Linux: the peak resident set restarts from the current one
+        f.write("5")
+
+
+def _peak_mib():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def _memory_step(shape, knobs, dtype, threads):
+    """One Stage II step (rl.rollout, then rl.update) of a random model of `shape` on the CPU, as rl.run
+    makes it, in a fresh process. Returns MiB above a baseline taken after the imports and a warm-up step
+    of a tiny model (the interpreter, torch's libraries and thread pools: what the memory model leaves
+    out): the resident set once the step's state exists (fp32 policy, the reference in the compute dtype,
+    gradients and Adam state as a previous step leaves them), and the peak resident set of each phase.
+    Every attempt runs to max_new_tokens (no stop ids), the model's worst case."""
+    import data
+    import rl
+    import train_stage2
+    from model import GPT, GPTConfig
+    from tokenizer import Tokenizer
+    torch.set_num_threads(threads)
+    tok = Tokenizer.byte_level()
+    tok.stop_ids = ()
+    a = SimpleNamespace(**knobs, temperature=1.0, p1=data.DEMO_P1, base_first=0.0, grad_clip=1.0, alpha=10.0,
+                        beta1=0.01, baseline="loo", kl="reward", dtype=dtype, gen_batch=None, device="cpu")
+    problems = data.make_demo(a.batch // a.k, seed=0)
+
+    def build(cfg):
+        torch.manual_seed(0)
+        policy = GPT(cfg).init_weights()
+        ref = GPT(cfg)
+        ref.load_state_dict(policy.state_dict())
+        ref = ref.to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]).eval().requires_grad_(False)
+        for p in policy.parameters():
+            p.grad = torch.zeros_like(p)
+        opt = torch.optim.Adam(policy.parameters(), lr=1e-6)
+        opt.step()  # creates Adam's state; zero gradients leave the weights where they are
+        return policy, ref, opt
+
+    def step(policy, ref, opt):  # returns the sampling phase's peak; the update's is read after
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            policy.eval()
+            ro = rl.rollout(policy, ref, tok, problems, a, seed=1)
+            sampling = _peak_mib()
+            _peak_reset()
+            policy.train()
+            rl.update(policy, ref, opt, ro, train_stage2.objective, a)
+        return sampling
+
+    tiny = dict(n_layer=1, n_head=2, n_kv_head=1, n_embd=32, intermediate_size=64)
+    step(*build(GPTConfig(**{**shape, **tiny})))  # warm-up: libraries, thread pools
+    gc.collect()
+    base = _rss_mib()
+    cfg = GPTConfig(**shape)
+    models = build(cfg)
+    state = _rss_mib() - base
+    t0 = time.perf_counter()
+    _peak_reset()
+    sampling = step(*models) - base
+    update = _peak_mib() - base
+    prompt_len = max(len(tok.render([{"role": "user", "content": p.prompt}])) for p in problems)
+    followup_len = len(tok.render_followup([{"role": "user", "content": a.p1}]))
+    pred = rl.memory_model(cfg, a, prompt_len=prompt_len, followup_len=followup_len)
+    return {"state": state, "sampling": sampling, "update": update, "seconds": time.perf_counter() - t0,
+            "pred": pred, "params": sum(p.numel() for p in models[0].parameters())}
+
+
+def memory_table(name, shape, presets=("math", "code"), gen_batches=(16, 64, 128, 256, 512), micro_batches=(1, 2, 4, 8),
+                 gpu_gb=80, margin=0.10):
+    """The memory model's terms (GiB) for a real model at the presets: each gen-batch at the preset's
+    micro-batch, then each other micro-batch at the smallest gen-batch."""
+    import rl
+    from model import GPTConfig
+    cfg, GiB, fit = GPTConfig(**shape), 2**30, (1 - margin) * gpu_gb * 1e9
+    print(f"\n{name}: predicted memory of a Stage II step on one GPU, bf16 over fp32 masters, GiB. "
+          f"fits: total <= {fit / GiB:.1f} GiB ({gpu_gb} GB less {margin:.0%})")
+    print(f"{'preset':<7}{'gen':>5}{'micro':>6}{'weights':>8}{'grads':>6}{'adam':>6}{'ref':>5}{'cast':>5}{'KV':>6}"
+          f"{'s.work':>7}{'acts':>6}{'head':>5}{'sampling':>9}{'update':>7}{'total':>7}  fits")
+    for preset in presets:
+        p = rl.PRESETS[preset]
+        combos = [(g, p["micro_batch"]) for g in gen_batches if g <= p["batch"]]
+        combos += [(gen_batches[0], mb) for mb in micro_batches if mb != p["micro_batch"]]
+        for gb, mb in combos:
+            a = SimpleNamespace(batch=p["batch"], k=p["k"], micro_batch=mb, max_new_tokens=p["max_new_tokens"],
+                                gen_batch=gb, dtype="bf16", device="cuda")
+            m = {k: v / GiB for k, v in rl.memory_model(cfg, a).items()}
+            print(f"{preset:<7}{gb:>5}{mb:>6}{m['weights']:>8.1f}{m['grads']:>6.1f}{m['adam']:>6.1f}{m['ref']:>5.1f}"
+                  f"{m['autocast']:>5.1f}{m['kv_cache']:>6.1f}{m['sample_work']:>7.1f}{m['activations']:>6.1f}"
+                  f"{m['head']:>5.1f}{m['sampling']:>9.1f}{m['update']:>7.1f}{m['total']:>7.1f}  "
+                  f"{'yes' if m['total'] * GiB <= fit else 'no'}")
+
+
+def bench_memory(args):
+    """(a) rl.memory_model against the CPU: one Stage II step at each of CHECK's shapes, each in a fresh
+    process, its measured peak resident memory against the prediction of the same terms. The children
+    run with glibc's mmap threshold fixed at 64 KiB, so that a freed tensor leaves the resident set
+    (the default threshold grows, and freed heap memory stays resident: allocator slack, not counted;
+    --mem-glibc-default shows it). (b) The model's table for Qwen2.5-1.5B and 7B at the presets."""
+    knobs = CHECK_KNOBS
+    if not args.mem_glibc_default:
+        os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by each child's C library at its start
+    print(f"\nmemory model vs the CPU: one Stage II step (rl.rollout + rl.update), {args.threads} thread(s), "
+          f"{knobs}, no stop ids; glibc mmap threshold {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}. "
+          f"MiB above the process after imports and warm-up")
+    print(f"{'dtype':<6}{'params':>6} {'shape':<17}{'state':>13}{'sampling':>13}{'update':>13}{'peak':>13}{'ratio':>7}{'s':>5}")
+    print(f"{'':>30}" + "  pred  meas" * 4)
+    for dtype in (["fp32", "bf16"] if args.mem_dtype == "both" else [args.mem_dtype]):
+        for shape in CHECK:
+            shape = dict(shape, vocab_size=32768, max_seq_len=1024)
+            r = in_child(_memory_step, shape=shape, knobs=knobs, dtype=dtype, threads=args.threads)
+            p = {k: v / 2**20 for k, v in r["pred"].items()}
+            state = p["weights"] + p["grads"] + p["adam"] + p["ref"]
+            peak = max(r["sampling"], r["update"])
+            desc = f"d{shape['n_embd']} L{shape['n_layer']} kv{shape['n_kv_head']}{' tied' if shape['tie_embeddings'] else ''}"
+            print(f"{dtype:<6}{r['params'] / 1e6:>5.0f}M {desc:<17}{state:>7.0f}{r['state']:>6.0f}{p['sampling']:>7.0f}"
+                  f"{r['sampling']:>6.0f}{p['update']:>7.0f}{r['update']:>6.0f}{p['total']:>7.0f}{peak:>6.0f}"
+                  f"{peak / p['total']:>7.2f}{r['seconds']:>5.0f}")
+    if not args.mem_glibc_default:
+        del os.environ["MALLOC_MMAP_THRESHOLD_"]
+    print("target: measured peak within 25% of the prediction (ratio 0.75 - 1.25)")
+    for name, shape in QWEN.items():
+        memory_table(name, shape)
+
+
 BENCHES = {
+    "memory": bench_memory,
     "demo": bench_demo,
     "logprobs": bench_logprobs,
     "reward": bench_reward,
@@ -360,7 +504,10 @@ def main():
     p.add_argument("--lp-tokens", type=int, default=2048, help="token_logprobs: N tokens")
     p.add_argument("--lp-dim", type=int, default=1536, help="token_logprobs: hidden size d (Qwen2.5-1.5B: 1536)")
     p.add_argument("--lp-vocab", type=int, default=151936, help="token_logprobs: vocabulary V (Qwen2.5: 151936)")
-    p.add_argument("--threads", type=int, default=2, help="demo: torch threads")
+    p.add_argument("--threads", type=int, default=2, help="demo, memory: torch threads")
+    p.add_argument("--mem-dtype", default="both", choices=["fp32", "bf16", "both"], help="memory: the CPU check's --dtype")
+    p.add_argument("--mem-glibc-default", action="store_true",
+                   help="memory: keep glibc's growing mmap threshold (freed heap memory stays resident)")
     p.add_argument("--demo-base", default="out/demo/base", help="demo: the base checkpoint Stage I starts from")
     p.add_argument("--demo-steps", type=int, default=6, help="demo: Stage I steps timed (the first is not counted)")
     p.add_argument("--demo-dtype", choices=["bf16", "fp32"], help="demo: --dtype of this checkout's runs")

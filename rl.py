@@ -62,10 +62,10 @@ PRESETS = {
                  max_new_tokens=16, save_every=10, threads=0, stage2=dict(steps=80, lr=3e-5, base_first=0.5)),
     "math": dict(task="math", data="data/math_train.jsonl", base="out/math/base", root="out/math", n_train=None,
                  lr=5e-6, batch=512, k=4, micro_batch=4, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,
-                 max_new_tokens=1024, save_every=50, threads=0),
+                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=256),
     "code": dict(task="mbpp", data="data/mbpp.jsonl", base="out/code/base", root="out/code", n_train=None,
                  lr=1e-5, batch=128, k=4, micro_batch=4, steps=1500, beta1=0.01, beta2=0.25, alpha=10.0,
-                 max_new_tokens=1024, save_every=50, threads=0),
+                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=128),
 }
 
 
@@ -346,6 +346,83 @@ def default_gen_batch(config, args, world, budget):
     while rows > args.k and memory_model(config, SimpleNamespace(**{**vars(args), "gen_batch": rows}), world)["total"] > 0.9 * budget:
         rows = max(args.k, rows // 2 // args.k * args.k)
     return rows
+
+
+# ------------------------------------------------------------------------------- memory
+def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
+    """Predicted memory of one Stage I/II step on one process, in bytes: {term: bytes} and the peaks
+    "sampling", "update" and "total" = their max. The terms do not all coexist:
+      sampling: policy weights (fp32, 4P), gradients (4P, kept from the last step until update's
+        zero_grad), Adam (8P), the reference in the compute dtype, the KV cache of one gen-batch, and
+        the largest of sampling's transients;
+      update: the same weights, Adam and reference, the gradients (allocated by the first micro-batch:
+        the peak is at the second), autocast's bf16 copies of the policy's linear weights, and the
+        largest of: one micro-batch's activations with the log-prob head's buffers; the reference's
+        pass; the flat all-reduce buffer (world > 1); the optimizer's temporaries.
+    Lengths are worst cases: prompt_len (256: a long MATH or MBPP prompt) + 2 * max_new_tokens +
+    followup_len (p1 rendered, 64) + 2 positions per row, and both attempts run to max_new_tokens.
+    args: batch, k, micro_batch, max_new_tokens, gen_batch (None: all rows), dtype, device (default cuda).
+    Not counted: the CUDA context, the allocators' slack (cached or fragmented free memory), Python."""
+    c = config
+    d, V, L, D, I = c.n_embd, c.vocab_size, c.n_layer, c.head_dim, c.intermediate_size
+    HD, KD = c.n_head * D, c.n_kv_head * D
+    cuda = str(getattr(args, "device", "cuda")).startswith("cuda")
+    dtype = getattr(args, "dtype", None) or ("bf16" if cuda else "fp32")
+    if dtype not in ("bf16", "fp32"):
+        raise ValueError(f"memory_model: dtype {dtype!r} is not bf16 or fp32")
+    cb = 2 if dtype == "bf16" else 4  # bytes of the compute dtype
+    mnt, k, micro = args.max_new_tokens, args.k, args.micro_batch
+    rows = args.batch // world  # rows sampled at once: all of a rank's, or --gen-batch's whole prompt groups
+    if getattr(args, "gen_batch", None):
+        rows = min(rows, max(1, args.gen_batch // k) * k)
+    S = prompt_len + 2 * mnt + followup_len + 2  # positions of a row (generate_turns' cache length)
+    S_gen = S + (mnt if getattr(args, "base_first", 0) > 0 else 0)  # a given first attempt takes its own slots
+    T2 = followup_len + 2  # turn 2's prefill: the last token of y1, eot, p1
+    N = micro * 2 * mnt  # generated tokens of a micro-batch: the log-prob head's rows
+    # parameters, from the shapes (model.py's GPT)
+    linear = L * (d * (HD + 2 * KD) + HD * d + 3 * d * I + c.qkv_bias * (HD + 2 * KD))  # autocast casts these
+    P = linear + V * d * (1 if c.tie_embeddings else 2) + L * (2 * d + c.qk_norm * 2 * D) + d
+    # what autograd keeps per token and layer (model.py's Block; tests/test_memory.py checks it against
+    # the saved tensors). Under autocast the residual stream is in the compute dtype; each RMSNorm keeps
+    # an fp32 copy of its input, and the q/k/v (gate/up) projections share one saved input.
+    per_layer = (2 * ((4 + cb) * d + 4)                        # two RMSNorms: fp32 input, normalized, rsqrt
+                 + 2 * d * cb                                   # the normed inputs of q/k/v and of gate/up
+                 + 4 * HD * cb + 4 * c.n_head                   # attention: q, k, v (at n_head heads), output; fp32 lse
+                 + c.qk_norm * ((4 + cb) * (HD + KD) + 4 * (c.n_head + c.n_kv_head))  # Qwen3's q/k norms
+                 + 4 * I * cb)                                  # MLP: gate, up, silu(gate), product
+    per_token = L * per_layer + 8 + 2 * D * cb + (4 + cb) * d + 4  # + token ids, RoPE cos/sin, final RMSNorm
+    chunk = min(max(1, 2**25 // V), N)  # model.token_loss's block of tokens
+    m = {
+        "weights": 4 * P,
+        "grads": 4 * P,
+        "adam": 8 * P,
+        "ref": cb * P,
+        "autocast": 2 * linear if cb == 2 else 0,
+        "kv_cache": rows * S_gen * L * 2 * KD * cb,
+        # the largest of: the prompts' cache while select() repeats it to k rows; turn 2's prefill (its
+        # mask, bool and as SDPA's float bias, and one MLP's work); a decode step's logits and probabilities.
+        # Plus, in bf16, autocast's cast of the largest weight (it caches none under inference_mode).
+        "sample_work": max(rows // k * S_gen * L * KD * cb, rows * T2 * (5 * S_gen + 3 * I * cb + 2 * d * cb),
+                           3 * rows * V * 4) + (max(V * d, d * I) * 2 if cb == 2 else 0),
+        "activations": micro * S * per_token + N * 16,  # + the (N, 2) int64 index of the generated tokens
+        # token_loss: the (chunk, V) fp32 buffer, the (V, d) fp32 weight gradient it accumulates, the
+        # generated tokens' hidden states and their gradient; in bf16 also the head's and the buffer's bf16
+        # casts and each block's bf16 weight gradient before it is added (on the CPU via an fp32 copy)
+        "head": chunk * V * 4 + V * d * 4 + 2 * N * d * cb
+                + (chunk * V * 2 + V * d * (4 if cuda else 8) if cb == 2 else 0),
+        # the reference's pass before the policy's: its hidden states, token_logprobs' buffer, one MLP's work
+        "ref_pass": micro * S * (d + 3 * I) * cb + N * d * cb + chunk * V * 4,
+        "allreduce": 4 * P if world > 1 else 0,
+        # torch's Adam: foreach on CUDA (a temporary the size of all parameters); per tensor on the CPU
+        # (three temporaries of the largest parameter, measured)
+        "optimizer": 4 * P if cuda else 3 * 4 * max(V * d, d * I),
+    }
+    state = m["weights"] + m["grads"] + m["adam"] + m["ref"]
+    m["sampling"] = state + m["kv_cache"] + m["sample_work"]
+    m["update"] = state + m["autocast"] + max(m["activations"] + m["head"], m["ref_pass"], m["allreduce"],
+                                              m["optimizer"])
+    m["total"] = max(m["sampling"], m["update"])
+    return m
 
 
 # ------------------------------------------------------------------------------- checkpoints

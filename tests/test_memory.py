@@ -1,0 +1,137 @@
+"""rl.memory_model against independent counts: parameters of a GPT built on the meta device, the KV
+cache generate_turns actually allocates, and the bytes autograd actually saves for backward (read with
+saved_tensors_hooks). No timing or resident-memory assertions here: bench.py --only memory measures."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import rl
+from model import GPT, GPTConfig
+from sample import generate_turns
+import sample
+
+CONFIGS = [  # GQA with q/k/v biases and a tied head; plain multi-head, untied; Qwen3's q/k norms and head_dim
+    GPTConfig(vocab_size=300, n_layer=3, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=176, max_seq_len=512,
+              qkv_bias=True, tie_embeddings=True),
+    GPTConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=4, n_embd=64, intermediate_size=96, max_seq_len=512),
+    GPTConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, head_dim=24, intermediate_size=96,
+              max_seq_len=512, qk_norm=True),
+]
+
+
+def knobs(**kw):
+    return SimpleNamespace(**{"batch": 8, "k": 2, "micro_batch": 2, "max_new_tokens": 8, "gen_batch": None,
+                              "dtype": "fp32", "device": "cpu", **kw})
+
+
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_state_terms_count_the_meta_models_parameters(cfg):
+    with torch.device("meta"):
+        model = GPT(cfg)
+    P = sum(p.numel() for p in model.parameters())  # a tied head is one parameter, counted once
+    # what autocast casts (and caches during update): the blocks' linear weights and biases, not the norms
+    linear = sum(p.numel() for n, p in model.layers.named_parameters() if "norm" not in n)
+    for dtype, ref_bytes in (("fp32", 4), ("bf16", 2)):
+        m = rl.memory_model(cfg, knobs(dtype=dtype))
+        assert (m["weights"], m["grads"], m["adam"], m["ref"]) == (4 * P, 4 * P, 8 * P, ref_bytes * P)
+        assert m["autocast"] == (2 * linear if dtype == "bf16" else 0)
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("base_first", [0.0, 0.5])
+def test_kv_cache_is_what_generate_turns_allocates(monkeypatch, dtype, base_first):
+    cfg = CONFIGS[0]
+    prompt_len, followup_len, rows, k, mnt = 11, 5, 6, 3, 7
+    caches = []
+
+    class Recorded(sample.KVCache):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            caches.append(self)
+    monkeypatch.setattr(sample, "KVCache", Recorded)
+    model = GPT(cfg).init_weights()
+    prompts = [[1] * prompt_len, [2] * (prompt_len - 3)]  # the longest prompt sets the cache's length
+    first = [[3] * mnt if r % 2 else None for r in range(rows)] if base_first else None
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        generate_turns(model, prompts, [4] * followup_len, mnt, k=k, seed=0, first=first)
+    (cache,) = caches
+    allocated = sum(t.numel() * t.element_size() for t in cache.k + cache.v)  # after repeating prompts to k rows
+    # --gen-batch rows + k - 1: rounded down to whole prompt groups, as rl.rollout chunks
+    m = rl.memory_model(cfg, knobs(gen_batch=rows + k - 1, k=k, max_new_tokens=mnt, dtype=dtype, base_first=base_first),
+                        prompt_len=prompt_len, followup_len=followup_len)
+    assert m["kv_cache"] == allocated
+
+
+def saved_bytes(model, idx, sel, dtype):
+    """Bytes of the distinct storages autograd saves for backward in policy.hidden(idx)[sel], as
+    rl.micro_batch_loss runs it, leaving out the weights and autocast's casts of them."""
+    def is_weight(t):
+        fn = t.grad_fn
+        while fn is not None and type(fn).__name__ in ("TBackward0", "ToCopyBackward0", "ViewBackward0"):
+            fn = fn.next_functions[0][0]
+        return (t.grad_fn is None and t.requires_grad) or type(fn).__name__ == "AccumulateGrad"
+    seen = {}
+
+    def pack(t):
+        if not is_weight(t):
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"), \
+            torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        model.hidden(idx[:, :-1])[sel]
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.parametrize("cfg", CONFIGS)
+def test_activations_are_what_autograd_saves(cfg, dtype):
+    prompt_len, followup_len, micro, mnt = 10, 6, 2, 8
+    T = prompt_len + 2 * mnt + followup_len + 2  # the model's worst-case positions of a row
+    torch.manual_seed(0)
+    model = GPT(cfg).init_weights()
+    idx = torch.randint(0, cfg.vocab_size, (micro, T + 1))
+    sel = torch.zeros(micro, T, dtype=torch.bool)
+    sel[:, prompt_len:prompt_len + mnt] = sel[:, -mnt:] = True  # the two attempts' tokens
+    got = saved_bytes(model, idx, sel, dtype)
+    m = rl.memory_model(cfg, knobs(micro_batch=micro, max_new_tokens=mnt, dtype=dtype),
+                        prompt_len=prompt_len, followup_len=followup_len)
+    assert abs(m["activations"] - got) <= 0.01 * got, (m["activations"], got)
+
+
+def test_monotonic_in_gen_batch_and_micro_batch():
+    cfg = CONFIGS[0]
+    for dtype in ("fp32", "bf16"):
+        prev = None
+        for g in (2, 4, 8, 16):
+            m = rl.memory_model(cfg, knobs(batch=16, gen_batch=g, dtype=dtype))
+            if prev:
+                assert m["kv_cache"] > prev["kv_cache"] and m["sampling"] > prev["sampling"]
+                assert m["total"] >= prev["total"] and m["update"] == prev["update"]
+            prev = m
+        prev = None
+        for mb in (2, 4, 8, 16):
+            m = rl.memory_model(cfg, knobs(batch=16, micro_batch=mb, dtype=dtype))
+            if prev:
+                assert m["activations"] > prev["activations"] and m["head"] >= prev["head"]
+                assert m["total"] >= prev["total"] and m["sampling"] == prev["sampling"]
+            prev = m
+        assert m["total"] == max(m["sampling"], m["update"])
+
+
+def test_world_adds_the_flat_all_reduce_buffer():
+    cfg = CONFIGS[1]
+    with torch.device("meta"):
+        P = sum(p.numel() for p in GPT(cfg).parameters())
+    # a micro-batch small enough that the flat buffer is the update's largest transient
+    a = knobs(batch=8, micro_batch=2, max_new_tokens=2, device="cpu")
+    one, two = rl.memory_model(cfg, a, world=1, prompt_len=4, followup_len=4), \
+        rl.memory_model(cfg, a, world=2, prompt_len=4, followup_len=4)
+    assert one["allreduce"] == 0 and two["allreduce"] == 4 * P
+    assert two["update"] > one["update"] and two["total"] > one["total"]
+    assert two["kv_cache"] * 2 == one["kv_cache"]  # without --gen-batch each rank samples its batch // world rows
+
+
+def test_bad_dtype_is_refused():
+    with pytest.raises(ValueError, match="dtype"):
+        rl.memory_model(CONFIGS[0], knobs(dtype="fp16"))
