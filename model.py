@@ -16,6 +16,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 @dataclass
@@ -98,6 +99,16 @@ class KVCache:
         self.v = [v.index_select(0, rows) for v in self.v]
 
 
+def attention(q, k, v, **kw):
+    """F.scaled_dot_product_attention. When training in bf16 on the CPU it takes the math kernel: the
+    CPU flash kernel's bf16 backward is 3.5x slower at short lengths (measured at the demo's shapes,
+    128 x 4 heads x 46 tokens: 50 ms against 14 ms per layer, forward and backward)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
+        with sdpa_kernel(SDPBackend.MATH):
+            return F.scaled_dot_product_attention(q, k, v, **kw)
+    return F.scaled_dot_product_attention(q, k, v, **kw)
+
+
 class Attention(nn.Module):
     def __init__(self, config):
         super().__init__()
@@ -128,13 +139,13 @@ class Attention(nn.Module):
         if self.n_kv_head != self.n_head:
             rep = self.n_head // self.n_kv_head
             if T == 1:  # decoding: the rep query heads that share a KV head become its rep query rows, no K/V copy
-                y = F.scaled_dot_product_attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v, attn_mask=mask)
+                y = attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v, attn_mask=mask)
                 return self.o_proj(y.reshape(B, 1, -1))  # (B, H_kv, rep, D): head h = g * rep + r, in order
             k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
         if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+            y = attention(q, k, v, is_causal=T > 1)
         else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            y = attention(q, k, v, attn_mask=mask)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
