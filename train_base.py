@@ -1,13 +1,16 @@
 """
 The demo only: train the small base model from scratch on solved examples of the built-in task
-(byte-level tokenizer), and stop while it still errs, so that there is something for
-self-correction to fix.
+(its tokenizer merges the chat roles, the numbers and the words of p1), and stop while it still
+errs, so that there is something for self-correction to fix.
 
-A base trained on single-turn examples alone answers the second turn with noise (0% accuracy at
-turn 2), which leaves Stage I no reward to learn from. Base models in the paper instead answer
-the second turn much as the first. So a fraction of the examples (--two-turn) add the
-instruction p1 and the same right answer again. The base never sees a wrong first attempt, let
-alone a correction: what it does after one is its own, and its greedy Delta is 0.
+Its second turn behaves as the models the paper starts from do (Gemini 1.5 Flash on MATH: Delta
+-11.2, c->i 15.8%): told "there might be an error", it often gives up its answer. Half of the
+examples (--two-turn) add p1 and a second answer: half of those (--change) another pair of the
+numbers, which is wrong, the rest the same right answer again. The base never sees a wrong first
+attempt, let alone a correction (that would be Pair-SFT, one of the paper's baselines): what it
+does after a wrong first attempt is its own. A base that only repeated its answer (--change 0)
+copied it at turn 2 so faithfully that Stage I found nothing to learn (Delta 0.0 at every stage, on
+the tuning problems; docs/RESULTS.md).
 
     python train_base.py --out out/demo/base
 """
@@ -41,6 +44,8 @@ def get_args(argv=None):
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems for the greedy accuracy check")
     p.add_argument("--stop-acc", type=float, default=0.5,
                    help="stop at the first evaluation whose greedy accuracy reaches this (the base must still err)")
+    p.add_argument("--change", type=float, default=0.5,
+                   help="fraction of the two-turn examples whose second answer is another (wrong) pair")
     p.add_argument("--two-turn", type=float, default=0.5,
                    help="fraction of examples with a second turn (p1, then the same right answer)")
     p.add_argument("--seed", type=int, default=0)
@@ -48,13 +53,19 @@ def get_args(argv=None):
     return p.parse_args(argv)
 
 
-def example(tok, prob, rng, two_turn):
+def example(tok, prob, rng, two_turn, change=0.0):
     """(ids, loss mask over the predicted positions): chat(x), the answer, the end of the turn; with
-    probability two_turn, then p1 and the same (right) answer again."""
+    probability two_turn, then p1 and a second answer: with probability `change` another pair of the
+    numbers (the base gives up a right answer when told it may be wrong), else the same answer again."""
     prompt = tok.render([{"role": "user", "content": prob.prompt}])
     y = tok.encode(prob.reference) + [tok.eot_id]
     ids, mask = prompt + y, [False] * (len(prompt) - 1) + [True] * len(y)  # train the answers, not x or p1
     if rng.random() < two_turn:
+        if rng.random() < change:
+            right = sorted(map(int, prob.reference.split("+")))
+            pairs = [(a, b) for i, a in enumerate(prob.meta["numbers"]) for b in prob.meta["numbers"][i + 1:]
+                     if sorted((a, b)) != right]
+            y = tok.encode("%d+%d" % rng.choice(pairs)) + [tok.eot_id]
         followup = tok.render_followup([{"role": "user", "content": data.DEMO_P1}])
         ids, mask = ids + followup + y, mask + [False] * len(followup) + [True] * len(y)
     return ids, mask
@@ -91,7 +102,7 @@ def main(argv=None):
             g["lr"] = lr
         problems = data.make_demo(args.batch * world, seed=train_seed + step)[rank::world]  # this rank's share
         rng = random.Random(train_seed + step)
-        batch = [example(tok, p, rng, args.two_turn) for p in problems]
+        batch = [example(tok, p, rng, args.two_turn, args.change) for p in problems]
         T = max(len(ids) for ids, _ in batch)
         idx = torch.zeros(len(batch), T, dtype=torch.long)
         loss_mask = torch.zeros(len(batch), T - 1, dtype=torch.bool)
