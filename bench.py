@@ -400,12 +400,14 @@ def _memory_step(shape, knobs, dtype, threads):
             p.grad = torch.zeros_like(p)
         opt = torch.optim.Adam(policy.parameters(), lr=1e-6)
         opt.step()  # creates Adam's state; zero gradients leave the weights where they are
-        return policy, ref, opt
+        sampler = rl.make_sampler(policy, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
+        return policy, ref, opt, sampler
 
-    def step(policy, ref, opt):  # returns the sampling phase's peak; the update's is read after
+    def step(policy, ref, opt, sampler):  # returns the sampling phase's peak; the update's is read after
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-            policy.eval()
-            ro = rl.rollout(policy, ref, tok, problems, a, seed=1)
+            rl.refresh_sampler(sampler, policy)
+            sampler.eval()
+            ro = rl.rollout(sampler, ref, tok, problems, a, seed=1)
             sampling = _peak_mib()
             _peak_reset()
             policy.train()

@@ -203,6 +203,26 @@ def rollout(policy, ref, tok, problems, args, seed):
                            t_sample=t_sample, t_score=time.time() - t0)
 
 
+def make_sampler(policy, dtype):
+    """The model that samples the rollouts: the policy itself in fp32; in bf16 a bf16 copy of it, refreshed
+    before every step (refresh_sampler), so that decoding does not cast the fp32 masters at every token.
+    It computes exactly what autocast over the masters computes (the residual stream is bf16 in both)."""
+    if dtype == torch.float32:
+        return policy
+    with torch.device("meta"):
+        sampler = GPT(policy.config)
+    sampler = sampler.to(dtype).to_empty(device=policy.head_weight.device).eval().requires_grad_(False)
+    refresh_sampler(sampler, policy)
+    return sampler
+
+
+@torch.no_grad()
+def refresh_sampler(sampler, policy):
+    if sampler is not policy:
+        for a, b in zip(sampler.parameters(), policy.parameters()):
+            a.copy_(b)
+
+
 def baseline(returns, group, args):
     """Advantage: the return minus the leave-one-out mean of the other samples of the same prompt
     (unbiased: it does not depend on the row's own sample); --baseline none keeps the raw return."""
@@ -387,9 +407,12 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
     # what autograd keeps per token and layer (model.py's Block; tests/test_memory.py checks it against
     # the saved tensors). Under autocast the residual stream is in the compute dtype; each RMSNorm keeps
     # an fp32 copy of its input, and the q/k/v (gate/up) projections share one saved input.
+    attn = 4 * HD * cb + 4 * c.n_head  # flash: q, k, v (at n_head heads), output; fp32 log-sum-exp
+    if cb == 2 and not cuda:  # model.attention in bf16 on the CPU: the math kernel saves fp32 q, k, v, probabilities
+        attn = 3 * HD * 4 + HD * cb + 4 * c.n_head * S
     per_layer = (2 * ((4 + cb) * d + 4)                        # two RMSNorms: fp32 input, normalized, rsqrt
                  + 2 * d * cb                                   # the normed inputs of q/k/v and of gate/up
-                 + 4 * HD * cb + 4 * c.n_head                   # attention: q, k, v (at n_head heads), output; fp32 lse
+                 + attn                                         # attention (above)
                  + c.qk_norm * ((4 + cb) * (HD + KD) + 4 * (c.n_head + c.n_kv_head))  # Qwen3's q/k norms
                  + 4 * I * cb)                                  # MLP: gate, up, silu(gate), product
     per_token = L * per_layer + 8 + 2 * D * cb + (4 + cb) * d + 4  # + token ids, RoPE cos/sin, final RMSNorm
@@ -399,13 +422,14 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
         "grads": 4 * P,
         "adam": 8 * P,
         "ref": cb * P,
+        "sampler": 2 * P if cb == 2 else 0,  # bf16: the policy's bf16 copy that samples
         "autocast": 2 * linear if cb == 2 else 0,
         "kv_cache": rows * S_gen * L * 2 * KD * cb,
         # the largest of: the prompts' cache while select() repeats it to k rows; turn 2's prefill (its
         # mask, bool and as SDPA's float bias, and one MLP's work); a decode step's logits and probabilities.
-        # Plus, in bf16, autocast's cast of the largest weight (it caches none under inference_mode).
+        # (In bf16 the sampler is the policy's bf16 copy: nothing is cast.)
         "sample_work": max(rows // k * S_gen * L * KD * cb, rows * T2 * (5 * S_gen + 3 * I * cb + 2 * d * cb),
-                           3 * rows * V * 4) + (max(V * d, d * I) * 2 if cb == 2 else 0),
+                           3 * rows * V * 4),
         "activations": micro * S * per_token + N * 16,  # + the (N, 2) int64 index of the generated tokens
         # token_loss: the (chunk, V) fp32 buffer, the (V, d) fp32 weight gradient it accumulates, the
         # generated tokens' hidden states and their gradient; in bf16 also the head's and the buffer's bf16
@@ -419,7 +443,7 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
         # (three temporaries of the largest parameter, measured)
         "optimizer": 4 * P if cuda else 3 * 4 * max(V * d, d * I),
     }
-    state = m["weights"] + m["grads"] + m["adam"] + m["ref"]
+    state = m["weights"] + m["grads"] + m["adam"] + m["ref"] + m["sampler"]
     m["sampling"] = state + m["kv_cache"] + m["sample_work"]
     m["update"] = state + m["autocast"] + max(m["activations"] + m["head"], m["ref_pass"], m["allreduce"],
                                               m["optimizer"])
@@ -522,6 +546,7 @@ def run(args, objective, name):
     policy = GPT.from_pretrained(init, device=dev, dtype=torch.float32)  # fp32 masters, whatever the checkpoint's dtype
     ref = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval()  # frozen, in the compute dtype
     ref.requires_grad_(False)
+    sampler = make_sampler(policy, compute)
     opt = torch.optim.Adam(policy.parameters(), lr=args.lr)  # its state takes the parameters' dtype: fp32
     if args.resume:
         opt.load_state_dict(state["opt"])
@@ -548,8 +573,9 @@ def run(args, objective, name):
         seed = args.seed * 1_000_003 + step  # everything random in a step follows from (seed, step): resumable
         batch = [problems[i] for i in random.Random(seed).sample(range(len(problems)), n_prompts)]
         with autocast:
-            policy.eval()
-            ro = rollout(policy, ref, tok, batch[rank::world], args, seed + 7919 * rank)
+            refresh_sampler(sampler, policy)
+            sampler.eval()
+            ro = rollout(sampler, ref, tok, batch[rank::world], args, seed + 7919 * rank)
             policy.train()
             t1 = time.time()
             try:

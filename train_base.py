@@ -50,6 +50,8 @@ def get_args(argv=None):
                    help="fraction of examples with a second turn (p1, then the same right answer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
+                   help="compute precision of the training steps (autocast over fp32 weights; evaluation in fp32)")
     return p.parse_args(argv)
 
 
@@ -109,8 +111,9 @@ def main(argv=None):
         for i, (ids, mask) in enumerate(batch):  # predict the answers and their end of turn only
             idx[i, :len(ids)] = torch.tensor(ids)
             loss_mask[i, :len(mask)] = torch.tensor(mask)
-        h = model.hidden(idx[:, :-1])  # (B, T-1, d)
-        logp = token_logprobs(h[loss_mask], model.head_weight, idx[:, 1:][loss_mask])
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):  # fp32 masters
+            h = model.hidden(idx[:, :-1])  # (B, T-1, d)
+            logp = token_logprobs(h[loss_mask], model.head_weight, idx[:, 1:][loss_mask])
         loss = -logp.mean()
         opt.zero_grad(set_to_none=True)
         loss.backward()
