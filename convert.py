@@ -49,7 +49,8 @@ DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF1
           "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
           "BOOL": torch.bool}
 DTYPE_NAMES = {v: k for k, v in DTYPES.items()}
-CLI_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+CLI_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+              "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # the training scripts' spelling too
 
 
 def fail(msg):

@@ -12,8 +12,10 @@ preset=${1:-demo}
 OUT=${OUT:-out}/$preset
 QUICK=${QUICK:-0}
 t_run=$SECONDS
-stage() {  # stage N of M: what, and the time since run.sh started
-  echo "===== run.sh: stage $1 of $2: $3 ($(( (SECONDS - t_run) / 60 )) min $(( (SECONDS - t_run) % 60 )) s so far) =====" >&2
+stage() {  # stage N of M: what, the time since run.sh started, and ($4, seconds) an estimate of what is left
+  local eta=""
+  [ -n "${4:-}" ] && eta=", about $(( ($4 + 30) / 60 )) min left"
+  echo "===== run.sh: stage $1 of $2: $3 ($(( (SECONDS - t_run) / 60 )) min $(( (SECONDS - t_run) % 60 )) s so far$eta) =====" >&2
 }
 
 if [ "$preset" = demo ]; then
@@ -29,15 +31,18 @@ if [ "$preset" = demo ]; then
   stage 1 5 "the base model (train_base.py)"
   python train_base.py --out "$OUT/base" $base_args
   stage 2 5 "Stage I from the base"
+  t_s1=$SECONDS
   python train_stage1.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/stage1" --steps $s1 $rl_args
   # the demo preset's Stage II (rl.PRESETS) draws half of its first attempts from the base model
   # (paper 5.3): turn 2 keeps practising on the base's mistakes while turn 1 improves
-  stage 3 5 "Stage II from Stage I (SCoRe)"
+  # what is left, from Stage I's pace: the RL steps still to run, and the evaluation (about a tenth of Stage I)
+  t1=$(( SECONDS - t_s1 )); left=$(( t1 * (s2 + s1 + s2) / s1 + t1 / 10 ))
+  stage 3 5 "Stage II from Stage I (SCoRe)" $left
   python train_stage2.py --preset demo --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2" \
     --steps $s2 $rl_args
   # ablation on the same RL budget: Stage II's recipe without Stage I (it starts from the base) and
   # without the bonus (alpha = 0)
-  stage 4 5 "the ablation: Stage II from the base, alpha 0"
+  stage 4 5 "the ablation: Stage II from the base, alpha 0" $(( t1 * (s1 + s2) / s1 + t1 / 10 ))
   python train_stage2.py --preset demo --base "$OUT/base" --init "$OUT/base" --out "$OUT/ablation" \
     --steps $((s1 + s2)) --alpha 0 --label "ablation" $rl_args
   stage 5 5 "greedy evaluation on held-out problems"

@@ -251,3 +251,19 @@ def test_nan_loss_stops_with_last_good_checkpoint(tiny, tmp_path):
         rl.run(run_args(base, str(tmp_path / "r"), 4, stage=1), poisoned, "Stage I")
     assert torch.load(tmp_path / "r" / "ckpt" / "state.pt", weights_only=False)["step"] == 2
     GPT.from_pretrained(tmp_path / "r" / "ckpt")
+
+
+def test_sampler_logprobs_match_the_trainer_in_fp32(tiny):
+    """The KL in the reward uses the sampler's log-probs of the sampled tokens: in fp32 they equal the
+    log_softmax of a full forward over the finished rollouts (transformers-free, naive) to 1e-5, at the
+    sampling temperature; a y1 drawn from the base model gets none (it is not pi's sample)."""
+    model, tok, base = tiny
+    policy = GPT.from_pretrained(base + "/init")
+    a = SimpleNamespace(k=2, max_new_tokens=6, temperature=0.7, p1=data.DEMO_P1, base_first=0.5, gen_batch=2)
+    ro = rl.rollout(policy, model, tok, data.make_demo(3, seed=4), a, seed=9)
+    with torch.no_grad():
+        full = torch.log_softmax(policy(ro.tokens)[:, :-1].float() / 0.7, -1).gather(2, ro.tokens[:, 1:, None])[..., 0]
+    mine = ro.m2 | (ro.m1 & ro.first_from_pi[:, None])
+    assert 0 < (~ro.first_from_pi).sum() < 6 and mine.sum() > 20
+    assert (ro.lp_old[mine] - full[mine]).abs().max() < 1e-5
+    assert (ro.lp_old[ro.m1 & ~ro.first_from_pi[:, None]] == 0).all()
