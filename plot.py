@@ -189,6 +189,9 @@ def curves(logs, out, reports=None, window=9):
         ax.set_ylabel(ylabel)
         if pct:
             ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=0))
+            lo, hi = ax.get_ylim()
+            if lo < 0 <= min(min(line.get_ydata(), default=0) for line in ax.get_lines()):
+                ax.set_ylim(0, max(hi, 5))  # shares are never negative: no "-0%" below a flat line at 0
         ax.grid(alpha=0.3)
         if len(ax.get_legend_handles_labels()[1]) > 1:  # below the panel, a column per field
             ax.legend(fontsize=8, loc="upper center", bbox_to_anchor=(0.5, -0.16), ncols=len(fields), frameon=False)
