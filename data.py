@@ -11,6 +11,7 @@ formats; a malformed row is an error naming the file and the line.
 """
 import argparse
 import gzip
+import hashlib
 import json
 import os
 import random
@@ -33,7 +34,7 @@ P1_CODE = ("There might be an error in the code above because of lack of underst
 DEMO_P1 = "There might be an error above. Correct it, if any."
 # The words the demo's tokenizer makes single tokens (tokenizer.Tokenizer.byte_level): the chat roles, the
 # prompt's word and numbers, the words of its p1. A rollout is then ~45 tokens instead of ~125 characters.
-DEMO_WORDS = ["user", "assistant", "sum", *(f" {i}" for i in range(1, 19)), *re.findall(r" ?[A-Za-z]+", DEMO_P1)]
+DEMO_WORDS = ["user", "assistant", "sum", *(f" {i}" for i in range(1, 30)), *re.findall(r" ?[A-Za-z]+", DEMO_P1)]
 
 
 def instruction(task):
@@ -85,22 +86,47 @@ class DataError(ValueError):
 
 
 # ------------------------------------------------------------------------------- demo task
-DEMO_EVAL_SEED = 2026  # evaluation problems; training uses other seeds (train_base: 1.., RL: --seed).
-# The demo's hyperparameters were chosen on the problems of seed 777777; the reported table uses these.
+DEMO_EVAL_SEED = 2026  # the order in which evaluation problems are drawn (any seed draws only "eval" problems)
+DEMO_SPLITS = ("train", "tune", "eval")
 
-def make_demo(n, seed, size=5, lo=1, hi=9):
-    """n problems: `size` distinct numbers in [lo, hi], exactly one pair of which sums to the target.
-    Finding the pair means searching all pairs; checking a proposed pair is one addition."""
+
+def demo_split(numbers, target):
+    """Which split a demo problem belongs to, a property of the problem itself: a hash of its numbers
+    (as a set: their order is only presentation) and its target. 10% "eval", 10% "tune", 80% "train",
+    so no training stream of any seed or rank can draw a problem that tuning or evaluation uses."""
+    key = f"{target}:{','.join(map(str, sorted(numbers)))}"
+    h = int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % 10
+    return "eval" if h == 0 else "tune" if h == 1 else "train"
+
+
+def make_demo(n, seed, split="train", size=5, lo=1, hi=15):
+    """n problems of `split`: `size` distinct numbers in [lo, hi], exactly one pair of which sums to the
+    target (25,564 such problems up to order, so ~2,500 each for tuning and evaluation). Finding the pair
+    means searching all pairs; checking a proposed pair is one addition. "tune" and "eval" problems are
+    distinct (up to order); "train" problems repeat, as training streams do."""
+    if split not in DEMO_SPLITS:
+        raise DataError(f"unknown demo split {split!r}: choose {', '.join(DEMO_SPLITS)}")
     rng = random.Random(seed)
-    out = []
-    while len(out) < n:
+    out, seen = [], set()
+    for _ in range(200 * n + 100_000):
+        if len(out) == n:
+            return out
         nums = rng.sample(range(lo, hi + 1), size)
         i, j = sorted(rng.sample(range(size), 2))
         target = nums[i] + nums[j]
         if sum(nums[a] + nums[b] == target for a in range(size) for b in range(a + 1, size)) != 1:
             continue
+        if demo_split(nums, target) != split:
+            continue
+        key = (target, tuple(sorted(nums)))
+        if split != "train":
+            if key in seen:
+                continue
+            seen.add(key)
         prompt = f"sum {target}: {' '.join(map(str, nums))}"
         out.append(Problem(prompt, f"{nums[i]}+{nums[j]}", "demo", {"numbers": nums, "target": target}))
+    if len(out) < n:
+        raise DataError(f"the demo's {split} split has only about {len(out)} distinct problems; asked for {n}")
     return out
 
 
@@ -201,12 +227,13 @@ def load_humaneval(path, limit=None):
     return out
 
 
-def load_task(name, path=None, n=None, seed=0):
-    """Problems of a task by name: demo (generated: n problems from seed), math, mbpp, humaneval (read from path)."""
+def load_task(name, path=None, n=None, seed=0, split="train"):
+    """Problems of a task by name: demo (generated: n problems of `split` from seed), math, mbpp, humaneval
+    (read from path)."""
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}: choose {', '.join(TASKS)}")
     if name == "demo":
-        return make_demo(n or 500, seed)
+        return make_demo(n or 500, seed, split)
     if path is None:
         raise DataError(f"task {name!r} needs a data path (--data)")
     if not os.path.exists(path):

@@ -160,7 +160,9 @@ def main(argv=None):
     p.add_argument("--task", default="demo", choices=data.TASKS)
     p.add_argument("--data", help="evaluation data (MATH500 JSONL, HumanEval JSONL(.gz), MBPP JSONL)")
     p.add_argument("--n", type=int, help="evaluate the first N problems (demo: how many to generate; default 500)")
-    p.add_argument("--seed", type=int, default=data.DEMO_EVAL_SEED, help="demo problems' seed (held out from training)")
+    p.add_argument("--seed", type=int, default=data.DEMO_EVAL_SEED, help="demo: the order its problems are drawn in")
+    p.add_argument("--split", default="eval", choices=data.DEMO_SPLITS,
+                   help="demo: eval (the report), tune (choosing settings); both held out from training by construction")
     p.add_argument("--turns", type=int, default=2, help="attempts per problem (p1 between each)")
     p.add_argument("--scaling", type=int, default=0, metavar="K",
                    help="also run the inference-compute comparison (math and demo: it votes over answers)")
@@ -199,7 +201,7 @@ def main(argv=None):
         except data.DataError as e:
             p.error(str(e))
     try:
-        problems = data.load_task(args.task, args.data, n=args.n, seed=args.seed)
+        problems = data.load_task(args.task, args.data, n=args.n, seed=args.seed, split=args.split)
     except data.DataError as e:
         p.error(str(e))
     rank, _, device = rl.setup_distributed(args.device)  # under torchrun: problems split over the ranks

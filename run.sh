@@ -26,7 +26,7 @@ if [ "$preset" = demo ]; then
   else
     base_args=""
     rl_args=""
-    s1=120; s2=80; eval_n=1000
+    s1=120; s2=80; eval_n=2000
   fi
   stage 1 5 "the base model (train_base.py)"
   python train_base.py --out "$OUT/base" $base_args

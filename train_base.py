@@ -93,7 +93,7 @@ def main(argv=None):
                        arch="qwen2")
     model = GPT(config).init_weights()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
-    held_out = data.make_demo(args.eval_n, seed=10_000 + args.seed)  # the evaluation scripts use other seeds
+    held_out = data.make_demo(args.eval_n, seed=10_000 + args.seed, split="tune")  # never an evaluation problem
     train_seed = args.seed * 1_000_003
     say = print if rank == 0 else (lambda *a, **k: None)
     say(f"base model: {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M parameters, {world} process(es)")
@@ -102,7 +102,7 @@ def main(argv=None):
         lr = args.lr * min(1.0, step / 100)  # short warm-up, then constant
         for g in opt.param_groups:
             g["lr"] = lr
-        problems = data.make_demo(args.batch * world, seed=train_seed + step)[rank::world]  # this rank's share
+        problems = data.make_demo(args.batch * world, seed=train_seed + step)[rank::world]  # training split; this rank's share
         rng = random.Random(train_seed + step)
         batch = [example(tok, p, rng, args.two_turn, args.change) for p in problems]
         T = max(len(ids) for ids, _ in batch)
@@ -125,7 +125,7 @@ def main(argv=None):
             prev, acc = acc, greedy_accuracy(model, tok, held_out)  # every rank: the same weights, the same verdict
             rate = step / (time.time() - t0)
             # the run stops at stop_acc: extrapolate the accuracy's last gain; max_steps bounds it
-            left = args.max_steps - step
+            left = 0 if acc >= args.stop_acc else args.max_steps - step
             if prev < acc < args.stop_acc:
                 left = min(left, math.ceil((args.stop_acc - acc) / (acc - prev)) * args.eval_every)
             say(f"step {step:5d} | loss {loss.item():.3f} | greedy acc {acc:.1%} (stops at {args.stop_acc:.0%}) | "

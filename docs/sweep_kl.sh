@@ -1,12 +1,12 @@
 #!/usr/bin/env bash
 # The demo's estimator and precision comparisons (docs/RESULTS.md): Stage I and Stage II with the KL in the
 # reward (RLOO, the default) and in the loss (k2), and Stage I in bf16 against fp32, three training
-# seeds each, from one base, evaluated greedily on the tuning problems (seed 777777), never on 2026.
+# seeds each, from one base, evaluated greedily on 2,000 tuning problems (data.demo_split's "tune"), never on "eval".
 #   bash docs/sweep_kl.sh BASE_DIR OUT_DIR
 set -euo pipefail
 cd "$(dirname "$0")/.."
 base=$1; out=$2; mkdir -p "$out"
-ev() { python evaluate.py --task demo --n 1000 --seed 777777 --ckpt "$1" --name "$2" --out "$1/tune.json" >/dev/null; }
+ev() { python evaluate.py --task demo --n 2000 --split tune --ckpt "$1" --name "$2" --out "$1/tune.json" >/dev/null; }
 for seed in 0 1 2; do
   for kl in reward loss; do
     python train_stage1.py --base "$base" --init "$base" --out "$out/s1_${kl}_$seed" --kl $kl --seed $seed >/dev/null

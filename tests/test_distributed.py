@@ -1,6 +1,9 @@
 """Data parallelism on the CPU with the gloo backend: two processes, each holding half of a global
-batch, make the same update as one process holding all of it (stated tolerance: 1e-6 absolute,
-the difference being only the order of floating-point sums); and torchrun runs a stage end to end."""
+batch, make the same update as one process holding all of it: the same summed gradients (1e-5 of
+their largest entry: the difference is only the order of floating-point sums) and the same weights
+after Adam's step (1e-4 absolute, 1% of its lr 1e-2 step: Adam divides tiny gradients by tinier
+second moments, so sum-order noise moves some entries by more than the gradients' own precision);
+and torchrun runs a stage end to end."""
 import os
 import socket
 import subprocess
@@ -51,7 +54,8 @@ def worker(rank, port, out_dir):
     opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
     stats = rl.update(policy, ref, opt, rows_of(ro, rows), train_stage2.objective, ARGS, world=2)
     if rank == 0:
-        torch.save({"state": policy.state_dict(), "stats": stats}, os.path.join(out_dir, "ddp.pt"))
+        torch.save({"state": policy.state_dict(), "stats": stats,
+                    "grads": {n: p.grad for n, p in policy.named_parameters()}}, os.path.join(out_dir, "ddp.pt"))
     torch.distributed.destroy_process_group()
 
 
@@ -68,8 +72,10 @@ def test_two_processes_make_the_single_process_update(tmp_path):
     stats = rl.update(policy, ref, opt, ro, train_stage2.objective, ARGS, world=1)
     mp.spawn(worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     got = torch.load(tmp_path / "ddp.pt")
+    for n, p in policy.named_parameters():
+        assert (got["grads"][n] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max(), n
     for k, v in policy.state_dict().items():
-        assert (got["state"][k] - v).abs().max() < 1e-6, k
+        assert (got["state"][k] - v).abs().max() < 1e-4, k
     assert any(not torch.equal(before[k], v) for k, v in policy.state_dict().items())  # the update moved weights
     assert all(abs(a - b) < 1e-6 * max(1.0, abs(b)) for a, b in zip(got["stats"], stats)), (got["stats"], stats)
 
