@@ -262,3 +262,22 @@ def test_bf16_hidden_with_fp32_head_as_under_autocast():
         gh, gw = grads
         assert gh.dtype == torch.bfloat16 and gw.dtype == torch.float32
         assert_bf16_close((gh, gw), (rh, rw), out, ref)
+
+
+def test_fp32_masters_under_autocast_compute_what_bf16_weights_compute():
+    """Under bf16 autocast the residual stream stays in bf16 and RMSNorm scales in bf16, so a policy with
+    fp32 master weights computes, bit for bit, what the same weights stored in bf16 compute (the reference,
+    and the sampler copy rl.make_sampler makes). Weights rounded to bf16 first, so both hold equal values."""
+    torch.manual_seed(0)
+    cfg = GPTConfig(vocab_size=300, n_layer=2, n_head=4, n_kv_head=2, n_embd=64, intermediate_size=128,
+                    max_seq_len=128, qkv_bias=True, qk_norm=True, tie_embeddings=False)
+    masters = GPT(cfg).init_weights(std=0.1).to(torch.bfloat16).float()
+    stored = GPT(cfg)
+    stored.load_state_dict(masters.state_dict())
+    stored = stored.to(torch.bfloat16)
+    idx = torch.randint(0, 300, (3, 20))
+    with torch.no_grad():
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a = masters(idx)
+        b = stored(idx)
+    assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
