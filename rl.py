@@ -29,8 +29,9 @@ generated token the loss w_lp * log pi + w_kl * k2; the policy's head forms that
 same pass that computes the log-probs (model.token_loss).
 
 Precision: the policy is always trained on fp32 master weights (fp32 Adam state), whatever the
-checkpoint's dtype; --dtype bf16 runs sampling, the reference and the policy's forward and backward
-under torch.autocast, on the CPU as on the GPU. The reference is stored in the compute dtype.
+checkpoint's dtype; --dtype bf16 runs the policy's forward and backward under torch.autocast, on the
+CPU as on the GPU. The reference is stored in the compute dtype, and a bf16 copy of the policy, refreshed
+every step, samples the rollouts (make_sampler): the same numbers, without casting every decoded token.
 """
 import argparse
 import json
@@ -46,7 +47,7 @@ import torch.distributed as dist
 
 import data
 from model import GPT, token_logprobs, token_loss
-from sample import generate, generate_turns, layout
+from sample import generate, generate_turns, layout, max_new_that_fits
 from tokenizer import Tokenizer
 
 # Presets, in plain sight. Paper defaults (Table 5): Adam, temperature 1.0, alpha 10, beta1 0.01;
@@ -84,8 +85,8 @@ def get_args(stage, argv=None):
     """Arguments of a stage script: a preset's values as defaults, every knob overridable."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    preset = PRESETS[pre.parse_known_args(argv)[0].preset]
     name = pre.parse_known_args(argv)[0].preset
+    preset = PRESETS[name]
     doc = (__import__("__main__").__doc__ or "") + (
         f"\nDefaults below are the {name!r} preset's for Stage {'I' * stage}; --preset changes them all.")
     p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
@@ -506,8 +507,8 @@ def load_problems(args, tok, max_len, say):
             say(f"dropped {len(problems) - len(kept)} MBPP test-split problems (task ids {lo}-{hi}): never trained on")
         problems = kept
     followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
-    fits = lambda p: len(tok.render([{"role": "user", "content": p.prompt}])) + 2 * args.max_new_tokens + followup + 1 <= max_len
-    kept = [p for p in problems if fits(p)]
+    room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup, 2)
+    kept = [p for p in problems if args.max_new_tokens <= room(p)]
     if len(kept) < len(problems):
         say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose two turns of "
             f"{args.max_new_tokens} new tokens do not fit the context of {max_len} positions")
