@@ -17,7 +17,8 @@ def test_run_sh_quick(tmp_path):
         # transitions and accuracies come from the same per-problem rewards: they must agree
         assert abs((r["acc_t2"] - r["acc_t1"]) - (r["delta_i2c"] - r["delta_c2i"])) < 1e-9
     table = (tmp_path / "demo" / "table.md").read_text()
-    for r in reports:  # the markdown table shows the report's numbers, in percent
+    for r in reports:  # the markdown table shows the report's numbers, in percent (the quick run's figures are
+        # mostly 0, so here this checks the rows and columns more than the scaling)
         row = next(line for line in table.splitlines() if line.startswith(f"| {r['name']} |"))
         cells = [float(c) for c in row.strip("|").split("|")[1:7]]
         assert all(abs(c - 100 * r[k]) < 0.051 for c, k in
