@@ -153,6 +153,77 @@ def markdown(reports):
     return "\n".join(lines) + f"\n\n(percent of {reports[0]['n']} problems)"
 
 
+METRICS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed")
+
+
+def mean_se(xs):
+    """Mean and standard error of the mean (sample standard deviation / sqrt(n)); None with one value."""
+    n, m = len(xs), sum(xs) / len(xs)
+    return {"mean": m, "se": (sum((x - m) ** 2 for x in xs) / (n - 1) / n) ** 0.5 if n > 1 else None, "n": n}
+
+
+def over_seeds(reports, reference):
+    """The table over training seeds. Each report is named ROW@SEED; a row trained once (the base) has
+    no @SEED. Per row: mean and standard error of each metric over its seeds, and the paired difference
+    reference - row of delta and acc_t2, seed by seed (a row trained once pairs with every seed)."""
+    rows = {}  # row -> {seed or None: report}
+    for r in reports:
+        row, at, seed = r["name"].rpartition("@")
+        row, seed = (row, seed) if at else (r["name"], None)
+        if seed in rows.setdefault(row, {}):
+            raise ValueError(f"two checkpoints are named {r['name']!r}")
+        rows[row][seed] = r
+    if reference not in rows:
+        raise ValueError(f"no checkpoint is named {reference}@SEED (the reference row); rows: {', '.join(rows)}")
+    ref, out = rows[reference], []
+    for row, runs in rows.items():
+        entry = {"row": row, "seeds": sorted(s for s in runs if s is not None),
+                 **{m: mean_se([r[m] for r in runs.values()]) for m in METRICS}}
+        if row != reference:
+            seeds = [s for s in ref if s in runs or list(runs) == [None]]
+            if not seeds:
+                raise ValueError(f"row {row!r} shares no seed with {reference!r}: nothing to pair")
+            other = lambda s: runs.get(s, runs.get(None))
+            entry["paired"] = {m: mean_se([ref[s][m] - other(s)[m] for s in seeds]) for m in ("delta", "acc_t2")}
+        out.append(entry)
+    return out
+
+
+def targets(rows, reference, base="base"):
+    """The paper's signature as checks on the table over seeds: (what, the measured value, met)."""
+    by = {r["row"]: r for r in rows}
+    ref, checks = by[reference], []
+    pct = lambda x: f"{100 * x:+.1f}"
+    if base in by:
+        d = by[base]["paired"]["delta"]["mean"]
+        checks.append((f"{reference} Delta at least 5 points above the base's", pct(d), d >= 0.05))
+    for r in rows:
+        if r["row"] in (reference, base):
+            continue
+        p = r["paired"]["delta"]
+        checks.append((f"{reference} Delta above {r['row']}'s by more than 2 standard errors (paired)",
+                       f"{pct(p['mean'])} +- {100 * (p['se'] or 0):.1f}", p["se"] is not None and p["mean"] > 2 * p["se"]))
+        a = ref["acc_t2"]["mean"] - r["acc_t2"]["mean"]
+        checks.append((f"{reference} acc_t2 at least {r['row']}'s", pct(a), a >= 0))
+    c = ref["delta_c2i"]["mean"]
+    checks.append((f"{reference} Delta_c->i at most 2 points", f"{100 * c:.1f}", c <= 0.02))
+    return checks
+
+
+def markdown_seeds(rows, checks, reference):
+    """The table over seeds (mean +- standard error, in percent), the paired differences, the checks."""
+    cell = lambda s: f"{100 * s['mean']:.1f}" + (f" ± {100 * s['se']:.1f}" if s["se"] is not None else "")
+    lines = ["| row | seeds | " + " | ".join(METRICS) + f" | {reference} - row: delta | {reference} - row: acc_t2 |",
+             "|---" * (len(METRICS) + 4) + "|"]
+    for r in rows:
+        paired = [cell(r["paired"][m]) if "paired" in r else "" for m in ("delta", "acc_t2")]
+        lines.append(f"| {r['row']} | {len(r['seeds']) or 1} | " + " | ".join(cell(r[m]) for m in METRICS) + " | "
+                     + " | ".join(paired) + " |")
+    lines += ["", "| target | measured | |", "|---|---|---|"]
+    lines += [f"| {what} | {value} | {'met' if ok else 'missed'} |" for what, value, ok in checks]
+    return "\n".join(lines)
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="a checkpoint directory; repeat to compare")
@@ -173,10 +244,13 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64, help="problems generated together")
     p.add_argument("--p1", help="the self-correction instruction (default: each checkpoint's, from its "
                                 "task.json; else the one the task trains with)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute precision (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute precision (default: bf16 on cuda, fp32 on the cpu)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--out", help="write the JSON report here")
     p.add_argument("--markdown", help="write the markdown table here")
+    p.add_argument("--seeds", metavar="REF",
+                   help="names are ROW@SEED (a row trained once, like the base, plain ROW): also report each row's "
+                        "mean +- standard error over its seeds and the paired difference REF - row, seed by seed")
     args = p.parse_args(argv)
     if args.turns < 2:
         p.error("--turns must be at least 2")
@@ -192,6 +266,11 @@ def main(argv=None):
     if len(names) > len(args.ckpt):
         p.error("more --name than --ckpt")
     names += args.ckpt[len(names):]
+    if args.seeds:  # a mistake in the names stops the run here, before any model runs
+        try:
+            over_seeds([dict(name=n, **{m: 0.0 for m in METRICS}) for n in names], args.seeds)
+        except ValueError as e:
+            p.error(f"--seeds {args.seeds}: {e}")
     infos = []
     for ckpt in args.ckpt:
         if not is_checkpoint(ckpt):
@@ -234,11 +313,18 @@ def main(argv=None):
         del model
     if rank != 0:
         return
-    table = markdown(reports)
+    table, result = markdown(reports), reports[0] if len(reports) == 1 else reports
+    if args.seeds:
+        rows = over_seeds(reports, args.seeds)
+        checks = targets(rows, args.seeds)
+        table = (markdown_seeds(rows, checks, args.seeds) + f"\n\n(mean ± standard error over training seeds, percent "
+                 f"of {reports[0]['n']} held-out problems)\n\nEach checkpoint:\n\n" + table)
+        result = {"rows": rows, "targets": [dict(target=w, measured=v, met=ok) for w, v, ok in checks],
+                  "checkpoints": reports}
     print(table)
     if args.out:
         with open(args.out, "w") as f:
-            json.dump(reports[0] if len(reports) == 1 else reports, f, indent=2)
+            json.dump(result, f, indent=2)
         print(f"wrote the report to {args.out}")
     if args.markdown:
         with open(args.markdown, "w") as f:

@@ -19,6 +19,17 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
+def auto_dtype(device):
+    """'bf16' where bf16 products are fast: a GPU, or a CPU with bf16 matrix instructions (AVX512-BF16 or
+    AMX); 'fp32' elsewhere. Without those instructions the CPU emulates bf16 products, about 50x slower
+    than its fp32 ones (measured on a 2-core AVX2 EPYC: 1 against 50 GFLOP/s at 4096x384x1536)."""
+    if str(device).startswith("cuda"):
+        return "bf16"
+    cpu = torch.cpu
+    fast = [getattr(cpu, f, lambda: False) for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return "bf16" if any(f() for f in fast) else "fp32"
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 32768

@@ -46,7 +46,7 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import GPT, token_logprobs, token_loss
+from model import GPT, auto_dtype, token_logprobs, token_loss
 from sample import generate, generate_turns, layout, max_new_that_fits
 from tokenizer import Tokenizer
 
@@ -57,12 +57,13 @@ from tokenizer import Tokenizer
 # than a 1.5B model does, so its Stage I holds turn 1 with beta2 = 0.5 (0.1 let it collapse, see
 # README.md). Its Stage II runs 80 steps at lr 3e-5 and draws half of its first attempts from the base
 # (paper 5.3): `stage2` holds what a preset changes for Stage II. run.sh passes none of these again.
-# The demo computes in bf16 on the CPU too (fp32 masters): 1.6x faster per step at its shapes.
+# The demo computes in bf16 where the CPU has bf16 matrix units (fp32 masters; 1.6x faster per step at
+# its shapes on an AVX512-BF16 EPYC), in fp32 where it has not (model.auto_dtype).
 PRESETS = {
     "demo": dict(task="demo", data=None, base="out/demo/base", root="out/demo", n_train=20000,
-                 lr=3e-4, batch=128, k=4, micro_batch=128, steps=120, beta1=0.01, beta2=0.5, alpha=10.0,
-                 max_new_tokens=16, save_every=10, threads=0, dtype="bf16",
-                 stage2=dict(steps=80, lr=3e-5, base_first=0.5)),
+                 lr=3e-4, batch=128, k=4, micro_batch=128, steps=100, beta1=0.01, beta2=0.5, alpha=10.0,
+                 max_new_tokens=16, save_every=10, threads=0, dtype="auto",
+                 stage2=dict(steps=60, lr=1e-4, base_first=0.5)),
     "math": dict(task="math", data="data/math_train.jsonl", base="out/math/base", root="out/math", n_train=None,
                  lr=5e-6, batch=512, k=4, micro_batch=4, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,
                  max_new_tokens=1024, save_every=50, threads=0, gen_batch=256),
@@ -81,8 +82,9 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return h + " (default: %(default)s)"
 
 
-def get_args(stage, argv=None):
-    """Arguments of a stage script: a preset's values as defaults, every knob overridable."""
+def get_args(stage, argv=None, run=None):
+    """Arguments of a stage script: a preset's values as defaults, every knob overridable. `run` names
+    the default run directory under the preset's root (default: stage1 or stage2)."""
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     name = pre.parse_known_args(argv)[0].preset
@@ -117,8 +119,9 @@ def get_args(stage, argv=None):
     p.add_argument("--max-new-tokens", type=int, help="per turn")
     p.add_argument("--p1", help="the self-correction instruction (default: the paper's; the demo's is shorter)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16" if torch.cuda.is_available() else "fp32",
-                   help="compute precision of sampling, reference and training (autocast over fp32 master weights)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "auto"], default="auto",
+                   help="compute precision of sampling, reference and training (autocast over fp32 master weights); "
+                        "auto: bf16 on a GPU or a CPU with bf16 matrix units, else fp32")
     p.add_argument("--gen-batch", type=int,
                    help="generate each step's rollouts in chunks of at most N rows (whole prompt groups); "
                         "default: all at once on the CPU, what fits the free memory on a GPU (memory_model)")
@@ -131,13 +134,16 @@ def get_args(stage, argv=None):
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
                    help="cpu or cuda; with torchrun, each process takes cuda:LOCAL_RANK")
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--label", help="the run's name in the progress lines (default: the stage's)")
+    p.add_argument("--label", help="the run's name, at the start of every progress line (default: the stage's, "
+                                   "at the start and end only)")
     p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2")})
     if stage == 2:
         p.set_defaults(**preset.get("stage2", {}))
     p.set_defaults(init=preset["base"] if stage == 1 else f"{preset['root']}/stage1/ckpt",
-                   out=f"{preset['root']}/stage{stage}")
+                   out=f"{preset['root']}/{run or f'stage{stage}'}")
     args = p.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = auto_dtype(args.device)
     if args.p1 is None:
         args.p1 = data.instruction(args.task)
     if args.batch % args.k or args.micro_batch % args.k:
@@ -599,7 +605,7 @@ def run(args, objective, name):
                    len_y1=counts[5].item() / args.batch, len_y2=counts[6].item() / args.batch,
                    cut=counts[7].item() / (2 * args.batch), t_sample=ro.t_sample, t_score=ro.t_score,
                    t_update=t_update, seconds=time.time() - t0)
-        say(f"step {step}/{args.steps} | acc t1 {acc_t1:.1%} t2 {acc_t2:.1%} (i->c {i2c:.1%}, c->i {c2i:.1%}) | "
+        say(f"{args.label + ': ' if args.label else ''}step {step}/{args.steps} | acc t1 {acc_t1:.1%} t2 {acc_t2:.1%} (i->c {i2c:.1%}, c->i {c2i:.1%}) | "
             f"KL t1 {kl1:.4f} t2 {kl2:.4f} | loss {loss:+.4f} | |g| {grad_norm:.3f} | {rate:.0f} tok/s | "
             f"ETA {eta:.1f} min", flush=True)
         window.append(acc_t2)

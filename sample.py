@@ -306,7 +306,7 @@ def main(argv=None):
                    help="per turn (default: the checkpoint's, from its task.json; else 512, or less to fit the context)")
     p.add_argument("--p1", help="the self-correction instruction (default: the one the checkpoint was trained "
                                 "with, from its task.json; else the paper's math p1)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute precision (default: bf16 on cuda, fp32 on cpu)")
+    p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute precision (default: bf16 on cuda, fp32 on the cpu)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)

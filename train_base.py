@@ -26,7 +26,7 @@ import torch.distributed as dist
 import data
 import evaluate
 import rl
-from model import GPT, GPTConfig, token_logprobs
+from model import GPT, GPTConfig, auto_dtype, token_logprobs
 from tokenizer import Tokenizer
 
 
@@ -50,9 +50,13 @@ def get_args(argv=None):
                    help="fraction of examples with a second turn (p1, then the same right answer)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], default="bf16",
-                   help="compute precision of the training steps (autocast over fp32 weights; evaluation in fp32)")
-    return p.parse_args(argv)
+    p.add_argument("--dtype", choices=["bf16", "fp32", "auto"], default="auto",
+                   help="compute precision of the training steps (autocast over fp32 weights; evaluation in fp32); "
+                        "auto: bf16 on a CPU with bf16 matrix units, else fp32")
+    args = p.parse_args(argv)
+    if args.dtype == "auto":
+        args.dtype = auto_dtype("cpu")
+    return args
 
 
 def example(tok, prob, rng, two_turn, change=0.0):

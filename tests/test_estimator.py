@@ -10,6 +10,7 @@ import torch
 
 import rl
 import train_stage1
+import train_single_turn
 import train_stage2
 
 F64 = torch.float64
@@ -54,6 +55,7 @@ PLACES = {
     "stage1-turn2": (train_stage1.objective, 1, lambda a: a.beta1, lambda r, a: r),
     "stage2-turn1": (train_stage2.objective, 0, lambda a: a.beta1, lambda r, a: r),
     "stage2-turn2": (train_stage2.objective, 1, lambda a: a.beta1, lambda r, a: (1 + a.alpha) * r - a.alpha),
+    "single-turn-turn1": (train_single_turn.objective, 0, lambda a: a.beta1, lambda r, a: r),
 }
 
 
@@ -219,3 +221,11 @@ def test_token_weights_refuses_a_nonlinear_objective():
         a = args(kl="reward", baseline=baseline)
         with pytest.raises(ValueError, match="not linear"):
             rl.token_weights(lambda s, a: -rl.baseline(s.r2 - a.beta1 * s.logp2, s.group, a) * s.logp2, a, b)
+
+
+def test_single_turn_trains_turn_1_alone():
+    """The ablation "w/o multi-turn training": turn 1 as Stage II's (r1 - beta1 kl1, loo), turn 2 nothing."""
+    w_lp, w_kl = rl.token_weights(train_single_turn.objective, args(), hand_batch(ON))
+    # R1 = r1 - 0.5 kl1 = [-0.25, 1.5, 0, -0.125]: Stage II's turn 1 above, -A1
+    want = torch.tensor([17 / 24, -13 / 8, 3 / 8, 13 / 24], dtype=F64)
+    assert torch.allclose(w_lp[0], want) and not w_lp[1].any() and not w_kl.any()

@@ -202,6 +202,68 @@ def test_bf16_run_end_to_end_and_outputs(ckpt, tmp_path, capsys):
     assert "tiny: 4/6 problems" in stderr and "tiny: 6/6 problems" in stderr and "ETA" in stderr
 
 
+# ----------------------------------------------------------------------------- the table over seeds
+def rep(name, delta, acc_t2=0.5, c2i=0.01):
+    return dict(name=name, acc_t1=acc_t2 - delta, acc_t2=acc_t2, delta=delta, delta_i2c=delta + c2i, delta_c2i=c2i,
+                changed=0.1, n=2000)
+
+
+def test_over_seeds_by_hand():
+    reports = [rep("SCoRe@0", 0.05, 0.60), rep("SCoRe@1", 0.07, 0.62), rep("SCoRe@2", 0.09, 0.64),
+               rep("abl@0", 0.01, 0.55), rep("abl@1", 0.04, 0.57), rep("abl@2", 0.04, 0.66),
+               rep("base", -0.20, 0.40, c2i=0.25)]
+    rows = {r["row"]: r for r in evaluate.over_seeds(reports, "SCoRe")}
+    assert list(rows) == ["SCoRe", "abl", "base"] and rows["SCoRe"]["seeds"] == ["0", "1", "2"]
+    # SCoRe's Delta 5, 7, 9: mean 7, sample sd 2, standard error 2 / sqrt 3
+    assert rows["SCoRe"]["delta"]["mean"] == pytest.approx(0.07)
+    assert rows["SCoRe"]["delta"]["se"] == pytest.approx(0.02 / 3 ** 0.5)
+    assert "paired" not in rows["SCoRe"]
+    # paired SCoRe - abl, seed by seed: 4, 3, 5 -> mean 4, sd 1; acc_t2: 5, 5, -2 -> mean 8/3
+    assert rows["abl"]["paired"]["delta"]["mean"] == pytest.approx(0.04)
+    assert rows["abl"]["paired"]["delta"]["se"] == pytest.approx(0.01 / 3 ** 0.5)
+    assert rows["abl"]["paired"]["acc_t2"]["mean"] == pytest.approx(0.08 / 3)
+    # unpaired the ablation's spread (sd of 1, 4, 4 = sqrt 3) would give a different standard error
+    assert rows["abl"]["delta"]["se"] == pytest.approx(3 ** 0.5 / 100 / 3 ** 0.5)
+    # the base, trained once, pairs with every seed: 25, 27, 29; its own standard error is undefined
+    assert rows["base"]["seeds"] == [] and rows["base"]["delta"]["se"] is None
+    assert rows["base"]["paired"]["delta"]["mean"] == pytest.approx(0.27)
+    assert rows["base"]["paired"]["delta"]["se"] == pytest.approx(0.02 / 3 ** 0.5)
+    checks = {w: (v, ok) for w, v, ok in evaluate.targets(list(rows.values()), "SCoRe")}
+    assert checks["SCoRe Delta at least 5 points above the base's"] == ("+27.0", True)
+    assert checks["SCoRe Delta above abl's by more than 2 standard errors (paired)"] == ("+4.0 +- 0.6", True)
+    assert checks["SCoRe acc_t2 at least abl's"] == ("+2.7", True)
+    assert checks["SCoRe Delta_c->i at most 2 points"] == ("1.0", True)
+    # an ablation within 2 standard errors, one with a higher acc_t2, and a c->i of 3 points: missed
+    reports[3:6] = [rep("abl@0", 0.04, 0.70), rep("abl@1", 0.04, 0.70), rep("abl@2", 0.09, 0.70)]
+    reports[:3] = [rep(f"SCoRe@{s}", d, c2i=0.03) for s, d in enumerate((0.05, 0.07, 0.09))]
+    rows = evaluate.over_seeds(reports, "SCoRe")
+    assert [ok for _, _, ok in evaluate.targets(rows, "SCoRe")] == [True, False, False, False]
+
+
+def test_over_seeds_refuses_bad_names():
+    with pytest.raises(ValueError, match="reference row"):
+        evaluate.over_seeds([rep("a@0", 0.1)], "SCoRe")
+    with pytest.raises(ValueError, match="two checkpoints"):
+        evaluate.over_seeds([rep("SCoRe@0", 0.1), rep("SCoRe@0", 0.1)], "SCoRe")
+    with pytest.raises(ValueError, match="no seed"):
+        evaluate.over_seeds([rep("SCoRe@0", 0.1), rep("abl@1", 0.1)], "SCoRe")
+
+
+def test_seeds_cli_writes_the_table_and_json(ckpt, tmp_path, capsys):
+    out, md = tmp_path / "r.json", tmp_path / "t.md"
+    names = ["SCoRe@0", "SCoRe@1", "abl@0", "abl@1", "base"]
+    argv = [a for n in names for a in ("--ckpt", ckpt, "--name", n)]
+    evaluate.main(argv + ["--n", "4", "--seeds", "SCoRe", "--out", str(out), "--markdown", str(md)])
+    result = json.loads(out.read_text())
+    assert [r["row"] for r in result["rows"]] == ["SCoRe", "abl", "base"]
+    assert [c["name"] for c in result["checkpoints"]] == names
+    assert [t["met"] for t in result["targets"]][0] is False  # the same model everywhere: no gain over the base
+    lines = md.read_text().splitlines()
+    assert lines[0].startswith("| row | seeds | acc_t1") and lines[2].startswith("| SCoRe | 2 | ")
+    assert "| base | 1 | " in md.read_text() and "Each checkpoint:" in md.read_text()
+    assert "no checkpoint is named SCoRe@SEED" in error_of(capsys, ["--ckpt", ckpt, "--name", "x@0", "--seeds", "SCoRe"])
+
+
 # ----------------------------------------------------------------------------- one-line errors
 def test_not_a_checkpoint(tmp_path, capsys):
     assert "not a checkpoint" in error_of(capsys, ["--ckpt", str(tmp_path)])

@@ -281,3 +281,17 @@ def test_fp32_masters_under_autocast_compute_what_bf16_weights_compute():
             a = masters(idx)
         b = stored(idx)
     assert a.dtype == b.dtype == torch.bfloat16 and torch.equal(a, b)
+
+
+def test_auto_dtype_follows_the_cpus_bf16_units(monkeypatch):
+    """bf16 only where its products are fast: a GPU, or a CPU with AVX512-BF16 or AMX (an AVX2 CPU
+    emulates them ~50x slower than fp32); the scripts resolve --dtype auto before anything runs."""
+    import rl
+    from model import auto_dtype
+    for avx512_bf16, amx, want in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        assert auto_dtype("cpu") == want
+        assert auto_dtype("cuda:0") == "bf16"
+        assert rl.get_args(1, ["--device", "cpu"]).dtype == want  # the demo preset's default is auto
+        assert rl.get_args(1, ["--device", "cpu", "--dtype", "fp32"]).dtype == "fp32"

@@ -1,7 +1,15 @@
-"""CI's smoke run of the whole demo pipeline (a few steps of every stage), so the scripts cannot rot."""
+"""CI's smoke run of the whole demo pipeline (a few steps of every row of the table, one seed), so the
+scripts cannot rot."""
 import json
 import os
 import subprocess
+
+import torch
+
+import data
+
+ROWS = ["base", "Stage I only", "SCoRe", "w/o multi-turn training", "w/o Stage I", "w/o reward shaping"]
+RUNS = {"stage1": 4, "score": 2, "no_shaping": 2, "no_stage1": 4, "single_turn": 4}  # steps: s1 + s2 or s2
 
 
 def test_run_sh_quick(tmp_path):
@@ -9,32 +17,40 @@ def test_run_sh_quick(tmp_path):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     res = subprocess.run(["bash", "run.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
-    reports = json.loads((tmp_path / "demo" / "report.json").read_text())
-    assert [r["name"] for r in reports] == ["base", "Stage I", "SCoRe (Stage II)", "ablation: no Stage I, alpha 0"]
-    for r in reports:
+    out = tmp_path / "demo"
+    result = json.loads((out / "report.json").read_text())
+    assert [r["row"] for r in result["rows"]] == ROWS
+    assert [r["seeds"] for r in result["rows"]] == [[]] + [["0"]] * 5
+    assert [c["name"] for c in result["checkpoints"]] == ["base"] + [f"{r}@0" for r in ROWS[1:]]
+    for r in result["checkpoints"]:
         for key in ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed"):
             assert 0.0 <= abs(r[key]) <= 1.0
         # transitions and accuracies come from the same per-problem rewards: they must agree
         assert abs((r["acc_t2"] - r["acc_t1"]) - (r["delta_i2c"] - r["delta_c2i"])) < 1e-9
-    table = (tmp_path / "demo" / "table.md").read_text()
-    for r in reports:  # the markdown table shows the report's numbers, in percent (the quick run's figures are
-        # mostly 0, so here this checks the rows and columns more than the scaling)
-        row = next(line for line in table.splitlines() if line.startswith(f"| {r['name']} |"))
-        cells = [float(c) for c in row.strip("|").split("|")[1:7]]
-        assert all(abs(c - 100 * r[k]) < 0.051 for c, k in
-                   zip(cells, ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed"))), (row, r)
-    # each stage wrote a whole checkpoint: fp32 masters, and the task and p1 that evaluate.py defaults to
-    import torch
-    import data
-    for ckpt in ("stage1/ckpt", "stage2/ckpt", "ablation/ckpt", "stage2/best"):
-        state = torch.load(tmp_path / "demo" / ckpt / "model.pt", weights_only=True)
+        assert r["n"] == 8
+    # one seed has no standard error, so no paired difference can be told from noise
+    assert len(result["targets"]) == 10 and not any(t["met"] for t in result["targets"][1:-1:2])
+    table = (out / "table.md").read_text()
+    assert table.startswith("| row | seeds |") and "| target | measured |" in table and "Each checkpoint:" in table
+    # each run wrote a whole checkpoint: fp32 masters, and the task and p1 that evaluate.py defaults to
+    for ckpt in [f"seed0/{run}/ckpt" for run in RUNS] + ["seed0/stage1/step_000002", "seed0/score/best"]:
+        state = torch.load(out / ckpt / "model.pt", weights_only=True)
         assert {t.dtype for t in state.values()} == {torch.float32}, ckpt
-        assert data.task_info(tmp_path / "demo" / ckpt) == {"task": "demo", "p1": data.DEMO_P1, "max_new_tokens": 16}
+        assert data.task_info(out / ckpt) == {"task": "demo", "p1": data.DEMO_P1, "max_new_tokens": 16}
+    # SCoRe and the run without reward shaping start from Stage I's step s1, which Stage I only runs past
+    inits = {run: torch.load(out / "seed0" / run / "ckpt" / "state.pt", weights_only=False)["args"]["init"]
+             for run in RUNS}
+    assert inits == {"stage1": f"{out}/base", "score": f"{out}/seed0/stage1/step_000002",
+                     "no_shaping": f"{out}/seed0/stage1/step_000002", "no_stage1": f"{out}/base",
+                     "single_turn": f"{out}/base"}
+    assert torch.load(out / "seed0" / "no_shaping" / "ckpt" / "state.pt", weights_only=False)["args"]["alpha"] == 0
     stages = [line for line in res.stderr.splitlines() if line.startswith("===== run.sh: stage")]
-    assert [line.split()[3] for line in stages] == ["1", "2", "3", "4", "5"], stages
-    assert "ablation: done" in res.stdout and "Stage II: done" in res.stdout
-    for stage in ("stage1", "stage2", "ablation"):
-        log = (tmp_path / "demo" / stage / "log.jsonl").read_text().splitlines()
-        assert len(log) == (4 if stage == "ablation" else 2)
+    assert [line.split()[3:6] for line in stages] == [["1", "of", "3:"], ["2", "of", "3:"], ["3", "of", "3:"]], stages
+    for label in ("Stage I (seed 0)", "SCoRe (seed 0)", "w/o reward shaping (seed 0)", "w/o Stage I (seed 0)",
+                  "w/o multi-turn training (seed 0)"):
+        assert f"{label}: done" in res.stdout, label
+    for run, steps in RUNS.items():
+        log = (out / "seed0" / run / "log.jsonl").read_text().splitlines()
+        assert len(log) == steps, run
         for rec in map(json.loads, log):  # the sampled rollouts' i->c and c->i account for the change in accuracy
             assert abs((rec["acc_t2"] - rec["acc_t1"]) - (rec["delta_i2c"] - rec["delta_c2i"])) < 1e-9

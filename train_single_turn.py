@@ -1,0 +1,27 @@
+"""
+The ablation "w/o multi-turn training" (paper Table 4): ordinary single-turn RL on the first attempt,
+from the base model, evaluated with two turns like every other row:
+
+    max  E[ r(y1) ]  -  beta1 * KL(pi(.|x) || pi_ref(.|x))
+
+The rollouts still hold a second attempt (the same sampler and layout as the stages), but its return
+and KL weight are zero: no gradient reaches turn 2, which keeps whatever the base does after p1.
+Defaults are Stage I's (lr, steps, every first attempt from the policy).
+
+    python train_single_turn.py                 # the CPU demo: out/demo/single_turn
+"""
+import rl
+
+
+def objective(b, args):
+    return rl.reinforce(b, args,
+                        turn1=(b.r1, args.beta1),   # r(y1); beta1 * KL on turn 1
+                        turn2=(0.0, 0.0))           # no reward, no KL: turn 2 is not trained
+
+
+if __name__ == "__main__":
+    args = rl.get_args(stage=1, run="single_turn")
+    if args.base_first:
+        raise SystemExit("train_single_turn.py: --base-first must be 0 (a first attempt from the base model "
+                         "gets no turn-1 terms, and turn 2 is not trained: such rows would teach nothing)")
+    rl.run(args, objective, "single-turn RL")
