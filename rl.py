@@ -163,6 +163,7 @@ def rollout(policy, ref, tok, problems, args, seed):
     prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in problems]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])
     R, k = len(problems) * args.k, args.k
+    turns = getattr(args, "turns", 2)  # 1: single-turn RL (train_single_turn.py) samples no second attempt
     from_base = torch.rand(R, generator=torch.Generator().manual_seed(seed)) < args.base_first
     per = max(1, (getattr(args, "gen_batch", None) or R) // k)  # prompts per chunk
     y1s, y2s, lp1s, lp2s = [], [], [], []
@@ -177,35 +178,39 @@ def rollout(policy, ref, tok, problems, args, seed):
             first = [None] * len(rows)
             for r, y in zip(base_rows, ys):
                 first[r - a * k] = y
-        (ys1, ys2), (lps1, lps2) = generate_turns(
-            policy, ps, followup, args.max_new_tokens, turns=2, k=k, temperature=args.temperature,
+        ys, lps = generate_turns(
+            policy, ps, followup, args.max_new_tokens, turns=turns, k=k, temperature=args.temperature,
             stop_ids=tok.stop_ids, eot_id=tok.eot_id, seed=seed + 7 * c, first=first, return_logprobs=True)
-        y1s += ys1; y2s += ys2; lp1s += lps1; lp2s += lps2
+        y1s += ys[0]; lp1s += lps[0]
+        y2s += ys[-1]; lp2s += lps[-1]  # one turn: the "second" attempt is the first, and is never trained
     t_sample = time.time() - t0
-    seqs, spans = zip(*(layout(prompts[r // k], [y1s[r], y2s[r]], followup, tok.eot_id) for r in range(R)))
+    seqs, spans = zip(*(layout(prompts[r // k], [y1s[r], y2s[r]][:turns], followup, tok.eot_id) for r in range(R)))
     L, dev = max(map(len, seqs)), policy.embed_tokens.weight.device
     tokens = torch.zeros(R, L, dtype=torch.long)
     m1 = torch.zeros(R, L - 1, dtype=torch.bool)  # target positions: token j + 1 is predicted at j
     m2 = torch.zeros(R, L - 1, dtype=torch.bool)
     lp_old = torch.zeros(R, L - 1)  # the sampler's log pi of each generated token, at its target position
-    for r, (s, ((a1, b1), (a2, b2))) in enumerate(zip(seqs, spans)):
+    for r, (s, sp) in enumerate(zip(seqs, spans)):
         tokens[r, :len(s)] = torch.tensor(s)
+        (a1, b1), (a2, b2) = sp[0], sp[-1]
         m1[r, a1 - 1:b1 - 1] = True
-        m2[r, a2 - 1:b2 - 1] = True
         if lp1s[r] is not None:
             lp_old[r, a1 - 1:b1 - 1] = torch.tensor(lp1s[r])
-        lp_old[r, a2 - 1:b2 - 1] = torch.tensor(lp2s[r])
+        if turns == 2:
+            m2[r, a2 - 1:b2 - 1] = True
+            lp_old[r, a2 - 1:b2 - 1] = torch.tensor(lp2s[r])
     t0 = time.time()
     reps = [p for p in problems for _ in range(k)]
     text = lambda y: tok.decode([t for t in y if t not in tok.stop_ids])
     t1, t2 = [text(y) for y in y1s], [text(y) for y in y2s]
     r1 = torch.tensor(data.rewards(reps, t1), device=dev)
-    r2 = torch.tensor(data.rewards(reps, t2), device=dev)
+    r2 = torch.tensor(data.rewards(reps, t2), device=dev) if turns == 2 else r1  # one turn: no change to log
     cut = lambda ys: sum(len(y) == args.max_new_tokens and y[-1] not in tok.stop_ids for y in ys)
     return SimpleNamespace(tokens=tokens.to(dev), m1=m1.to(dev), m2=m2.to(dev), lp_old=lp_old.to(dev), r1=r1, r2=r2,
                            group=torch.arange(len(problems), device=dev).repeat_interleave(k),
                            first_from_pi=(~from_base).to(dev), n_generated=int(m1.sum() + m2.sum()), y1=t1, y2=t2,
-                           len_y1=sum(map(len, y1s)), len_y2=sum(map(len, y2s)), cut=cut(y1s) + cut(y2s),
+                           len_y1=sum(map(len, y1s)), len_y2=sum(map(len, y2s)) if turns == 2 else 0,
+                           cut=cut(y1s) + (cut(y2s) if turns == 2 else 0),
                            n_context=sum(map(len, seqs)),
                            t_sample=t_sample, t_score=time.time() - t0)
 

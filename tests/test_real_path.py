@@ -224,51 +224,42 @@ def check_fp32_checkpoint(ckpt):
 
 
 # ----------------------------------------------------------------------------- 2. math end to end
+def run_preset(q, out, preset, train_data, task, p1, eval_task, eval_data, n_eval):
+    """What `bash run.sh math|code` runs, two steps each: Stage I, Stage II from it, evaluation, export
+    to transformers; each checkpoint checked. Returns Stage I's completed process."""
+    common = ("--preset", preset, "--data", train_data, "--base", q["base"], "--steps", "2", "--dtype", "fp32", *TRAIN)
+    r = cli(script("train_stage1.py"), *common, "--init", q["base"], "--out", out / "stage1")
+    check_task_info(out / "stage1" / "ckpt", task, p1)
+    cli(script("train_stage2.py"), *common, "--init", out / "stage1" / "ckpt", "--out", out / "stage2")
+    ckpt = out / "stage2" / "ckpt"
+    check_task_info(ckpt, task, p1)
+    check_fp32_checkpoint(ckpt)
+    cli(script("evaluate.py"), "--task", eval_task, "--data", eval_data, "--ckpt", ckpt, "--out", out / "report.json",
+        "--max-new-tokens", "8")
+    check_report(out / "report.json", n_eval)
+    check_export(ckpt, out)
+    return r
+
+
 def test_math_preset_end_to_end(qwen, tmp_path):
-    q, out = qwen, tmp_path
-    r = cli(script("train_stage1.py"), "--preset", "math", "--data", q["math"], "--base", q["base"],
-            "--init", q["base"], "--out", out / "stage1", "--steps", "2", "--dtype", "fp32", *TRAIN)
+    r = run_preset(qwen, tmp_path, "math", qwen["math"], "math", P1_MATH, "math", qwen["math500"], len(MATH500))
     # the long problem's two turns cannot fit 512 positions: dropped at load, and said so with its count
     assert re.search(r"\b4 problems\b", r.stdout), r.stdout
     drops = [line for line in r.stdout.splitlines() if re.search(r"drop|skip", line, re.I)]
     assert any(re.search(r"\b1\b", line) for line in drops), r.stdout
-    log = read_log(out / "stage1")
+    log = read_log(tmp_path / "stage1")
     assert [rec["step"] for rec in log] == [1, 2]
     assert log[0]["kl_t1"] == 0.0 and log[0]["kl_t2"] == 0.0  # step 1: policy = reference, fp32: exactly 0
     for rec in log:
         assert rec["len_y1"] <= 8 and rec["len_y2"] <= 8 and 0.0 <= rec["cut"] <= 1.0 and rec["grad_norm"] >= 0.0
         assert min(rec["t_sample"], rec["t_score"], rec["t_update"]) >= 0.0
         assert 0.0 <= rec["lp_mismatch"] < 1e-3  # sampler and trainer agree on the sampled tokens in fp32
-    check_task_info(out / "stage1" / "ckpt", "math", P1_MATH)
-
-    cli(script("train_stage2.py"), "--preset", "math", "--data", q["math"], "--base", q["base"],
-        "--init", out / "stage1" / "ckpt", "--out", out / "stage2", "--steps", "2", "--dtype", "fp32", *TRAIN)
-    ckpt = out / "stage2" / "ckpt"
-    check_task_info(ckpt, "math", P1_MATH)
-    check_fp32_checkpoint(ckpt)
-
-    cli(script("evaluate.py"), "--task", "math", "--data", q["math500"], "--ckpt", ckpt, "--out", out / "report.json",
-        "--max-new-tokens", "8")
-    check_report(out / "report.json", len(MATH500))
-    check_export(ckpt, out)
 
 
 # ----------------------------------------------------------------------------- 3. code end to end
 def test_code_preset_end_to_end(qwen, tmp_path):
-    q, out = qwen, tmp_path
-    r = cli(script("train_stage1.py"), "--preset", "code", "--data", q["mbpp"], "--base", q["base"],
-            "--init", q["base"], "--out", out / "stage1", "--steps", "2", "--dtype", "fp32", *TRAIN)
+    r = run_preset(qwen, tmp_path, "code", qwen["mbpp"], "mbpp", P1_CODE, "humaneval", qwen["humaneval"], 3)
     assert re.search(r"\b4 problems\b", r.stdout), r.stdout  # 5 rows, task 11 (MBPP's test split) left out
-    check_task_info(out / "stage1" / "ckpt", "mbpp", P1_CODE)
-    cli(script("train_stage2.py"), "--preset", "code", "--data", q["mbpp"], "--base", q["base"],
-        "--init", out / "stage1" / "ckpt", "--out", out / "stage2", "--steps", "2", "--dtype", "fp32", *TRAIN)
-    ckpt = out / "stage2" / "ckpt"
-    check_task_info(ckpt, "mbpp", P1_CODE)
-    check_fp32_checkpoint(ckpt)
-    cli(script("evaluate.py"), "--task", "humaneval", "--data", q["humaneval"], "--ckpt", ckpt,
-        "--out", out / "report.json", "--max-new-tokens", "8")
-    check_report(out / "report.json", 3)
-    check_export(ckpt, out)
 
 
 # ----------------------------------------------------------------------------- 4. fp32 masters from bf16

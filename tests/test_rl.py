@@ -7,6 +7,7 @@ import torch
 
 import data
 import rl
+import train_single_turn
 import train_stage1
 import train_stage2
 from model import GPT, GPTConfig
@@ -149,6 +150,32 @@ def test_turn2_is_conditioned_on_y1(tiny):
         closed = y1 if y1[-1] == tok.eot_id else y1 + [tok.eot_id]
         y2 = ro.tokens[r, 1:][ro.m2[r]].tolist()
         assert generate(model, [x + closed + followup], 6, temperature=0.0, stop_ids=tok.stop_ids)[0] == y2
+
+
+def test_single_turn_rollout_holds_the_first_attempt_only(tiny):
+    """args.turns = 1 (train_single_turn.py): each row is x + y1 as an independent greedy generation
+    gives it, turn 2's mask is empty, and the objective's gradient is autograd's through the naive
+    objective over the same rows (single-turn RL from a policy that differs from the reference)."""
+    model, tok, base = tiny
+    problems = data.make_demo(4, seed=8)
+    a = SimpleNamespace(k=2, max_new_tokens=6, temperature=0.0, p1=data.DEMO_P1, base_first=0.0, gen_batch=None,
+                        turns=1, micro_batch=4, grad_clip=0.0, beta1=0.05, baseline="loo", kl="reward")
+    ro = rl.rollout(model, model, tok, problems, a, seed=3)
+    for r in range(8):
+        x = tok.render([{"role": "user", "content": problems[r // 2].prompt}])
+        y1 = generate(model, [x], 6, temperature=0.0, stop_ids=tok.stop_ids)[0]
+        assert ro.tokens[r, :len(x) + len(y1)].tolist() == x + y1 and not ro.tokens[r, len(x) + len(y1):].any()
+        assert ro.m1[r].tolist() == [len(x) - 1 <= j < len(x) - 1 + len(y1) for j in range(ro.m1.shape[1])]
+    assert not ro.m2.any() and ro.len_y2 == 0 and torch.equal(ro.r1, ro.r2)
+    policy = GPT.from_pretrained(base + "/init")
+    a.temperature = 1.0
+    ro = rl.rollout(policy, model, tok, problems, a, seed=11)
+    ro.r1 = ro.r2 = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    ref_grads = naive_gradients(policy, model, ro, train_single_turn.objective, a)
+    rl.update(policy, model, torch.optim.SGD(policy.parameters(), lr=0.0), ro, train_single_turn.objective, a)
+    for n, p in policy.named_parameters():
+        assert (p.grad - ref_grads[n]).abs().max() <= 1e-5 * max(1.0, ref_grads[n].abs().max().item()), n
+    assert any(p.grad.abs().max() > 0 for p in policy.parameters())
 
 
 def naive_gradients(policy, ref, ro, objective, a):
