@@ -11,8 +11,8 @@ step is a faint dot; the line is a centred moving average over --smooth steps. W
 is known (--report, or RUN_DIR/../report.json as run.sh writes it, for the checkpoints that lie in
 RUN_DIR), its greedy accuracies and corrections are dashed horizontal lines.
 
-Table: a JSON list of rows {name, delta_mean, delta_se} (a mean over seeds and its standard error),
-or evaluate.py's reports {name, delta}, drawn without error bars. Values are fractions, as
+Table: evaluate.py --seeds's report.json (each row's Delta over seeds with its standard error), a JSON
+list of rows {name, delta_mean, delta_se}, or evaluate.py's reports {name, delta}, drawn without error bars. Values are fractions, as
 evaluate.py writes them; the picture shows percentage points.
 
 matplotlib is an optional extra (pip install matplotlib): the core never imports it.
@@ -97,6 +97,8 @@ def read_json(path, what):
 def report_entries(path):
     """An evaluate.py report (one dict, or a list of them) -> its entries that hold the greedy accuracies."""
     rep = read_json(path, "report")
+    if isinstance(rep, dict) and isinstance(rep.get("checkpoints"), list):  # evaluate.py --seeds
+        rep = rep["checkpoints"]
     rep = [rep] if isinstance(rep, dict) else rep
     if not isinstance(rep, list) or not all(isinstance(r, dict) and "acc_t1" in r and "acc_t2" in r for r in rep):
         raise SystemExit(f"plot.py: report {path}: not evaluate.py's report (dicts with acc_t1 and acc_t2)")
@@ -209,7 +211,11 @@ def curves(logs, out, reports=None, window=9):
 
 
 def table_rows(rows, where="rows"):
-    """Check a table: a list of {name, delta_mean, delta_se} or {name, delta}; a one-line exit names the bad row."""
+    """Check a table: a list of {name, delta_mean, delta_se} or {name, delta}, or evaluate.py --seeds's
+    report (its rows' delta mean and standard error); a one-line exit names the bad row."""
+    if isinstance(rows, dict) and isinstance(rows.get("rows"), list):  # evaluate.py --seeds
+        rows = [{"name": r.get("row"), "delta_mean": (r.get("delta") or {}).get("mean"),
+                 "delta_se": (r.get("delta") or {}).get("se")} if isinstance(r, dict) else r for r in rows["rows"]]
     if isinstance(rows, dict):
         rows = [rows]
     if not isinstance(rows, list) or not rows:
@@ -264,7 +270,8 @@ def main(argv=None):
     p.add_argument("--out", help="the PNG (default: RUN_DIR/curves.png with one run; delta.png beside --table)")
     p.add_argument("--report", action="append", default=[], help="an evaluate.py report.json; repeatable")
     p.add_argument("--smooth", type=int, default=9, metavar="W", help="lines: centred moving average over W steps (default 9)")
-    p.add_argument("--table", help="JSON rows {name, delta_mean, delta_se} or reports {name, delta}: bar chart")
+    p.add_argument("--table", help="evaluate.py --seeds's report, JSON rows {name, delta_mean, delta_se}, or "
+                                   "reports {name, delta}: bar chart")
     args = p.parse_args(argv)
     if bool(args.runs) == bool(args.table):
         p.error("give RUN_DIRs or --table, one of the two")

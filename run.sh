@@ -73,6 +73,7 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
   # a picture of each run of the first seed (matplotlib is optional: without it plot.py says so in one line)
   set -- $seeds
   for run in stage1 score no_stage1; do python plot.py "$OUT/seed$1/$run" || true; done
+  python plot.py --table "$OUT/report.json" || true  # Delta per row with its standard error: delta.png
   echo "run.sh: done in $(( (SECONDS - t_run) / 60 )) min $(( (SECONDS - t_run) % 60 )) s" >&2
 elif [ "$preset" = math ] || [ "$preset" = code ]; then
   if [ "$preset" = math ]; then eval_task=math; eval_data=${EVAL_DATA:-data/MATH500.jsonl}

@@ -138,6 +138,25 @@ def test_delta_bars(tmp_path):
     assert png_size(tmp_path / "delta.png") == (800, 230)
 
 
+def test_delta_bars_from_the_table_over_seeds(tmp_path):
+    """evaluate.py --seeds's report: each row's Delta over its seeds with the standard error, by hand."""
+    seeds = {"abl@0": 0.01, "abl@1": 0.04, "abl@2": 0.04, "SCoRe@0": 0.05, "SCoRe@1": 0.07, "SCoRe@2": 0.09,
+             "base": -0.2}
+    report = {"rows": [{"row": row, "seeds": [], "delta": {"mean": m, "se": se, "n": 3}}
+                       for row, m, se in (("base", -0.2, None), ("SCoRe", 0.07, 0.02 / 3 ** 0.5),
+                                          ("abl", 0.03, 0.01))],
+              "targets": [], "checkpoints": [{"name": n, "delta": d, "acc_t1": 0.5, "acc_t2": 0.5 + d}
+                                             for n, d in seeds.items()]}
+    (tmp_path / "report.json").write_text(json.dumps(report))
+    drawn = plot.delta_bars(plot.table_rows(report), str(tmp_path / "d.png"))
+    np.testing.assert_allclose(drawn["delta"], [-20.0, 7.0, 3.0])
+    np.testing.assert_allclose(drawn["se"][1:], [2 / 3 ** 0.5, 1.0])
+    assert math.isnan(drawn["se"][0])
+    plot.main(["--table", str(tmp_path / "report.json")])
+    assert png_size(tmp_path / "delta.png") == (800, 280)
+    assert [r["name"] for r in plot.report_entries(str(tmp_path / "report.json"))] == list(seeds)
+
+
 def test_missing_matplotlib_is_one_line(tmp_path, monkeypatch, capsys):
     run = write_run(tmp_path)
     for name in [m for m in sys.modules if m == "matplotlib" or m.startswith("matplotlib.")]:
