@@ -190,7 +190,8 @@ def over_seeds(reports, reference):
 
 
 def targets(rows, reference, base="base"):
-    """The paper's signature as checks on the table over seeds: (what, the measured value, met)."""
+    """The paper's signature as checks on the table over seeds: (what, the measured value, met). met is
+    None where a check needs a standard error and there is one seed: it can be neither met nor missed."""
     by = {r["row"]: r for r in rows}
     ref, checks = by[reference], []
     pct = lambda x: f"{100 * x:+.1f}"
@@ -201,8 +202,11 @@ def targets(rows, reference, base="base"):
         if r["row"] in (reference, base):
             continue
         p = r["paired"]["delta"]
-        checks.append((f"{reference} Delta above {r['row']}'s by more than 2 standard errors (paired)",
-                       f"{pct(p['mean'])} +- {100 * (p['se'] or 0):.1f}", p["se"] is not None and p["mean"] > 2 * p["se"]))
+        what = f"{reference} Delta above {r['row']}'s by more than 2 standard errors (paired)"
+        if p["se"] is None:
+            checks.append((what, f"{pct(p['mean'])} (one seed: no standard error)", None))
+        else:
+            checks.append((what, f"{pct(p['mean'])} +- {100 * p['se']:.1f}", p["mean"] > 2 * p["se"]))
         a = ref["acc_t2"]["mean"] - r["acc_t2"]["mean"]
         checks.append((f"{reference} acc_t2 at least {r['row']}'s", pct(a), a >= 0))
     c = ref["delta_c2i"]["mean"]
@@ -220,7 +224,8 @@ def markdown_seeds(rows, checks, reference):
         lines.append(f"| {r['row']} | {len(r['seeds']) or 1} | " + " | ".join(cell(r[m]) for m in METRICS) + " | "
                      + " | ".join(paired) + " |")
     lines += ["", "| target | measured | |", "|---|---|---|"]
-    lines += [f"| {what} | {value} | {'met' if ok else 'missed'} |" for what, value, ok in checks]
+    verdict = {True: "met", False: "missed", None: "not measured"}
+    lines += [f"| {what} | {value} | {verdict[ok]} |" for what, value, ok in checks]
     return "\n".join(lines)
 
 

@@ -238,6 +238,11 @@ def test_over_seeds_by_hand():
     reports[:3] = [rep(f"SCoRe@{s}", d, c2i=0.03) for s, d in enumerate((0.05, 0.07, 0.09))]
     rows = evaluate.over_seeds(reports, "SCoRe")
     assert [ok for _, _, ok in evaluate.targets(rows, "SCoRe")] == [True, False, False, False]
+    # one seed: a paired difference has no standard error, so its check is neither met nor missed
+    one = evaluate.over_seeds([rep("SCoRe@0", 0.05), rep("abl@0", -0.30), rep("base", -0.2)], "SCoRe")
+    checks = {w: (v, ok) for w, v, ok in evaluate.targets(one, "SCoRe")}
+    assert checks["SCoRe Delta above abl's by more than 2 standard errors (paired)"] == ("+35.0 (one seed: no standard error)", None)
+    assert "| not measured |" in evaluate.markdown_seeds(one, list(evaluate.targets(one, "SCoRe")), "SCoRe")
 
 
 def test_over_seeds_refuses_bad_names():
