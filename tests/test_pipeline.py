@@ -28,10 +28,11 @@ def test_run_sh_quick(tmp_path):
         # transitions and accuracies come from the same per-problem rewards: they must agree
         assert abs((r["acc_t2"] - r["acc_t1"]) - (r["delta_i2c"] - r["delta_c2i"])) < 1e-9
         assert r["n"] == 8
-    # one seed has no standard error, so no paired difference can be told from noise
-    assert len(result["targets"]) == 10 and not any(t["met"] for t in result["targets"][1:-1:2])
+    # one seed has no standard error, so no paired difference can be told from noise: neither met nor missed
+    assert len(result["targets"]) == 10 and [t["met"] for t in result["targets"][1:-1:2]] == [None] * 4
     table = (out / "table.md").read_text()
     assert table.startswith("| row | seeds |") and "| target | measured |" in table and "Each checkpoint:" in table
+    assert table.count("| not measured |") == 4
     # each run wrote a whole checkpoint: fp32 masters, and the task and p1 that evaluate.py defaults to
     for ckpt in [f"seed0/{run}/ckpt" for run in RUNS] + ["seed0/stage1/step_000002", "seed0/score/best"]:
         state = torch.load(out / ckpt / "model.pt", weights_only=True)
