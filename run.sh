@@ -6,13 +6,20 @@
 #   bash run.sh math            # preset math: a converted model in out/math/base, MATH in data/ (see README.md)
 #   bash run.sh code            # preset code: MBPP for training, HumanEval for evaluation
 #
-# Environment: OUT (default out) is where runs go; QUICK=1 runs a few steps of everything (CI's smoke run).
+# Environment: OUT (default out) is where runs go; QUICK=1 runs a few steps of everything (CI's smoke run);
+# FRESH=1 starts over. Otherwise an interrupted run.sh, run again, picks up where it stopped: a finished
+# base is kept and each RL run continues from its last checkpoint (--resume: exactly the weights of an
+# uninterrupted run; a run that had finished does no more steps).
 set -euo pipefail
 cd "$(dirname "$0")"
 preset=${1:-demo}
 OUT=${OUT:-out}/$preset
 QUICK=${QUICK:-0}
 t_run=$SECONDS
+if [ "${FRESH:-0}" = 1 ]; then rm -rf "$OUT"; fi
+resume() {  # --resume where the run in $1 has a checkpoint to continue from
+  if [ -f "$1/ckpt/state.pt" ] || [ -f "$1/ckpt.old/state.pt" ]; then echo --resume; fi
+}
 stage() {  # stage N of M: what, the time since run.sh started, and ($4, seconds) an estimate of what is left
   local eta=""
   [ -n "${4:-}" ] && eta=", about $(( ($4 + 30) / 60 )) min left"
@@ -40,7 +47,14 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
   trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed run stops the one beside it too
   set -- $seeds; n_seeds=$#; M=$(( 2 + n_seeds ))
   stage 1 $M "the base model (train_base.py)"
-  python train_base.py --out "$OUT/base" $base_args
+  settings="base: $base_args; runs: $rl_args, s1 $s1, s2 $s2"  # what a run in $OUT may continue with
+  if [ -f "$OUT/base.done" ] && [ "$(cat "$OUT/base.done")" = "$settings" ]; then
+    echo "run.sh: continuing in $OUT: its base and finished runs are kept (FRESH=1 bash run.sh starts over)" >&2
+  else  # a new base (or other settings): runs trained from an earlier one would not match it
+    rm -rf "$OUT/base" "$OUT/base.done" "$OUT"/seed*
+    python train_base.py --out "$OUT/base" $base_args
+    echo "$settings" > "$OUT/base.done"
+  fi
   evals=(--ckpt "$OUT/base" --name base)
   i=0; t_rl=$SECONDS
   for seed in $seeds; do
@@ -52,16 +66,16 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
     common=(--preset demo --base "$OUT/base" --seed $seed --threads 1 $rl_args)
     s1ckpt=$d/stage1/step_$(printf %06d $s1)
     (
-      python train_stage1.py "${common[@]}" --init "$OUT/base" --out "$d/stage1" --steps $(( s1 + s2 )) \
+      python train_stage1.py "${common[@]}" --init "$OUT/base" --out "$d/stage1" $(resume "$d/stage1") --steps $(( s1 + s2 )) \
         --keep-every $s1 --label "Stage I (seed $seed)"
       # the demo preset's Stage II (rl.PRESETS) draws half of its first attempts from the base (paper 5.3)
-      python train_stage2.py "${common[@]}" --init "$s1ckpt" --out "$d/score" --steps $s2 --label "SCoRe (seed $seed)"
-      python train_stage2.py "${common[@]}" --init "$s1ckpt" --out "$d/no_shaping" --steps $s2 --alpha 0 \
+      python train_stage2.py "${common[@]}" --init "$s1ckpt" --out "$d/score" $(resume "$d/score") --steps $s2 --label "SCoRe (seed $seed)"
+      python train_stage2.py "${common[@]}" --init "$s1ckpt" --out "$d/no_shaping" $(resume "$d/no_shaping") --steps $s2 --alpha 0 \
         --label "w/o reward shaping (seed $seed)"
     ) & lane=$!
-    python train_stage2.py "${common[@]}" --init "$OUT/base" --out "$d/no_stage1" --steps $(( s1 + s2 )) \
+    python train_stage2.py "${common[@]}" --init "$OUT/base" --out "$d/no_stage1" $(resume "$d/no_stage1") --steps $(( s1 + s2 )) \
       --label "w/o Stage I (seed $seed)"
-    python train_single_turn.py "${common[@]}" --init "$OUT/base" --out "$d/single_turn" --steps $(( s1 + s2 )) \
+    python train_single_turn.py "${common[@]}" --init "$OUT/base" --out "$d/single_turn" $(resume "$d/single_turn") --steps $(( s1 + s2 )) \
       --label "w/o multi-turn training (seed $seed)"
     wait $lane || { echo "run.sh: a run of seed $seed failed (its lines above say which)" >&2; exit 1; }
     evals+=(--ckpt "$d/stage1/ckpt" --name "Stage I only@$seed" --ckpt "$d/score/ckpt" --name "SCoRe@$seed"
@@ -80,8 +94,8 @@ elif [ "$preset" = math ] || [ "$preset" = code ]; then
   else eval_task=humaneval; eval_data=${EVAL_DATA:-data/HumanEval.jsonl.gz}; fi
   [ -f "$OUT/base/config.json" ] || { echo "run.sh: no model in $OUT/base: convert one first, e.g."\
     "python convert.py --download Qwen/Qwen2.5-Math-1.5B-Instruct $OUT/base (see README.md)" >&2; exit 1; }
-  python train_stage1.py --preset "$preset" --base "$OUT/base" --out "$OUT/stage1"
-  python train_stage2.py --preset "$preset" --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2"
+  python train_stage1.py --preset "$preset" --base "$OUT/base" --out "$OUT/stage1" $(resume "$OUT/stage1")
+  python train_stage2.py --preset "$preset" --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2" $(resume "$OUT/stage2")
   python evaluate.py --task $eval_task --data "$eval_data" \
     --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" --ckpt "$OUT/stage2/ckpt" --name SCoRe \
     --out "$OUT/report.json" --markdown "$OUT/table.md"

@@ -55,3 +55,22 @@ def test_run_sh_quick(tmp_path):
         assert len(log) == steps, run
         for rec in map(json.loads, log):  # the sampled rollouts' i->c and c->i account for the change in accuracy
             assert abs((rec["acc_t2"] - rec["acc_t1"]) - (rec["delta_i2c"] - rec["delta_c2i"])) < 1e-9
+    # run again, as after an interruption before the last run started: the base and the finished runs are
+    # kept (no step is redone), the missing run is trained, and the table is the same to the last digit
+    first = json.loads((out / "report.json").read_text())
+    kept = {p: (out / p).stat().st_mtime_ns for p in ["base/model.pt"] + [f"seed0/{r}/ckpt/model.pt" for r in RUNS]}
+    subprocess.run(["rm", "-r", str(out / "seed0" / "no_shaping")], check=True)
+    again = subprocess.run(["bash", "run.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+    assert f"run.sh: continuing in {out}" in again.stderr and "greedy acc" not in again.stdout
+    steps = [ln.split(" |")[0] for ln in again.stdout.splitlines() if ": step " in ln]
+    assert steps == ["w/o reward shaping (seed 0): step 1/2", "w/o reward shaping (seed 0): step 2/2"], steps
+    assert {p: t for p, t in kept.items() if "no_shaping" not in p} == \
+        {p: (out / p).stat().st_mtime_ns for p in kept if "no_shaping" not in p}
+    assert json.loads((out / "report.json").read_text()) == first
+    # a base made with other settings (here: written by hand) is not continued from: FRESH=1 and a changed
+    # setting start over
+    (out / "base.done").write_text("base: --max-steps 1; runs: other\n")
+    moved = subprocess.run(["bash", "run.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
+    assert moved.returncode == 0 and "continuing in" not in moved.stderr
+    assert "Stage I (seed 0): step 1/4" in moved.stdout and json.loads((out / "report.json").read_text()) == first
