@@ -6,17 +6,18 @@
 #   bash run.sh math            # preset math: a converted model in out/math/base, MATH in data/ (see README.md)
 #   bash run.sh code            # preset code: MBPP for training, HumanEval for evaluation
 #
-# Environment: OUT (default out) is where runs go; QUICK=1 runs a few steps of everything (CI's smoke run);
-# FRESH=1 starts over. Otherwise an interrupted run.sh, run again, picks up where it stopped: a finished
+# Environment: OUT (default out) is where runs go. Demo: QUICK=1 runs a few steps of everything (CI's smoke
+# run). Math and code: RL_ARGS and EVAL_ARGS add flags to the training scripts and to evaluate.py, EVAL_DATA
+# replaces the evaluation file. An interrupted run.sh, run again, picks up where it stopped: a finished
 # base is kept and each RL run continues from its last checkpoint (--resume: exactly the weights of an
-# uninterrupted run; a run that had finished does no more steps).
+# uninterrupted run; a finished run does no more steps). FRESH=1 starts over (the converted base stays).
 set -euo pipefail
 cd "$(dirname "$0")"
 preset=${1:-demo}
 OUT=${OUT:-out}/$preset
 QUICK=${QUICK:-0}
 t_run=$SECONDS
-if [ "${FRESH:-0}" = 1 ]; then rm -rf "$OUT"; fi
+if [ "${FRESH:-0}" = 1 ]; then rm -rf "$OUT"/base.done "$OUT"/seed* "$OUT"/stage1 "$OUT"/stage2; fi
 resume() {  # --resume where the run in $1 has a checkpoint to continue from
   if [ -f "$1/ckpt/state.pt" ] || [ -f "$1/ckpt.old/state.pt" ]; then echo --resume; fi
 }
@@ -94,11 +95,17 @@ elif [ "$preset" = math ] || [ "$preset" = code ]; then
   else eval_task=humaneval; eval_data=${EVAL_DATA:-data/HumanEval.jsonl.gz}; fi
   [ -f "$OUT/base/config.json" ] || { echo "run.sh: no model in $OUT/base: convert one first, e.g."\
     "python convert.py --download Qwen/Qwen2.5-Math-1.5B-Instruct $OUT/base (see README.md)" >&2; exit 1; }
-  python train_stage1.py --preset "$preset" --base "$OUT/base" --out "$OUT/stage1" $(resume "$OUT/stage1")
-  python train_stage2.py --preset "$preset" --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2" $(resume "$OUT/stage2")
+  # e.g. RL_ARGS="--micro-batch 2 --gen-batch 128" bash run.sh math   (a 48 GB card: README)
+  stage 1 3 "Stage I (train_stage1.py)"
+  python train_stage1.py --preset "$preset" --base "$OUT/base" --init "$OUT/base" --out "$OUT/stage1" \
+    $(resume "$OUT/stage1") ${RL_ARGS:-}
+  stage 2 3 "Stage II from Stage I (train_stage2.py)"
+  python train_stage2.py --preset "$preset" --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2" \
+    $(resume "$OUT/stage2") ${RL_ARGS:-}
+  stage 3 3 "greedy evaluation on $eval_data"
   python evaluate.py --task $eval_task --data "$eval_data" \
     --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" --ckpt "$OUT/stage2/ckpt" --name SCoRe \
-    --out "$OUT/report.json" --markdown "$OUT/table.md"
+    --out "$OUT/report.json" --markdown "$OUT/table.md" ${EVAL_ARGS:-}
 else
   echo "run.sh: unknown preset '$preset': choose demo, demo1, math or code" >&2
   exit 2

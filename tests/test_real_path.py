@@ -203,8 +203,7 @@ def check_export(ckpt, out):
     assert json.loads((out / "hf16" / "config.json").read_text())["dtype"] == "bfloat16"
 
 
-def check_report(path, n):
-    rep = json.loads(open(path).read())
+def check_report(rep, n):
     for key in ("acc_t1", "acc_t2", "delta_i2c", "delta_c2i", "changed"):
         assert 0.0 <= rep[key] <= 1.0, (key, rep[key])
     assert -1.0 <= rep["delta"] <= 1.0 and abs(rep["delta"] - (rep["acc_t2"] - rep["acc_t1"])) < 1e-9
@@ -225,29 +224,39 @@ def check_fp32_checkpoint(ckpt):
 
 # ----------------------------------------------------------------------------- 2. math end to end
 def run_preset(q, out, preset, train_data, task, p1, eval_task, eval_data, n_eval):
-    """What `bash run.sh math|code` runs, two steps each: Stage I, Stage II from it, evaluation, export
-    to transformers; each checkpoint checked. Returns Stage I's completed process."""
-    common = ("--preset", preset, "--data", train_data, "--base", q["base"], "--steps", "2", "--dtype", "fp32", *TRAIN)
-    r = cli(script("train_stage1.py"), *common, "--init", q["base"], "--out", out / "stage1")
-    check_task_info(out / "stage1" / "ckpt", task, p1)
-    cli(script("train_stage2.py"), *common, "--init", out / "stage1" / "ckpt", "--out", out / "stage2")
-    ckpt = out / "stage2" / "ckpt"
+    """`bash run.sh math|code` itself, two steps each (RL_ARGS, EVAL_ARGS): Stage I, Stage II from it, the
+    evaluation of all three models; each checkpoint checked, Stage II exported to transformers. Returns
+    run.sh's completed process and its directory (OUT/PRESET, where the converted base lies)."""
+    d = out / preset
+    d.mkdir()
+    os.symlink(q["base"], d / "base")
+    env = {**ENV, "OUT": str(out), "EVAL_DATA": str(eval_data), "EVAL_ARGS": "--max-new-tokens 8 --device cpu",
+           "RL_ARGS": " ".join(["--data", str(train_data), "--steps", "2", "--dtype", "fp32", *TRAIN])}
+    r = subprocess.run(["bash", os.path.join(ROOT, "run.sh"), preset], cwd=ROOT, env=env, capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, f"--- stdout\n{r.stdout[-3000:]}\n--- stderr\n{r.stderr[-3000:]}"
+    assert "run.sh: stage 3 of 3: greedy evaluation" in r.stderr
+    check_task_info(d / "stage1" / "ckpt", task, p1)
+    ckpt = d / "stage2" / "ckpt"
     check_task_info(ckpt, task, p1)
     check_fp32_checkpoint(ckpt)
-    cli(script("evaluate.py"), "--task", eval_task, "--data", eval_data, "--ckpt", ckpt, "--out", out / "report.json",
-        "--max-new-tokens", "8")
-    check_report(out / "report.json", n_eval)
+    assert torch.load(ckpt / "state.pt", weights_only=False)["args"]["init"] == f"{d}/stage1/ckpt"  # Stage II from Stage I
+    reports = json.loads((d / "report.json").read_text())
+    assert [rep["name"] for rep in reports] == ["base", "Stage I", "SCoRe"]
+    for rep in reports:
+        check_report(rep, n_eval)
+    assert "| SCoRe |" in (d / "table.md").read_text()
     check_export(ckpt, out)
-    return r
+    return r, d
 
 
 def test_math_preset_end_to_end(qwen, tmp_path):
-    r = run_preset(qwen, tmp_path, "math", qwen["math"], "math", P1_MATH, "math", qwen["math500"], len(MATH500))
+    r, d = run_preset(qwen, tmp_path, "math", qwen["math"], "math", P1_MATH, "math", qwen["math500"], len(MATH500))
     # the long problem's two turns cannot fit 512 positions: dropped at load, and said so with its count
     assert re.search(r"\b4 problems\b", r.stdout), r.stdout
     drops = [line for line in r.stdout.splitlines() if re.search(r"drop|skip", line, re.I)]
     assert any(re.search(r"\b1\b", line) for line in drops), r.stdout
-    log = read_log(tmp_path / "stage1")
+    log = read_log(d / "stage1")
     assert [rec["step"] for rec in log] == [1, 2]
     assert log[0]["kl_t1"] == 0.0 and log[0]["kl_t2"] == 0.0  # step 1: policy = reference, fp32: exactly 0
     for rec in log:
@@ -258,7 +267,7 @@ def test_math_preset_end_to_end(qwen, tmp_path):
 
 # ----------------------------------------------------------------------------- 3. code end to end
 def test_code_preset_end_to_end(qwen, tmp_path):
-    r = run_preset(qwen, tmp_path, "code", qwen["mbpp"], "mbpp", P1_CODE, "humaneval", qwen["humaneval"], 3)
+    r, _ = run_preset(qwen, tmp_path, "code", qwen["mbpp"], "mbpp", P1_CODE, "humaneval", qwen["humaneval"], 3)
     assert re.search(r"\b4 problems\b", r.stdout), r.stdout  # 5 rows, task 11 (MBPP's test split) left out
 
 
