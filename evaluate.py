@@ -207,7 +207,7 @@ def targets(rows, reference, base="base"):
             checks.append((what, f"{pct(p['mean'])} (one seed: no standard error)", None))
         else:
             checks.append((what, f"{pct(p['mean'])} +- {100 * p['se']:.1f}", p["mean"] > 2 * p["se"]))
-        a = ref["acc_t2"]["mean"] - r["acc_t2"]["mean"]
+        a = r["paired"]["acc_t2"]["mean"]  # the table's paired column (the same mean, rounded alike)
         checks.append((f"{reference} acc_t2 at least {r['row']}'s", pct(a), a >= 0))
     c = ref["delta_c2i"]["mean"]
     checks.append((f"{reference} Delta_c->i at most 2 points", f"{100 * c:.1f}", c <= 0.02))
