@@ -12,6 +12,7 @@
 # base is kept and each RL run continues from its last checkpoint (--resume: exactly the weights of an
 # uninterrupted run; a finished run does no more steps). FRESH=1 starts over (the converted base stays).
 set -euo pipefail
+case "${1:-}" in -h|--help|help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")"
 preset=${1:-demo}
 OUT=${OUT:-out}/$preset
@@ -107,6 +108,6 @@ elif [ "$preset" = math ] || [ "$preset" = code ]; then
     --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" --ckpt "$OUT/stage2/ckpt" --name SCoRe \
     --out "$OUT/report.json" --markdown "$OUT/table.md" ${EVAL_ARGS:-}
 else
-  echo "run.sh: unknown preset '$preset': choose demo, demo1, math or code" >&2
+  echo "run.sh: unknown preset '$preset': choose demo, demo1, math or code (bash run.sh --help)" >&2
   exit 2
 fi

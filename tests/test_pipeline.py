@@ -74,3 +74,13 @@ def test_run_sh_quick(tmp_path):
     moved = subprocess.run(["bash", "run.sh"], cwd=root, env=env, capture_output=True, text=True, timeout=600)
     assert moved.returncode == 0 and "continuing in" not in moved.stderr
     assert "Stage I (seed 0): step 1/4" in moved.stdout and json.loads((out / "report.json").read_text()) == first
+
+
+def test_run_sh_help_and_a_bad_preset():
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    helped = subprocess.run(["bash", "run.sh", "--help"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert helped.returncode == 0 and helped.stdout.startswith("The whole SCoRe pipeline in one command.")
+    assert "bash run.sh demo1" in helped.stdout and "FRESH=1" in helped.stdout and "set -euo" not in helped.stdout
+    bad = subprocess.run(["bash", "run.sh", "mtah"], cwd=root, capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.strip() == ("run.sh: unknown preset 'mtah': choose demo, demo1, math "
+                                                          "or code (bash run.sh --help)")
