@@ -18,9 +18,11 @@ preset=${1:-demo}
 OUT=${OUT:-out}/$preset
 QUICK=${QUICK:-0}
 t_run=$SECONDS
-if [ "${FRESH:-0}" = 1 ]; then rm -rf "$OUT"/base.done "$OUT"/seed* "$OUT"/stage1 "$OUT"/stage2; fi
-resume() {  # --resume where the run in $1 has a checkpoint to continue from
-  if [ -f "$1/ckpt/state.pt" ] || [ -f "$1/ckpt.old/state.pt" ]; then echo --resume; fi
+if [ "${FRESH:-0}" = 1 ]; then rm -rf "$OUT/base.done" "$OUT/stage1" "$OUT/stage2"; fi  # the demo's runs go with its base
+train() {  # train SCRIPT OUT ARGS...: python SCRIPT --out OUT ARGS, with --resume where OUT has a checkpoint
+  local script=$1 out=$2 resume=""; shift 2
+  if [ -f "$out/ckpt/state.pt" ] || [ -f "$out/ckpt.old/state.pt" ]; then resume=--resume; fi
+  python "$script" --out "$out" $resume "$@"
 }
 stage() {  # stage N of M: what, the time since run.sh started, and ($4, seconds) an estimate of what is left
   local eta=""
@@ -68,16 +70,16 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
     common=(--preset demo --base "$OUT/base" --seed $seed --threads 1 $rl_args)
     s1ckpt=$d/stage1/step_$(printf %06d $s1)
     (
-      python train_stage1.py "${common[@]}" --init "$OUT/base" --out "$d/stage1" $(resume "$d/stage1") --steps $(( s1 + s2 )) \
-        --keep-every $s1 --label "Stage I (seed $seed)"
+      train train_stage1.py "$d/stage1" "${common[@]}" --init "$OUT/base" --steps $(( s1 + s2 )) --keep-every $s1 \
+        --label "Stage I (seed $seed)"
       # the demo preset's Stage II (rl.PRESETS) draws half of its first attempts from the base (paper 5.3)
-      python train_stage2.py "${common[@]}" --init "$s1ckpt" --out "$d/score" $(resume "$d/score") --steps $s2 --label "SCoRe (seed $seed)"
-      python train_stage2.py "${common[@]}" --init "$s1ckpt" --out "$d/no_shaping" $(resume "$d/no_shaping") --steps $s2 --alpha 0 \
+      train train_stage2.py "$d/score" "${common[@]}" --init "$s1ckpt" --steps $s2 --label "SCoRe (seed $seed)"
+      train train_stage2.py "$d/no_shaping" "${common[@]}" --init "$s1ckpt" --steps $s2 --alpha 0 \
         --label "w/o reward shaping (seed $seed)"
     ) & lane=$!
-    python train_stage2.py "${common[@]}" --init "$OUT/base" --out "$d/no_stage1" $(resume "$d/no_stage1") --steps $(( s1 + s2 )) \
+    train train_stage2.py "$d/no_stage1" "${common[@]}" --init "$OUT/base" --steps $(( s1 + s2 )) \
       --label "w/o Stage I (seed $seed)"
-    python train_single_turn.py "${common[@]}" --init "$OUT/base" --out "$d/single_turn" $(resume "$d/single_turn") --steps $(( s1 + s2 )) \
+    train train_single_turn.py "$d/single_turn" "${common[@]}" --init "$OUT/base" --steps $(( s1 + s2 )) \
       --label "w/o multi-turn training (seed $seed)"
     wait $lane || { echo "run.sh: a run of seed $seed failed (its lines above say which)" >&2; exit 1; }
     evals+=(--ckpt "$d/stage1/ckpt" --name "Stage I only@$seed" --ckpt "$d/score/ckpt" --name "SCoRe@$seed"
@@ -98,11 +100,9 @@ elif [ "$preset" = math ] || [ "$preset" = code ]; then
     "python convert.py --download Qwen/Qwen2.5-Math-1.5B-Instruct $OUT/base (see README.md)" >&2; exit 1; }
   # e.g. RL_ARGS="--micro-batch 2 --gen-batch 128" bash run.sh math   (a 48 GB card: README)
   stage 1 3 "Stage I (train_stage1.py)"
-  python train_stage1.py --preset "$preset" --base "$OUT/base" --init "$OUT/base" --out "$OUT/stage1" \
-    $(resume "$OUT/stage1") ${RL_ARGS:-}
+  train train_stage1.py "$OUT/stage1" --preset "$preset" --base "$OUT/base" --init "$OUT/base" ${RL_ARGS:-}
   stage 2 3 "Stage II from Stage I (train_stage2.py)"
-  python train_stage2.py --preset "$preset" --base "$OUT/base" --init "$OUT/stage1/ckpt" --out "$OUT/stage2" \
-    $(resume "$OUT/stage2") ${RL_ARGS:-}
+  train train_stage2.py "$OUT/stage2" --preset "$preset" --base "$OUT/base" --init "$OUT/stage1/ckpt" ${RL_ARGS:-}
   stage 3 3 "greedy evaluation on $eval_data"
   python evaluate.py --task $eval_task --data "$eval_data" \
     --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" --ckpt "$OUT/stage2/ckpt" --name SCoRe \

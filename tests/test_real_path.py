@@ -223,7 +223,7 @@ def check_fp32_checkpoint(ckpt):
 
 
 # ----------------------------------------------------------------------------- 2. math end to end
-def run_preset(q, out, preset, train_data, task, p1, eval_task, eval_data, n_eval):
+def run_preset(q, out, preset, train_data, task, p1, eval_data, n_eval):
     """`bash run.sh math|code` itself, two steps each (RL_ARGS, EVAL_ARGS): Stage I, Stage II from it, the
     evaluation of all three models; each checkpoint checked, Stage II exported to transformers. Returns
     run.sh's completed process and its directory (OUT/PRESET, where the converted base lies)."""
@@ -251,7 +251,7 @@ def run_preset(q, out, preset, train_data, task, p1, eval_task, eval_data, n_eva
 
 
 def test_math_preset_end_to_end(qwen, tmp_path):
-    r, d = run_preset(qwen, tmp_path, "math", qwen["math"], "math", P1_MATH, "math", qwen["math500"], len(MATH500))
+    r, d = run_preset(qwen, tmp_path, "math", qwen["math"], "math", P1_MATH, qwen["math500"], len(MATH500))
     # the long problem's two turns cannot fit 512 positions: dropped at load, and said so with its count
     assert re.search(r"\b4 problems\b", r.stdout), r.stdout
     drops = [line for line in r.stdout.splitlines() if re.search(r"drop|skip", line, re.I)]
@@ -267,7 +267,7 @@ def test_math_preset_end_to_end(qwen, tmp_path):
 
 # ----------------------------------------------------------------------------- 3. code end to end
 def test_code_preset_end_to_end(qwen, tmp_path):
-    r, _ = run_preset(qwen, tmp_path, "code", qwen["mbpp"], "mbpp", P1_CODE, "humaneval", qwen["humaneval"], 3)
+    r, _ = run_preset(qwen, tmp_path, "code", qwen["mbpp"], "mbpp", P1_CODE, qwen["humaneval"], 3)
     assert re.search(r"\b4 problems\b", r.stdout), r.stdout  # 5 rows, task 11 (MBPP's test split) left out
 
 
