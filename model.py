@@ -16,7 +16,6 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 
 def auto_dtype(device):
@@ -110,14 +109,42 @@ class KVCache:
         self.v = [v.index_select(0, rows) for v in self.v]
 
 
-def attention(q, k, v, **kw):
-    """F.scaled_dot_product_attention. When training in bf16 on the CPU it takes the math kernel: the
-    CPU flash kernel's bf16 backward is 3.5x slower at short lengths (measured at the demo's shapes,
-    128 x 4 heads x 46 tokens: 50 ms against 14 ms per layer, forward and backward)."""
-    if q.device.type == "cpu" and q.dtype == torch.bfloat16 and torch.is_grad_enabled():
-        with sdpa_kernel(SDPBackend.MATH):
-            return F.scaled_dot_product_attention(q, k, v, **kw)
-    return F.scaled_dot_product_attention(q, k, v, **kw)
+def attention(q, k, v, bias=None):
+    """Attention of q (B, H, T, D) over k, v (B, H_kv, S, D), S >= T, the queries being the last T slots.
+    bias: additive, in q's dtype (B or 1, 1, T, S), 0 where a query may attend and -inf elsewhere; None:
+    causal, with S == T. On a GPU, SDPA's kernels; on the CPU, grouped_attention, faster there at the short lengths of
+    RL rollouts (measured at the demo's shapes, 128 rows x 4 heads x 49 tokens in bf16, forward and
+    backward per layer: about 10 ms, against 20 ms for SDPA's math kernel and 92 ms for its flash kernel)."""
+    return (grouped_attention if q.device.type == "cpu" else sdpa_attention)(q, k, v, bias)
+
+
+def grouped_attention(q, k, v, bias=None):
+    """Attention written out: the rep = H / H_kv query heads that share a KV head are stacked as the rows
+    of one product, so K and V are never copied per head. As in the reference implementations' eager
+    attention, the products run in q's dtype and the softmax accumulates in fp32 (its output rounded to
+    q's dtype). The scores (B, H, T, S) exist at once."""
+    B, H, T, D = q.shape
+    G, S = k.shape[1], k.shape[2]
+    if bias is None:  # causal (S == T)
+        bias = torch.full((T, S), float("-inf"), device=q.device).triu_(1).to(q.dtype)
+    else:
+        bias = bias.unsqueeze(2)  # (B, 1, 1, T, S): the same for the rep heads of a group
+    s = (q.reshape(B, G, H // G * T, D) * D ** -0.5) @ k.transpose(-1, -2)  # (B, G, rep * T, S)
+    p = (s.view(B, G, H // G, T, S) + bias).softmax(-1)
+    return (p.view(B, G, H // G * T, S) @ v).view(B, H, T, D)
+
+
+def sdpa_attention(q, k, v, bias=None):
+    """The same through F.scaled_dot_product_attention (the GPU's flash and memory-efficient kernels)."""
+    B, H, T, D = q.shape
+    G = k.shape[1]
+    if G != H:
+        if T == 1:  # decoding: the rep query heads that share a KV head become its rep query rows, no K/V copy
+            return F.scaled_dot_product_attention(q.view(B, G, H // G, D), k, v, attn_mask=bias).view(B, H, 1, D)
+        k, v = k.repeat_interleave(H // G, dim=1), v.repeat_interleave(H // G, dim=1)
+    if bias is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=T > 1)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=bias)
 
 
 class Attention(nn.Module):
@@ -133,7 +160,7 @@ class Attention(nn.Module):
             self.q_norm = RMSNorm(c.head_dim, c.norm_eps)
             self.k_norm = RMSNorm(c.head_dim, c.norm_eps)
 
-    def forward(self, x, cos, sin, cache_kv, start, mask):
+    def forward(self, x, cos, sin, cache_kv, start, bias):
         B, T, _ = x.shape
         q = self.q_proj(x).view(B, T, self.n_head, self.head_dim)
         k = self.k_proj(x).view(B, T, self.n_kv_head, self.head_dim)
@@ -147,16 +174,7 @@ class Attention(nn.Module):
             ck[:, :, start:start + T] = k
             cv[:, :, start:start + T] = v
             k, v = ck[:, :, :start + T], cv[:, :, :start + T]  # (B, H_kv, S, D)
-        if self.n_kv_head != self.n_head:
-            rep = self.n_head // self.n_kv_head
-            if T == 1:  # decoding: the rep query heads that share a KV head become its rep query rows, no K/V copy
-                y = attention(q.view(B, self.n_kv_head, rep, self.head_dim), k, v, attn_mask=mask)
-                return self.o_proj(y.reshape(B, 1, -1))  # (B, H_kv, rep, D): head h = g * rep + r, in order
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-        if mask is None:
-            y = attention(q, k, v, is_causal=T > 1)
-        else:
-            y = attention(q, k, v, attn_mask=mask)
+        y = attention(q, k, v, bias)  # (B, H, T, D)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, -1))
 
 
@@ -179,8 +197,8 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.n_embd, config.norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, cache_kv, start, mask):
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_kv, start, mask)
+    def forward(self, x, cos, sin, cache_kv, start, bias):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, cache_kv, start, bias)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -237,10 +255,32 @@ class GPT(nn.Module):
             # master weights compute exactly what the same weights stored in that dtype compute
             x = x.to(torch.get_autocast_dtype(x.device.type))
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
+        bias = None if mask is None else torch.zeros(mask.shape, device=x.device, dtype=x.dtype).masked_fill_(
+            ~mask, float("-inf"))  # additive, built once for every layer
         for i, block in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, cos, sin, kv, start, mask)
+            x = block(x, cos, sin, kv, start, bias)
         return self.norm(x)
+
+    def hidden_shared(self, prefix, prefix_len, suffix, group):
+        """Final-normed hidden states (R, T, d) of `suffix` (R, T), where row r continues the first
+        prefix_len[g] tokens of prefix[g] (prefix (n, P), g = group[r]): rows that share a prompt (the k
+        samples of RL) run it once. The prefix's keys and values go through a KV cache, with gradients,
+        then are copied to the rows that continue it; the suffix sees its prefix's valid slots and itself
+        causally, at positions prefix_len[g] + t. The same values as hidden() over each whole row."""
+        n, P = prefix.shape
+        R, T = suffix.shape
+        dev = suffix.device
+        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.head_weight.dtype
+        cache = KVCache(self.config, n, P + T, device=dev, dtype=dtype)
+        if P:
+            self.hidden(prefix, cache=cache)  # writes slots [0, P); the final layer's outputs there are not used
+        cache.select(group)
+        plen = prefix_len[group]  # (R,)
+        t = torch.arange(T, device=dev)
+        slot = torch.arange(P + T, device=dev)
+        mask = (slot < plen[:, None, None]) | ((slot >= P) & (slot - P <= t[:, None]))  # (R, T, P + T)
+        return self.hidden(suffix, pos=plen[:, None] + t, cache=cache, start=P, mask=mask[:, None])
 
     def forward(self, idx, pos=None, cache=None, start=0, mask=None):
         """Logits (B, T, V). For training losses use hidden() and token_logprobs() instead,

@@ -291,6 +291,20 @@ def token_weights(objective, args, b):
     return w[:2], w[2:]
 
 
+def generated_hidden(idx, sel, m1, k):
+    """A function of a model that gives model.hidden(idx[:, :-1])[sel], the hidden states at the target
+    positions sel (m, L - 1), with each prompt run once for its k samples (GPT.hidden_shared). idx (m, L):
+    whole groups of k rows, prompt-major; m1 (m, L - 1): turn 1's target positions, the first of which is
+    the prompt's last token: the prompt's other tokens are shared, everything from that token on is not."""
+    shared = m1.float().argmax(1)  # (m,) each row's prompt length - 1
+    width = idx.shape[1] - 1
+    col = shared[:, None] + torch.arange(width - int(shared.min()), device=idx.device)  # suffix columns in idx
+    col, ok = col.clamp(max=width - 1), col < width  # past a row's end: padding, never a target
+    suffix, sel = idx[:, :-1].gather(1, col), sel.gather(1, col) & ok  # same targets, same order
+    prefix, group = idx[::k, :int(shared.max())], torch.arange(idx.shape[0], device=idx.device) // k
+    return lambda model: model.hidden_shared(prefix, shared[::k], suffix, group)[sel]
+
+
 def micro_batch_loss(policy, ref, ro, rows, objective, args, R):
     """The micro-batch's share of the loss, sum over rows of objective(b) / R, ready for backward(); the
     k3 KL estimate (exp(-d) - 1 + d >= 0, for the logs) summed over each turn's tokens; and the sum of
@@ -304,8 +318,9 @@ def micro_batch_loss(policy, ref, ro, rows, objective, args, R):
     tgt, lp_old = idx[:, 1:][sel], ro.lp_old[rows, :L - 1][sel]
     on_policy = ro.first_from_pi[rows].float()  # a y1 drawn from the base model gets no turn-1 terms
     row, turn2 = sel.nonzero()[:, 0], m2[sel]  # each generated token's row and turn
+    hidden = generated_hidden(idx, sel, m1[:, :L - 1], args.k)
     with torch.no_grad():
-        lp_ref = token_logprobs(ref.hidden(idx[:, :-1])[sel], ref.head_weight, tgt, args.temperature)
+        lp_ref = token_logprobs(hidden(ref), ref.head_weight, tgt, args.temperature)
     per_row = lambda x: torch.zeros(len(rows), device=x.device).index_add_(0, row, x)  # (n_tok,) -> (m,)
     d_old = lp_old - lp_ref  # the KL in the reward: log pi - log pi_ref of each sampled token
     b = SimpleNamespace(r1=ro.r1[rows], r2=ro.r2[rows], group=ro.group[rows] - ro.group[rows].min(),
@@ -313,7 +328,7 @@ def micro_batch_loss(policy, ref, ro, rows, objective, args, R):
     w_lp, w_kl = token_weights(objective, args, b)
     w_lp = torch.where(turn2, w_lp[1, row], w_lp[0, row]) / R  # d loss / d log pi(token)
     w_kl = torch.where(turn2, w_kl[1, row], w_kl[0, row]) / R  # d loss / d k2(token)
-    loss, lp = token_loss(policy.hidden(idx[:, :-1])[sel], policy.head_weight, tgt,
+    loss, lp = token_loss(hidden(policy), policy.head_weight, tgt,
                           lambda lp, s: w_lp[s] * lp + w_kl[s] * kl_term(lp, lp_ref[s]), args.temperature)
     d = lp - lp_ref
     k3 = torch.expm1(-d) + d
@@ -416,17 +431,25 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
     # parameters, from the shapes (model.py's GPT)
     linear = L * (d * (HD + 2 * KD) + HD * d + 3 * d * I + c.qkv_bias * (HD + 2 * KD))  # autocast casts these
     P = linear + V * d * (1 if c.tie_embeddings else 2) + L * (2 * d + c.qk_norm * 2 * D) + d
-    # what autograd keeps per token and layer (model.py's Block; tests/test_memory.py checks it against
-    # the saved tensors). Under autocast the residual stream is in the compute dtype; each RMSNorm keeps
-    # an fp32 copy of its input, and the q/k/v (gate/up) projections share one saved input.
-    attn = 4 * HD * cb + 4 * c.n_head  # flash: q, k, v (at n_head heads), output; fp32 log-sum-exp
-    if cb == 2 and not cuda:  # model.attention in bf16 on the CPU: the math kernel saves fp32 q, k, v, probabilities
-        attn = 3 * HD * 4 + HD * cb + 4 * c.n_head * S
-    per_layer = (2 * ((4 + cb) * d + 4)                        # two RMSNorms: fp32 input, normalized, rsqrt
+    # The trainer runs each prompt once for its k samples (rl.generated_hidden): per micro-batch, n groups
+    # of P0 = prompt_len - 1 shared tokens, and `micro` rows of T0 = S - P0 tokens each, whose keys and
+    # values sit in a KV cache of P0 + T0 slots per row. What autograd keeps (tests/test_memory.py checks the
+    # CPU's terms against the saved tensors): under autocast the residual stream is in the compute dtype;
+    # each RMSNorm keeps an fp32 copy of its input; the q/k/v (gate/up) projections share one saved input.
+    n, P0 = micro // k, prompt_len - 1
+    T0 = S - P0
+    tokens = n * P0 + micro * T0
+    keys = n * P0 * P0 + micro * T0 * (P0 + T0)  # (query, key) pairs of the prefix and the suffix passes
+    per_layer = (2 * ((4 + cb) * d + 4)                         # two RMSNorms: fp32 input, normalized, rsqrt
                  + 2 * d * cb                                   # the normed inputs of q/k/v and of gate/up
-                 + attn                                         # attention (above)
+                 + 2 * HD * cb                                  # attention: the scaled q, o_proj's input
                  + c.qk_norm * ((4 + cb) * (HD + KD) + 4 * (c.n_head + c.n_kv_head))  # Qwen3's q/k norms
                  + 4 * I * cb)                                  # MLP: gate, up, silu(gate), product
+    if cuda:  # SDPA (unmeasured): its output and log-sum-exp, K and V expanded to n_head heads, the bias once
+        attn = L * (tokens * (HD * cb + 4 * c.n_head) + (n * P0 + micro * (P0 + T0)) * 2 * HD * cb) \
+            + micro * T0 * (P0 + T0) * cb
+    else:  # grouped_attention: the probabilities, and the KV caches of both passes (n and micro rows)
+        attn = L * (keys * c.n_head * cb + (n + micro) * (P0 + T0) * 2 * KD * cb)
     per_token = L * per_layer + 8 + 2 * D * cb + (4 + cb) * d + 4  # + token ids, RoPE cos/sin, final RMSNorm
     chunk = min(max(1, 2**25 // V), N)  # model.token_loss's block of tokens
     m = {
@@ -442,14 +465,16 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
         # (In bf16 the sampler is the policy's bf16 copy: nothing is cast.)
         "sample_work": max(rows // k * S_gen * L * KD * cb, rows * T2 * (5 * S_gen + 3 * I * cb + 2 * d * cb),
                            3 * rows * V * 4),
-        "activations": micro * S * per_token + N * 16,  # + the (N, 2) int64 index of the generated tokens
+        "activations": tokens * per_token + attn + N * 16,  # + the (N, 2) int64 index of the generated tokens
         # token_loss: the (chunk, V) fp32 buffer, the (V, d) fp32 weight gradient it accumulates, the
         # generated tokens' hidden states and their gradient; in bf16 also the head's and the buffer's bf16
         # casts and each block's bf16 weight gradient before it is added (on the CPU via an fp32 copy)
         "head": chunk * V * 4 + V * d * 4 + 2 * N * d * cb
                 + (chunk * V * 2 + V * d * (4 if cuda else 8) if cb == 2 else 0),
-        # the reference's pass before the policy's: its hidden states, token_logprobs' buffer, one MLP's work
-        "ref_pass": micro * S * (d + 3 * I) * cb + N * d * cb + chunk * V * 4,
+        # the reference's pass before the policy's: its hidden states, KV caches, token_logprobs' buffer, one
+        # MLP's work (and on the CPU one layer's scores)
+        "ref_pass": tokens * (d + 3 * I) * cb + L * (n + micro) * (P0 + T0) * 2 * KD * cb + N * d * cb
+                    + chunk * V * 4 + (0 if cuda else 2 * keys * c.n_head * cb),
         "allreduce": 4 * P if world > 1 else 0,
         # torch's Adam: foreach on CUDA (a temporary the size of all parameters); per tensor on the CPU
         # (three temporaries of the largest parameter, measured)

@@ -63,38 +63,43 @@ def test_kv_cache_is_what_generate_turns_allocates(monkeypatch, dtype, base_firs
     assert m["kv_cache"] == allocated
 
 
-def saved_bytes(model, idx, sel, dtype):
-    """Bytes of the distinct storages autograd saves for backward in policy.hidden(idx)[sel], as
-    rl.micro_batch_loss runs it, leaving out the weights and autocast's casts of them."""
+def saved_bytes(model, idx, sel, m1, k, dtype):
+    """Bytes of the distinct storages autograd saves for backward in the policy's pass of
+    rl.micro_batch_loss (rl.generated_hidden: each prompt once for its k rows), leaving out the weights
+    and autocast's casts of them. Every saved tensor is kept alive, so no storage's address is reused."""
     def is_weight(t):
         fn = t.grad_fn
         while fn is not None and type(fn).__name__ in ("TBackward0", "ToCopyBackward0", "ViewBackward0"):
             fn = fn.next_functions[0][0]
         return (t.grad_fn is None and t.requires_grad) or type(fn).__name__ == "AccumulateGrad"
-    seen = {}
+    seen, kept = {}, []
 
     def pack(t):
+        kept.append(t)
         if not is_weight(t):
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"), \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        model.hidden(idx[:, :-1])[sel]
+        rl.generated_hidden(idx, sel, m1, k)(model)
     return sum(seen.values())
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_activations_are_what_autograd_saves(cfg, dtype):
-    prompt_len, followup_len, micro, mnt = 10, 6, 2, 8
+    prompt_len, followup_len, micro, k, mnt = 10, 6, 4, 2, 8
     T = prompt_len + 2 * mnt + followup_len + 2  # the model's worst-case positions of a row
     torch.manual_seed(0)
     model = GPT(cfg).init_weights()
     idx = torch.randint(0, cfg.vocab_size, (micro, T + 1))
-    sel = torch.zeros(micro, T, dtype=torch.bool)
-    sel[:, prompt_len:prompt_len + mnt] = sel[:, -mnt:] = True  # the two attempts' tokens
-    got = saved_bytes(model, idx, sel, dtype)
-    m = rl.memory_model(cfg, knobs(micro_batch=micro, max_new_tokens=mnt, dtype=dtype),
+    idx[:, :prompt_len] = idx[::k, :prompt_len].repeat_interleave(k, 0)  # the k rows of a group share a prompt
+    m1 = torch.zeros(micro, T, dtype=torch.bool)
+    m1[:, prompt_len - 1:prompt_len - 1 + mnt] = True  # turn 1's targets: the prompt's last token predicts y1's first
+    sel = m1.clone()
+    sel[:, -mnt:] = True  # and turn 2's
+    got = saved_bytes(model, idx, sel, m1, k, dtype)
+    m = rl.memory_model(cfg, knobs(micro_batch=micro, k=k, max_new_tokens=mnt, dtype=dtype),
                         prompt_len=prompt_len, followup_len=followup_len)
     assert abs(m["activations"] - got) <= 0.01 * got, (m["activations"], got)
 

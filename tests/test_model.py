@@ -8,7 +8,8 @@ import torch.nn.functional as F
 from transformers import (LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config,
                           Qwen3ForCausalLM)
 
-from model import GPT, GPTConfig, KVCache, token_logprobs, token_loss
+import model
+from model import GPT, GPTConfig, KVCache, grouped_attention, sdpa_attention, token_logprobs, token_loss
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 16}
@@ -49,8 +50,14 @@ def tiny_pair(arch):
     return hf.eval(), ours.eval()
 
 
+# model.attention takes grouped_attention on the CPU and SDPA on a GPU: both run here
+ATTENTION = {"grouped": grouped_attention, "sdpa": sdpa_attention}
+
+
+@pytest.mark.parametrize("kernel", sorted(ATTENTION))
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
-def test_logits_match_transformers(arch):
+def test_logits_match_transformers(arch, kernel, monkeypatch):
+    monkeypatch.setattr(model, "attention", ATTENTION[kernel])
     hf, ours = tiny_pair(arch)
     idx = torch.randint(0, 97, (3, 70))  # past original_max_position_embeddings: the llama3 scaling matters
     with torch.no_grad():
@@ -58,8 +65,10 @@ def test_logits_match_transformers(arch):
     assert (ref - got).abs().max().item() < 1e-4
 
 
+@pytest.mark.parametrize("kernel", sorted(ATTENTION))
 @pytest.mark.parametrize("arch", ["qwen2", "qwen3", "llama"])
-def test_kv_cache_matches_full_recompute(arch):
+def test_kv_cache_matches_full_recompute(arch, kernel, monkeypatch):
+    monkeypatch.setattr(model, "attention", ATTENTION[kernel])
     _, m = tiny_pair(arch)
     idx = torch.randint(0, 97, (2, 30))
     with torch.no_grad():
@@ -86,6 +95,80 @@ def test_per_row_positions_and_mask_equal_unpadded_rows():
         out = m(idx, pos=pos, mask=mask[:, None])
     assert (out[0, -1] - ref_a).abs().max() < 1e-5
     assert (out[1, -1] - ref_b).abs().max() < 1e-5
+
+
+def naive_attention(q, k, v, allowed):
+    """Head by head, row by row, in fp64: softmax(q k^T / sqrt(D)) v over the allowed (T, S) slots."""
+    B, H, T, D = q.shape
+    rep = H // k.shape[1]
+    out = torch.zeros(B, H, T, D, dtype=torch.float64)
+    for b in range(B):
+        for h in range(H):
+            for i in range(T):
+                s = k[b, h // rep].double() @ q[b, h, i].double() / D ** 0.5
+                w = torch.softmax(s.masked_fill(~allowed[b, i], float("-inf")), 0)
+                out[b, h, i] = w @ v[b, h // rep].double()
+    return out
+
+
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 3e-2)])
+@pytest.mark.parametrize("kernel", sorted(ATTENTION))
+@pytest.mark.parametrize("T,S,masked", [(6, 6, False), (1, 9, True), (4, 9, True), (5, 5, True)])
+def test_attention_kernels_match_a_naive_reference(kernel, T, S, masked, dtype, tol):
+    """Grouped query heads (8 over 2 KV heads), causal (bias None, S == T) or an arbitrary mask given
+    as the additive bias GPT.hidden builds, decoding (T = 1) included."""
+    torch.manual_seed(0)
+    B, H, G, D = 2, 8, 2, 16
+    q, k, v = torch.randn(B, H, T, D), torch.randn(B, G, S, D), torch.randn(B, G, S, D)
+    if masked:
+        allowed = torch.rand(B, T, S) < 0.6
+        allowed[:, torch.arange(T), S - T + torch.arange(T)] = True  # each query sees at least its own slot
+        bias = torch.zeros(B, 1, T, S).masked_fill(~allowed[:, None], float("-inf")).to(dtype)
+    else:
+        allowed = (torch.arange(S)[None, :] <= S - T + torch.arange(T)[:, None]).expand(B, T, S)
+        bias = None
+    got = ATTENTION[kernel](q.to(dtype), k.to(dtype), v.to(dtype), bias)
+    assert got.dtype == dtype and got.shape == (B, H, T, D)
+    assert (got.double() - naive_attention(q, k, v, allowed)).abs().max() < tol
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_hidden_shared_equals_hidden_over_whole_rows(autocast):
+    """GPT.hidden_shared (each prompt run once, its keys and values copied to the rows that continue it)
+    against GPT.hidden over each whole row: values and the gradients of every parameter, prompts of
+    different lengths (one shorter than the longest prefix) and continuations of different lengths."""
+    _, m = tiny_pair("qwen3")
+    torch.manual_seed(1)
+    plen, k = [6, 3], 3
+    prompts = [torch.randint(0, 97, (n,)) for n in plen]
+    rests = [torch.randint(0, 97, (n,)) for n in (4, 7, 1, 5, 2, 6)]
+    rows = [torch.cat([prompts[r // k], rests[r]]) for r in range(6)]
+    prefix = torch.zeros(2, max(plen), dtype=torch.long)
+    for g, x in enumerate(prompts):
+        prefix[g, :len(x)] = x
+    T = max(len(y) for y in rests)
+    suffix = torch.zeros(6, T, dtype=torch.long)
+    for r, y in enumerate(rests):
+        suffix[r, :len(y)] = y
+    weights = torch.randn(6, T, 64)
+    ctx = torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast)
+
+    def grads(loss):
+        m.zero_grad(set_to_none=True)
+        loss.backward()
+        return {n: p.grad.clone() for n, p in m.named_parameters() if p.grad is not None}
+    with ctx:
+        h = m.hidden_shared(prefix, torch.tensor(plen), suffix, torch.arange(6) // k)
+    got = grads(sum((h[r, :len(y)].float() * weights[r, :len(y)]).sum() for r, y in enumerate(rests)))
+    with ctx:
+        full = [m.hidden(x[None])[0, len(x) - len(y):] for x, y in zip(rows, rests)]
+    ref = grads(sum((f.float() * weights[r, :len(f)]).sum() for r, f in enumerate(full)))
+    tol = 5e-2 if autocast else 1e-5
+    for r, f in enumerate(full):
+        assert (h[r, :len(f)].float() - f.float()).abs().max() < tol * max(1.0, f.abs().max().item())
+    assert got.keys() == ref.keys() == {n for n, _ in m.named_parameters()} - {"lm_head.weight"}  # hidden: no head
+    for n in ref:
+        assert (got[n] - ref[n]).abs().max() <= tol * max(1.0, ref[n].abs().max().item()), n
 
 
 def test_checkpoint_round_trip_and_errors(tmp_path):
