@@ -262,33 +262,38 @@ def bench_sample(args):
 
 
 # ------------------------------------------------------------------------------- demo
-def _demo_revision(root, base, steps, threads, dtype, eval_n):
-    """Time the demo's pieces with the scripts of the checkout at `root`, each in its own process:
-    Stage I from `base` (its log gives seconds and tokens per step), base training (a fixed number of
-    steps, no evaluation until the last) and greedy evaluation. dtype None: the revision's default."""
+def _demo_stage1(root, base, steps, threads, dtype):
+    """Seconds, generated tokens and context tokens of each Stage I step after the first (which warms up), from
+    the log of `steps` steps of the scripts of the checkout at `root`, in a process of their own."""
     import json
-    import os
     import subprocess
     import sys
     import tempfile
     out = tempfile.mkdtemp(prefix="bench_demo_")
-    env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=root, env=env, check=True, capture_output=True, text=True)
     extra = ["--dtype", dtype] if dtype else []
-    run("train_stage1.py", "--base", base, "--init", base, "--out", f"{out}/s1", "--steps", str(steps),
-        "--threads", str(threads), "--save-every", str(steps), *extra)
-    log = [json.loads(x) for x in open(f"{out}/s1/log.jsonl")][1:]  # the first step warms up
-    sec = sum(r["seconds"] for r in log)
-    res = dict(stage1_steps_s=len(log) / sec, stage1_tok_s=sum(r["tokens"] for r in log) / sec,
-               context=sum(r.get("context", 0) for r in log) / len(log), gen=sum(r["tokens"] for r in log) / len(log),
-               t_update=sum(r.get("t_update", 0) for r in log) / len(log))
+    subprocess.run([sys.executable, "train_stage1.py", "--base", base, "--init", base, "--out", f"{out}/s1",
+                    "--steps", str(steps), "--threads", str(threads), "--save-every", str(steps), *extra],
+                   cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True, capture_output=True)
+    return [(r["seconds"], r["tokens"], r.get("trained", r.get("context", 0)))
+            for r in map(json.loads, open(f"{out}/s1/log.jsonl"))][1:]
+
+
+def _demo_rest(root, base, threads, dtype, eval_n):
+    """Base training steps/s (a fixed number of steps, no evaluation until the last) and greedy evaluation
+    problems/s of the scripts of the checkout at `root`, each in its own process (its start included)."""
+    import subprocess
+    import sys
+    import tempfile
+    out = tempfile.mkdtemp(prefix="bench_demo_")
+    run = lambda *a: subprocess.run([sys.executable, *a], cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                                    check=True, capture_output=True, text=True)
     t0 = time.time()
     run("train_base.py", "--out", f"{out}/b", "--max-steps", "40", "--eval-every", "40", "--eval-n", "8",
         "--threads", str(threads))
-    res["base_steps_s"] = 40 / (time.time() - t0)  # includes the process's start and one tiny evaluation
+    res = dict(base_steps_s=40 / (time.time() - t0))
     t0 = time.time()
-    run("evaluate.py", "--task", "demo", "--n", str(eval_n), "--ckpt", base, *extra)
-    res["eval_problems_s"] = eval_n / (time.time() - t0)  # includes the process's start
+    run("evaluate.py", "--task", "demo", "--n", str(eval_n), "--ckpt", base, *(["--dtype", dtype] if dtype else []))
+    res["eval_problems_s"] = eval_n / (time.time() - t0)
     return res
 
 
@@ -313,15 +318,25 @@ def bench_demo(args):
     import tempfile
     torch.set_num_threads(args.threads)
     here = os.path.dirname(os.path.abspath(__file__))
-    rows = [("this checkout", _demo_revision(here, os.path.abspath(args.demo_base), args.demo_steps, args.threads,
-                                             args.demo_dtype, args.demo_eval_n))]
+    revs = [("this checkout", here, os.path.abspath(args.demo_base), args.demo_dtype)]
     if args.against:
         wt = tempfile.mkdtemp(prefix="bench_rev_")
         subprocess.run(["git", "worktree", "add", "--detach", wt, args.against], cwd=here, check=True, capture_output=True)
-        try:
-            rows.append((args.against, _demo_revision(wt, os.path.abspath(args.against_base), args.demo_steps,
-                                                      args.threads, None, args.demo_eval_n)))
-        finally:
+        revs.append((args.against, wt, os.path.abspath(args.against_base), None))
+    steps = {name: [] for name, *_ in revs}
+    try:
+        # the revisions take turns, round after round, so that a drift in the host's speed reaches both alike
+        for _ in range(args.demo_rounds):
+            for name, root, base, dtype in revs:
+                steps[name] += _demo_stage1(root, base, args.demo_steps, args.threads, dtype)
+        rows = []
+        for name, root, base, dtype in revs:
+            sec, tok, ctx = (sum(x) for x in zip(*steps[name]))
+            rows.append((name, dict(stage1_steps_s=len(steps[name]) / sec, stage1_tok_s=tok / sec,
+                                    context=ctx / len(steps[name]), **_demo_rest(root, base, args.threads, dtype,
+                                                                                 args.demo_eval_n))))
+    finally:
+        if args.against:
             subprocess.run(["git", "worktree", "remove", "--force", wt], cwd=here, capture_output=True)
     with open(os.path.join(args.demo_base, "config.json")) as f:
         c = json.load(f)
@@ -330,13 +345,14 @@ def bench_demo(args):
     per_tok = 2 * (L * (d * d + 2 * d * kv + d * d + 3 * d * ff) + d * V)  # matrix FLOPs of one token's forward
     dt = torch.bfloat16 if args.demo_dtype == "bf16" else torch.float32
     rate = _matmul_rate(4096, d, 3 * d, dt)
-    print(f"\ndemo ({args.threads} threads; Stage I {args.demo_steps} steps from {args.demo_base}, "
+    print(f"\ndemo ({args.threads} threads; Stage I {args.demo_rounds} x {args.demo_steps} steps from {args.demo_base}, "
           f"{args.demo_dtype or 'default'} dtype; matrix products {rate / 1e9:.0f} GFLOP/s in {dt})")
-    print(f"{'':>16}{'StageI steps/s':>16}{'gen tok/s':>11}{'ctx tok/step':>14}{'bound':>8}{'base steps/s':>14}"
+    print(f"{'':>16}{'StageI steps/s':>16}{'gen tok/s':>11}{'run tok/step':>14}{'bound':>8}{'base steps/s':>14}"
           f"{'eval probs/s':>14}")
     for name, r in rows:
-        # a step: the policy's forward and backward (3 forwards) and the reference's forward over every
-        # rollout's tokens, and the sampler's forward over them once
+        # a step: the sampler's forward, the reference's forward and the policy's forward and backward (3
+        # forwards) over the tokens they run: every rollout's, but a prompt once for its k samples (the log's
+        # "trained"; "context", all of each rollout's tokens, where a revision's log lacks it)
         flops = 5 * per_tok * r["context"]
         bound = flops / rate * r["stage1_steps_s"] if r["context"] else float("nan")
         print(f"{name:>16}{r['stage1_steps_s']:>16.2f}{r['stage1_tok_s']:>11.0f}{r['context']:>14.0f}{bound:>8.0%}"
@@ -511,7 +527,9 @@ def main():
     p.add_argument("--mem-glibc-default", action="store_true",
                    help="memory: keep glibc's growing mmap threshold (freed heap memory stays resident)")
     p.add_argument("--demo-base", default="out/demo/base", help="demo: the base checkpoint Stage I starts from")
-    p.add_argument("--demo-steps", type=int, default=6, help="demo: Stage I steps timed (the first is not counted)")
+    p.add_argument("--demo-steps", type=int, default=6, help="demo: Stage I steps per run (the first is not counted)")
+    p.add_argument("--demo-rounds", type=int, default=1,
+                   help="demo: Stage I runs of each revision, taking turns with --against's")
     p.add_argument("--demo-dtype", choices=["bf16", "fp32"], help="demo: --dtype of this checkout's runs")
     p.add_argument("--demo-eval-n", type=int, default=500, help="demo: problems evaluated")
     p.add_argument("--against", metavar="REV", help="demo: also time the scripts of git revision REV")

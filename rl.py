@@ -211,7 +211,7 @@ def rollout(policy, ref, tok, problems, args, seed):
                            first_from_pi=(~from_base).to(dev), n_generated=int(m1.sum() + m2.sum()), y1=t1, y2=t2,
                            len_y1=sum(map(len, y1s)), len_y2=sum(map(len, y2s)) if turns == 2 else 0,
                            cut=cut(y1s) + (cut(y2s) if turns == 2 else 0),
-                           n_context=sum(map(len, seqs)),
+                           n_context=sum(map(len, seqs)), n_shared=sum((k - 1) * (len(x) - 1) for x in prompts),
                            t_sample=t_sample, t_score=time.time() - t0)
 
 
@@ -623,7 +623,8 @@ def run(args, objective, name):
                                  f"{good or 'none (no step was saved yet)'}.")
         t_update = time.time() - t1
         counts = torch.tensor([ro.r1.sum(), ro.r2.sum(), ((1 - ro.r1) * ro.r2).sum(), (ro.r1 * (1 - ro.r2)).sum(),
-                               ro.n_generated, ro.len_y1, ro.len_y2, ro.cut, ro.n_context], dtype=torch.float64, device=dev)
+                               ro.n_generated, ro.len_y1, ro.len_y2, ro.cut, ro.n_context, ro.n_shared],
+                              dtype=torch.float64, device=dev)
         if world > 1:
             dist.all_reduce(counts)
         tokens_done += int(counts[4])
@@ -632,6 +633,7 @@ def run(args, objective, name):
         acc_t1, acc_t2, i2c, c2i = (counts[:4] / args.batch).tolist()  # of the sampled rollouts (temperature T)
         rec = dict(step=step, acc_t1=acc_t1, acc_t2=acc_t2, delta_i2c=i2c, delta_c2i=c2i, kl_t1=kl1, kl_t2=kl2,
                    loss=loss, grad_norm=grad_norm, lp_mismatch=mismatch, tokens=int(counts[4]), context=int(counts[8]),
+                   trained=int(counts[8] - counts[9]),
                    len_y1=counts[5].item() / args.batch, len_y2=counts[6].item() / args.batch,
                    cut=counts[7].item() / (2 * args.batch), t_sample=ro.t_sample, t_score=ro.t_score,
                    t_update=t_update, seconds=time.time() - t0)
