@@ -186,19 +186,16 @@ def rollout(policy, ref, tok, problems, args, seed):
     t_sample = time.time() - t0
     seqs, spans = zip(*(layout(prompts[r // k], [y1s[r], y2s[r]][:turns], followup, tok.eot_id) for r in range(R)))
     L, dev = max(map(len, seqs)), policy.embed_tokens.weight.device
-    tokens = torch.zeros(R, L, dtype=torch.long)
-    m1 = torch.zeros(R, L - 1, dtype=torch.bool)  # target positions: token j + 1 is predicted at j
-    m2 = torch.zeros(R, L - 1, dtype=torch.bool)
+    tokens = torch.tensor([s + [0] * (L - len(s)) for s in seqs])  # (R, L), zero-padded
+    span = lambda t: torch.tensor([sp[t] for sp in spans])[:, :, None] - 1  # (R, 2, 1): a turn's target positions
+    j = torch.arange(L - 1)  # target positions: token j + 1 is predicted at j
+    m1 = (j >= span(0)[:, 0]) & (j < span(0)[:, 1])
+    m2 = (j >= span(-1)[:, 0]) & (j < span(-1)[:, 1]) if turns == 2 else torch.zeros_like(m1)
     lp_old = torch.zeros(R, L - 1)  # the sampler's log pi of each generated token, at its target position
-    for r, (s, sp) in enumerate(zip(seqs, spans)):
-        tokens[r, :len(s)] = torch.tensor(s)
-        (a1, b1), (a2, b2) = sp[0], sp[-1]
-        m1[r, a1 - 1:b1 - 1] = True
-        if lp1s[r] is not None:
-            lp_old[r, a1 - 1:b1 - 1] = torch.tensor(lp1s[r])
-        if turns == 2:
-            m2[r, a2 - 1:b2 - 1] = True
-            lp_old[r, a2 - 1:b2 - 1] = torch.tensor(lp2s[r])
+    sampled = torch.tensor([lp is not None for lp in lp1s])[:, None]  # a y1 from the base model has none
+    lp_old[m1 & sampled] = torch.tensor([x for lp in lp1s if lp is not None for x in lp])
+    if turns == 2:
+        lp_old[m2] = torch.tensor([x for lp in lp2s for x in lp])
     t0 = time.time()
     reps = [p for p in problems for _ in range(k)]
     text = lambda y: tok.decode([t for t in y if t not in tok.stop_ids])
