@@ -278,7 +278,7 @@ def _demo_stage1(root, base, steps, threads, dtype):
             for r in map(json.loads, open(f"{out}/s1/log.jsonl"))][1:]
 
 
-def _demo_rest(root, base, threads, dtype, eval_n):
+def _demo_rest(root, base, threads, eval_n):
     """Base training steps/s (a fixed number of steps, no evaluation until the last) and greedy evaluation
     problems/s of the scripts of the checkout at `root`, each in its own process (its start included)."""
     import subprocess
@@ -292,7 +292,7 @@ def _demo_rest(root, base, threads, dtype, eval_n):
         "--threads", str(threads))
     res = dict(base_steps_s=40 / (time.time() - t0))
     t0 = time.time()
-    run("evaluate.py", "--task", "demo", "--n", str(eval_n), "--ckpt", base, *(["--dtype", dtype] if dtype else []))
+    run("evaluate.py", "--task", "demo", "--n", str(eval_n), "--ckpt", base)  # its default dtype, as run.sh evaluates
     res["eval_problems_s"] = eval_n / (time.time() - t0)
     return res
 
@@ -333,7 +333,7 @@ def bench_demo(args):
         for name, root, base, dtype in revs:
             sec, tok, ctx = (sum(x) for x in zip(*steps[name]))
             rows.append((name, dict(stage1_steps_s=len(steps[name]) / sec, stage1_tok_s=tok / sec,
-                                    context=ctx / len(steps[name]), **_demo_rest(root, base, args.threads, dtype,
+                                    context=ctx / len(steps[name]), **_demo_rest(root, base, args.threads,
                                                                                  args.demo_eval_n))))
     finally:
         if args.against:

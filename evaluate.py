@@ -246,8 +246,7 @@ def main(argv=None):
     p.add_argument("--max-new-tokens", type=int,
                    help="per turn (default: each checkpoint's, from its task.json; else the task's: "
                         + ", ".join(f"{t} {n}" for t, n in DEFAULT_MAX_NEW.items()) + ")")
-    p.add_argument("--batch", type=int,
-                   help="problems generated together (default: 256 for the demo, whose rollouts are short; else 64)")
+    p.add_argument("--batch", type=int, default=64, help="problems generated together")
     p.add_argument("--p1", help="the self-correction instruction (default: each checkpoint's, from its "
                                 "task.json; else the one the task trains with)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute precision (default: bf16 on cuda, fp32 on the cpu)")
@@ -263,8 +262,6 @@ def main(argv=None):
     for flag in ("n", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
-    if args.batch is None:
-        args.batch = 256 if args.task == "demo" else 64  # demo, 2000 problems: 6.2 s against 8.3 s at 64 (measured)
     if args.batch < 1 or args.scaling < 0:
         p.error("--batch must be at least 1 and --scaling at least 0")
     if args.scaling and args.task in ("mbpp", "humaneval"):
