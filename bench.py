@@ -457,7 +457,7 @@ def memory_table(name, shape, presets=("math", "code"), gen_batches=(16, 64, 128
     cfg, GiB, fit = GPTConfig(**shape), 2**30, (1 - margin) * gpu_gb * 1e9
     print(f"\n{name}: predicted memory of a Stage II step on one GPU, bf16 over fp32 masters, GiB. "
           f"fits: total <= {fit / GiB:.1f} GiB ({gpu_gb} GB less {margin:.0%})")
-    print(f"{'preset':<7}{'gen':>5}{'micro':>6}{'weights':>8}{'grads':>6}{'adam':>6}{'ref':>5}{'cast':>5}{'KV':>6}"
+    print(f"{'preset':<7}{'gen':>5}{'micro':>6}{'weights':>8}{'grads':>6}{'adam':>6}{'ref':>5}{'smplr':>6}{'cast':>5}{'KV':>6}"
           f"{'s.work':>7}{'acts':>6}{'head':>5}{'sampling':>9}{'update':>7}{'total':>7}  fits")
     for preset in presets:
         p = rl.PRESETS[preset]
@@ -468,6 +468,7 @@ def memory_table(name, shape, presets=("math", "code"), gen_batches=(16, 64, 128
                                 gen_batch=gb, dtype="bf16", device="cuda")
             m = {k: v / GiB for k, v in rl.memory_model(cfg, a).items()}
             print(f"{preset:<7}{gb:>5}{mb:>6}{m['weights']:>8.1f}{m['grads']:>6.1f}{m['adam']:>6.1f}{m['ref']:>5.1f}"
+                  f"{m['sampler']:>6.1f}"
                   f"{m['autocast']:>5.1f}{m['kv_cache']:>6.1f}{m['sample_work']:>7.1f}{m['activations']:>6.1f}"
                   f"{m['head']:>5.1f}{m['sampling']:>9.1f}{m['update']:>7.1f}{m['total']:>7.1f}  "
                   f"{'yes' if m['total'] * GiB <= fit else 'no'}")
@@ -492,7 +493,7 @@ def bench_memory(args):
             shape = dict(shape, vocab_size=32768, max_seq_len=1024)
             r = in_child(_memory_step, shape=shape, knobs=knobs, dtype=dtype, threads=args.threads)
             p = {k: v / 2**20 for k, v in r["pred"].items()}
-            state = p["weights"] + p["grads"] + p["adam"] + p["ref"]
+            state = p["weights"] + p["grads"] + p["adam"] + p["ref"] + p["sampler"]
             peak = max(r["sampling"], r["update"])
             desc = f"d{shape['n_embd']} L{shape['n_layer']} kv{shape['n_kv_head']}{' tied' if shape['tie_embeddings'] else ''}"
             print(f"{dtype:<6}{r['params'] / 1e6:>5.0f}M {desc:<17}{state:>7.0f}{r['state']:>6.0f}{p['sampling']:>7.0f}"
