@@ -262,18 +262,23 @@ def bench_sample(args):
 
 
 # ------------------------------------------------------------------------------- demo
-def _demo_stage1(root, base, steps, threads, dtype):
-    """Seconds, generated tokens and context tokens of each Stage I step after the first (which warms up), from
-    the log of `steps` steps of the scripts of the checkout at `root`, in a process of their own."""
-    import json
+def _script(root, threads, *argv):
+    """Run a script of the checkout at `root` in a process of its own with `threads` OpenMP threads."""
     import subprocess
     import sys
+    subprocess.run([sys.executable, *argv], cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                   check=True, capture_output=True)
+
+
+def _demo_stage1(root, base, steps, threads, dtype):
+    """Seconds, generated tokens and the tokens its passes run (the log's "trained"; where a revision's log lacks
+    it, "context", all of each rollout's tokens) of each Stage I step after the first (which warms up), from
+    `steps` steps of the scripts of the checkout at `root`."""
+    import json
     import tempfile
     out = tempfile.mkdtemp(prefix="bench_demo_")
-    extra = ["--dtype", dtype] if dtype else []
-    subprocess.run([sys.executable, "train_stage1.py", "--base", base, "--init", base, "--out", f"{out}/s1",
-                    "--steps", str(steps), "--threads", str(threads), "--save-every", str(steps), *extra],
-                   cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads)}, check=True, capture_output=True)
+    _script(root, threads, "train_stage1.py", "--base", base, "--init", base, "--out", f"{out}/s1", "--steps", str(steps),
+            "--threads", str(threads), "--save-every", str(steps), *(["--dtype", dtype] if dtype else []))
     return [(r["seconds"], r["tokens"], r.get("trained", r.get("context", 0)))
             for r in map(json.loads, open(f"{out}/s1/log.jsonl"))][1:]
 
@@ -281,18 +286,14 @@ def _demo_stage1(root, base, steps, threads, dtype):
 def _demo_rest(root, base, threads, eval_n):
     """Base training steps/s (a fixed number of steps, no evaluation until the last) and greedy evaluation
     problems/s of the scripts of the checkout at `root`, each in its own process (its start included)."""
-    import subprocess
-    import sys
     import tempfile
     out = tempfile.mkdtemp(prefix="bench_demo_")
-    run = lambda *a: subprocess.run([sys.executable, *a], cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                                    check=True, capture_output=True, text=True)
     t0 = time.time()
-    run("train_base.py", "--out", f"{out}/b", "--max-steps", "40", "--eval-every", "40", "--eval-n", "8",
-        "--threads", str(threads))
+    _script(root, threads, "train_base.py", "--out", f"{out}/b", "--max-steps", "40", "--eval-every", "40",
+            "--eval-n", "8", "--threads", str(threads))
     res = dict(base_steps_s=40 / (time.time() - t0))
     t0 = time.time()
-    run("evaluate.py", "--task", "demo", "--n", str(eval_n), "--ckpt", base)  # its default dtype, as run.sh evaluates
+    _script(root, threads, "evaluate.py", "--task", "demo", "--n", str(eval_n), "--ckpt", base)  # its default dtype, as run.sh
     res["eval_problems_s"] = eval_n / (time.time() - t0)
     return res
 
@@ -331,10 +332,10 @@ def bench_demo(args):
                 steps[name] += _demo_stage1(root, base, args.demo_steps, args.threads, dtype)
         rows = []
         for name, root, base, dtype in revs:
-            sec, tok, ctx = (sum(x) for x in zip(*steps[name]))
+            sec, tok, ran = (sum(x) for x in zip(*steps[name]))
             rows.append((name, dict(stage1_steps_s=len(steps[name]) / sec, stage1_tok_s=tok / sec,
-                                    context=ctx / len(steps[name]), **_demo_rest(root, base, args.threads,
-                                                                                 args.demo_eval_n))))
+                                    ran=ran / len(steps[name]), **_demo_rest(root, base, args.threads,
+                                                                             args.demo_eval_n))))
     finally:
         if args.against:
             subprocess.run(["git", "worktree", "remove", "--force", wt], cwd=here, capture_output=True)
@@ -351,11 +352,10 @@ def bench_demo(args):
           f"{'eval probs/s':>14}")
     for name, r in rows:
         # a step: the sampler's forward, the reference's forward and the policy's forward and backward (3
-        # forwards) over the tokens they run: every rollout's, but a prompt once for its k samples (the log's
-        # "trained"; "context", all of each rollout's tokens, where a revision's log lacks it)
-        flops = 5 * per_tok * r["context"]
-        bound = flops / rate * r["stage1_steps_s"] if r["context"] else float("nan")
-        print(f"{name:>16}{r['stage1_steps_s']:>16.2f}{r['stage1_tok_s']:>11.0f}{r['context']:>14.0f}{bound:>8.0%}"
+        # forwards) over the tokens they run (every rollout's, a prompt once for its k samples)
+        flops = 5 * per_tok * r["ran"]
+        bound = flops / rate * r["stage1_steps_s"] if r["ran"] else float("nan")
+        print(f"{name:>16}{r['stage1_steps_s']:>16.2f}{r['stage1_tok_s']:>11.0f}{r['ran']:>14.0f}{bound:>8.0%}"
               f"{r['base_steps_s']:>14.2f}{r['eval_problems_s']:>14.1f}")
     if len(rows) == 2:
         a, b = rows[0][1], rows[1][1]

@@ -92,6 +92,12 @@ def apply_rope(x, cos, sin):
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def compute_dtype(weight):
+    """The dtype activations take with this weight: autocast's where autocast is on, else the weight's."""
+    kind = weight.device.type
+    return torch.get_autocast_dtype(kind) if torch.is_autocast_enabled(kind) else weight.dtype
+
+
 class KVCache:
     """Preallocated keys and values: one (B, H_kv, S_max, D) buffer per layer, written in place.
     Slot s of every row is written at the same step; a row's RoPE positions are its own (given to
@@ -249,11 +255,9 @@ class GPT(nn.Module):
             mask = (torch.arange(start + T, device=idx.device)[None, :] <= q_slot[:, None])[None, None]
         angles = pos[..., None].float() * self.inv_freq  # (B, T, D/2)
         angles = torch.cat((angles, angles), dim=-1)[:, None]  # (B, 1, T, D)
-        x = self.embed_tokens(idx)
-        if torch.is_autocast_enabled(x.device.type):
-            # compute precision: under autocast the residual stream is kept in the autocast dtype, so fp32
-            # master weights compute exactly what the same weights stored in that dtype compute
-            x = x.to(torch.get_autocast_dtype(x.device.type))
+        # compute precision: under autocast the residual stream is kept in the autocast dtype, so fp32
+        # master weights compute exactly what the same weights stored in that dtype compute
+        x = self.embed_tokens(idx).to(compute_dtype(self.embed_tokens.weight))
         cos, sin = angles.cos().to(x.dtype), angles.sin().to(x.dtype)
         bias = None if mask is None else torch.zeros(mask.shape, device=x.device, dtype=x.dtype).masked_fill_(
             ~mask, float("-inf"))  # additive, built once for every layer
@@ -271,8 +275,7 @@ class GPT(nn.Module):
         n, P = prefix.shape
         R, T = suffix.shape
         dev = suffix.device
-        dtype = torch.get_autocast_dtype(dev.type) if torch.is_autocast_enabled(dev.type) else self.head_weight.dtype
-        cache = KVCache(self.config, n, P + T, device=dev, dtype=dtype)
+        cache = KVCache(self.config, n, P + T, device=dev, dtype=compute_dtype(self.head_weight))
         if P:
             self.hidden(prefix, cache=cache)  # writes slots [0, P); the final layer's outputs there are not used
         cache.select(group)

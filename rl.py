@@ -187,10 +187,13 @@ def rollout(policy, ref, tok, problems, args, seed):
     seqs, spans = zip(*(layout(prompts[r // k], [y1s[r], y2s[r]][:turns], followup, tok.eot_id) for r in range(R)))
     L, dev = max(map(len, seqs)), policy.embed_tokens.weight.device
     tokens = torch.tensor([s + [0] * (L - len(s)) for s in seqs])  # (R, L), zero-padded
-    span = lambda t: torch.tensor([sp[t] for sp in spans])[:, :, None] - 1  # (R, 2, 1): a turn's target positions
     j = torch.arange(L - 1)  # target positions: token j + 1 is predicted at j
-    m1 = (j >= span(0)[:, 0]) & (j < span(0)[:, 1])
-    m2 = (j >= span(-1)[:, 0]) & (j < span(-1)[:, 1]) if turns == 2 else torch.zeros_like(m1)
+
+    def targets(t):  # (R, L - 1): turn t's target positions, [start - 1, end - 1) of its span
+        a, b = (torch.tensor([sp[t] for sp in spans]) - 1).T[:, :, None]
+        return (j >= a) & (j < b)
+    m1 = targets(0)
+    m2 = targets(-1) if turns == 2 else torch.zeros_like(m1)
     lp_old = torch.zeros(R, L - 1)  # the sampler's log pi of each generated token, at its target position
     sampled = torch.tensor([lp is not None for lp in lp1s])[:, None]  # a y1 from the base model has none
     lp_old[m1 & sampled] = torch.tensor([x for lp in lp1s if lp is not None for x in lp])

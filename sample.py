@@ -39,7 +39,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from model import GPT, KVCache
+from model import GPT, KVCache, compute_dtype
 
 
 def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
@@ -130,7 +130,7 @@ def generate_turns(model, prompts, followup, max_new_tokens, turns=2, k=1, tempe
     cfg = model.config
     W = model.head_weight
     device = W.device
-    dtype = torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else W.dtype
+    dtype = compute_dtype(W)
     P, B, Fl = len(prompts), len(prompts) * k, len(followup)
     if P == 0 or any(len(p) == 0 for p in prompts):
         raise ValueError("generate_turns: every prompt needs at least one token")
