@@ -33,8 +33,10 @@ P1_CODE = ("There might be an error in the code above because of lack of underst
 # The demo's model is small and its tokenizer small, so its preset uses a shorter p1.
 DEMO_P1 = "There might be an error above. Correct it, if any."
 # The words the demo's tokenizer makes single tokens (tokenizer.Tokenizer.byte_level): the chat roles, the
-# prompt's word and numbers, the words of its p1. A rollout is then ~45 tokens instead of ~125 characters.
-DEMO_WORDS = ["user", "assistant", "sum", *(f" {i}" for i in range(1, 30)), *re.findall(r" ?[A-Za-z]+", DEMO_P1)]
+# prompt's word and numbers, the words of its p1; then, as phrases, each role with its line break and the
+# whole p1. A rollout is then ~30 tokens instead of ~125 characters, the p1 turn 9 of them.
+DEMO_WORDS = ["user", "assistant", "sum", *(f" {i}" for i in range(1, 30)), *re.findall(r" ?[A-Za-z]+", DEMO_P1),
+              ("user", "\n"), ("assistant", "\n"), tuple(re.findall(r" ?[A-Za-z]+|[.,]", DEMO_P1))]
 
 
 def instruction(task):

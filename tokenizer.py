@@ -164,22 +164,46 @@ def _hf_pattern_and_nfc(tok, where):
 
 
 def _word_merges(words):
-    """Merges that build each word byte by byte, left to right: the pairs (prefix, next byte) in the
-    order their results first appear, so that token ids follow merge order (ids from 259)."""
+    """Merges that build each word, in the order their results first appear, so that token ids follow
+    merge order (ids from 259). A str is built byte by byte, left to right; a tuple of parts (each one
+    byte or an earlier word) part by part, so that a phrase the pattern would split becomes one token."""
     merges, seen = [], set()
     for w in words:
-        b = w.encode("utf-8")
-        for i in range(2, len(b) + 1):
-            if b[:i] not in seen:
-                seen.add(b[:i])
-                merges.append((b[:i - 1], b[i - 1:i]))
+        parts = [bytes([x]) for x in w.encode("utf-8")] if isinstance(w, str) else [p.encode("utf-8") for p in w]
+        for p in parts:
+            if len(p) != 1 and p not in seen:
+                raise ValueError(f"word {w!r}: its part {p.decode()!r} is neither one byte nor an earlier word")
+        built = parts[0]
+        for p in parts[1:]:
+            if built + p not in seen:
+                seen.add(built + p)
+                merges.append((built, p))
+            built += p
     return merges
+
+
+def _word_pattern(words):
+    """The demo tokenizer's pre-tokenizer: GPT-2's, after an alternative that keeps each phrase (a tuple
+    word) one piece. Letters, digits and spaces stand for themselves; anything else is escaped in a form
+    tiktoken's regex and transformers' Oniguruma read alike."""
+    def lit(c):
+        if c.isalnum() or c == " ":
+            return c
+        return r"\n" if c == "\n" else "\\" + c if c in "\\]^-[" else f"[{c}]"
+    phrases = sorted({"".join(w) for w in words if not isinstance(w, str)}, key=len, reverse=True)
+    if not phrases:
+        return GPT2_PATTERN
+    return "(?:" + "|".join("".join(map(lit, p)) for p in phrases) + ")|" + GPT2_PATTERN
 
 
 def _write_hf_byte_level(out_dir, special, words=()):
     """The byte-level tokenizer in HF layout too (a BPE whose merges build the words), so transformers
     and vLLM load an exported demo model. from_pretrained reads byte_tokenizer.json first."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": bool(words)}
+    pre = byte_level
+    if any(not isinstance(w, str) for w in words):  # phrases: the pattern goes in a Split before ByteLevel
+        split = {"type": "Split", "pattern": {"Regex": _word_pattern(words)}, "behavior": "Isolated", "invert": False}
+        pre = {"type": "Sequence", "pretokenizers": [split, {**byte_level, "use_regex": False}]}
     u = bytes_to_unicode()
     spell = lambda b: "".join(u[x] for x in b)
     merges = _word_merges(words)
@@ -189,7 +213,7 @@ def _write_hf_byte_level(out_dir, special, words=()):
     tok = {"version": "1.0", "truncation": None, "padding": None, "normalizer": None, "post_processor": None,
            "added_tokens": [{"id": i, "content": s, "single_word": False, "lstrip": False, "rstrip": False,
                              "normalized": False, "special": True} for s, i in special.items()],
-           "pre_tokenizer": byte_level, "decoder": byte_level,
+           "pre_tokenizer": pre, "decoder": byte_level,
            "model": {"type": "BPE", "dropout": None, "unk_token": None, "continuing_subword_prefix": None,
                      "end_of_word_suffix": None, "fuse_unk": False, "byte_fallback": False, "ignore_merges": False,
                      "vocab": vocab, "merges": [f"{spell(a)} {spell(b)}" for a, b in merges]}}
@@ -269,12 +293,17 @@ class Tokenizer:
         """The demo's tokenizer: ids 0..255 are bytes, 256..258 are ChatML's tokens. Without words there
         are no merges, so any split of the text gives the same ids and the pattern only bounds the piece
         length. `words` (e.g. the chat roles, the words of p1, " 12") become single tokens, ids 259 on,
-        through merges that build each one byte by byte; the text is then split as GPT-2 splits it."""
-        words = list(dict.fromkeys(words))
+        through merges that build each one byte by byte; the text is then split as GPT-2 splits it. A
+        tuple of earlier words and bytes (("user", "\n"), p1's words and stops) is a phrase: one token
+        too, kept one piece by the pattern wherever it occurs."""
+        words = list(dict.fromkeys(w if isinstance(w, str) else tuple(w) for w in words))
         ranks = {bytes([b]): b for b in range(256)}
         for a, b in _word_merges(words):
             ranks[a + b] = 256 + len(CHATML_SPECIALS) + len(ranks) - 256
-        tok = cls("byte_level", GPT2_PATTERN if words else r"(?s:.{1,256})", ranks, CHATML_SPECIALS)
+        tok = cls("byte_level", _word_pattern(words) if words else r"(?s:.{1,256})", ranks, CHATML_SPECIALS)
+        for w in words:
+            if len(tok.encode("".join(w))) != 1:
+                raise ValueError(f"word {w!r} does not encode as one token (an earlier word's merges split it)")
         tok.words = words
         return tok
 

@@ -13,6 +13,7 @@ from tokenizers import Regex, decoders, models, normalizers, pre_tokenizers, tra
 from transformers import PreTrainedTokenizerFast  # noqa: E402
 from transformers.convert_slow_tokenizer import TikTokenConverter, bytes_to_unicode  # noqa: E402
 
+import data  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
 # written out here, not imported, so a typo in tokenizer.py cannot hide
@@ -333,20 +334,36 @@ def test_layout_closes_every_attempt_in_the_chat_format(hf_dir, llama_dir):
 
 
 def test_byte_level_with_words(tmp_path):
-    """The demo's tokenizer with merged words: each word is one token, any text still round-trips, and
-    transformers reads the saved copy and splits every text the same way."""
-    words = ["user", "assistant", " might", " mig", " 12", " 1", "There"]
+    """The demo's tokenizer with merged words and phrases: each word is one token, any text still
+    round-trips, and transformers reads the saved copy and splits every text the same way."""
+    words = ["user", "assistant", " might", " mig", " 12", " 1", "There", ("user", "\n"),
+             ("There", " might", " ", "b", "e", "?", "\n", " 12", "[", "]", "-", "^", "\\", "x")]
     tok = Tokenizer.byte_level(words)
-    assert tok.vocab_size == 259 + len({w[:i] for w in words for i in range(2, len(w) + 1)})
+    spelled = {w[:i] for w in words if isinstance(w, str) for i in range(2, len(w) + 1)}
+    phrase = "There might be?\n 12[]-^\\x"
+    assert tok.vocab_size == 259 + len(spelled) + 1 + 13  # "user\n", then one merge per part after the first
     for w in words:
-        assert len(tok.encode(w)) == 1 and tok.decode(tok.encode(w)) == w
-    assert tok.render([{"role": "user", "content": "x"}]) == [257, tok.encode("user")[0], 10, 120, 258, 10, 257,
-                                                            tok.encode("assistant")[0], 10]
+        assert len(tok.encode("".join(w))) == 1 and tok.decode(tok.encode("".join(w))) == "".join(w)
+    u, a = tok.encode("user\n")[0], tok.encode("assistant")[0]
+    assert tok.render([{"role": "user", "content": "x"}]) == [257, u, 120, 258, 10, 257, a, 10]
+    assert tok.encode("There might be") == [tok.encode("There")[0], tok.encode(" might")[0], 32, 98, 101]
+    assert tok.encode(phrase + phrase + " 12") == [tok.encode(phrase)[0]] * 2 + [tok.encode(" 12")[0]]
     tok.save_pretrained(tmp_path)
     again = Tokenizer.from_pretrained(tmp_path)
     assert again.words == words and again.vocab_size == tok.vocab_size
     hf = transformers.AutoTokenizer.from_pretrained(tmp_path)
-    for s in HAND_WRITTEN + ["There might be 12 or 1 12x mighty", "sum 12: 3 5 7 1 9"]:
+    for s in HAND_WRITTEN + ["There might be 12 or 1 12x mighty", "sum 12: 3 5 7 1 9", "a" + phrase + phrase + "user\n"]:
         ids = tok.encode(s, allow_special=True)
         assert tok.decode(ids) == s and again.encode(s, allow_special=True) == ids
         assert hf.encode(s, add_special_tokens=False) == ids, s
+    with pytest.raises(ValueError, match="neither one byte nor an earlier word"):
+        Tokenizer.byte_level(["user", ("user", "ab")])
+
+
+def test_demo_tokenizer():
+    """The demo's tokenizer spells its p1 and each chat header as one token, so a p1 turn is 9 tokens."""
+    tok = Tokenizer.byte_level(data.DEMO_WORDS)
+    assert len(tok.encode(data.DEMO_P1)) == 1 and tok.decode(tok.encode(data.DEMO_P1)) == data.DEMO_P1
+    follow = tok.render_followup([{"role": "user", "content": data.DEMO_P1}])
+    assert tok.decode(follow) == "\n<|im_start|>user\n" + data.DEMO_P1 + "<|im_end|>\n<|im_start|>assistant\n"
+    assert len(follow) == 8
