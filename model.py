@@ -68,9 +68,11 @@ class RMSNorm(nn.Module):
 
 
 def rope_frequencies(config):
-    """Inverse frequencies (head_dim // 2,), with Llama 3's frequency scaling when configured."""
+    """Inverse frequencies (head_dim // 2,), with Llama 3's frequency scaling when configured. Always built on
+    the CPU, also inside a meta-device build (where arange would import torch's Python decompositions,
+    about 2 s); the model moves it with its weights."""
     D = config.head_dim
-    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64) / D))
+    inv_freq = 1.0 / (config.rope_theta ** (torch.arange(0, D, 2, dtype=torch.float64, device="cpu") / D))
     s = config.rope_scaling
     if s:
         # Llama 3.1: long wavelengths are slowed by `factor`, short ones kept, the band between blended
@@ -212,13 +214,18 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
-        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd)
+        # nn.Embedding's own init (a standard normal), drawn here so that a meta-device build draws nothing:
+        # normal_ on the meta device imports torch's Python decompositions, about 2 s of every process's start
+        w = torch.empty(config.vocab_size, config.n_embd)
+        if w.device.type != "meta":
+            nn.init.normal_(w)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd, _weight=w)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        # RoPE tables in fp32, not saved in checkpoints (rebuilt by init_rope after a meta-device build)
-        self.register_buffer("inv_freq", rope_frequencies(config), persistent=False)
+        # RoPE tables in fp32, not saved in checkpoints (from_pretrained rebuilds them after a meta-device build)
+        self.register_buffer("inv_freq", rope_frequencies(config).to(w.device), persistent=False)
 
     def _apply(self, fn, *args, **kwargs):
         # .to(dtype) / .bfloat16() would round the RoPE frequencies: keep them fp32 on the model's device
