@@ -8,7 +8,8 @@ time, never raises, and never evaluates an answer as Python.
     code   extract_code(text), run_code(program, tests), run_code_batch(jobs)
     demo   extract_pair(text), pair_sum_equal(text, numbers, target)
 
-This file imports nothing from the project (stdlib + sympy) and runs on Linux (it forks).
+This file imports nothing from the project (stdlib + sympy, imported at the first symbolic comparison:
+the demo and code tasks never load it) and runs on Linux (it forks).
 """
 import marshal
 import math
@@ -29,7 +30,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from fractions import Fraction
 
-import sympy
+sympy = None  # the module, once _load_sympy has run (about 0.6 s of every start otherwise)
 
 # ------------------------------------------------------------------------------- math: extraction
 
@@ -123,9 +124,8 @@ def _number(s):
 # would call eval on the text: never on a model's answer.
 
 _TOKENS = re.compile(r"\d+\.?\d*|\.\d+|\\[a-zA-Z]+|\\.|\S")
-_FUNCS = {"sin": sympy.sin, "cos": sympy.cos, "tan": sympy.tan, "sec": sympy.sec, "csc": sympy.csc,
-          "cot": sympy.cot, "arcsin": sympy.asin, "arccos": sympy.acos, "arctan": sympy.atan,
-          "ln": sympy.log, "log": sympy.log, "exp": sympy.exp}
+_FUNCS = {"sin": "sin", "cos": "cos", "tan": "tan", "sec": "sec", "csc": "csc", "cot": "cot",  # sympy's names
+          "arcsin": "asin", "arccos": "acos", "arctan": "atan", "ln": "log", "log": "log", "exp": "exp"}
 _GREEK = {"alpha", "beta", "gamma", "delta", "epsilon", "varepsilon", "zeta", "eta", "theta", "vartheta",
           "iota", "kappa", "lambda", "mu", "nu", "xi", "rho", "sigma", "tau", "upsilon", "phi", "varphi",
           "chi", "psi", "omega", "Gamma", "Delta", "Theta", "Lambda", "Xi", "Sigma", "Phi", "Psi", "Omega"}
@@ -298,7 +298,7 @@ def _parse(s):
                 take()
                 exp = arg()
             x = power()
-            node = _FUNCS[t[1:]](x) if base is None else sympy.log(x, base)
+            node = getattr(sympy, _FUNCS[t[1:]])(x) if base is None else sympy.log(x, base)
             return node if exp is None else _pow(node, exp)
         raise ValueError(f"unknown token {t!r}")
 
@@ -441,7 +441,15 @@ def _same(u, v):
     return ku == kv == "text" and xu[0] == xv[0]
 
 
+def _load_sympy():
+    global sympy
+    if sympy is None:
+        import sympy as module
+        sympy = module
+
+
 def _symbolic_equal(a, b):
+    _load_sympy()  # math_equal has it loaded before it forks a child to run this
     depth = max_depth = 0
     for c in a + b:
         depth += (c in "([{") - (c in ")]}")

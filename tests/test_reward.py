@@ -288,6 +288,7 @@ def test_math_adversarial(pred, ref, expected):
 def test_math_adversarial_needs_no_kill(pred, ref):
     """The cheap pre-checks (token, digit, power, factorial and depth caps) give each adversarial
     input a verdict well inside the deadline: the child answers rather than being killed."""
+    reward._load_sympy()  # in this process, as math_equal does before it forks: the child does not import it
     a, b = reward._normalize(pred), reward._normalize(ref)
     assert reward._bounded(reward._symbolic_equal, a, b, timeout=2.0) is not None
 
