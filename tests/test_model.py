@@ -195,6 +195,21 @@ def test_checkpoint_round_trip_and_errors(tmp_path):
         GPT.from_pretrained(tmp_path / "ck")
 
 
+def test_default_init_is_torchs_and_meta_builds_draw_nothing():
+    """GPT draws its embedding itself (so that a meta-device build draws nothing): the values and the
+    random stream must be nn.Embedding's and nn.Linear's own, in the same order."""
+    cfg = GPTConfig(vocab_size=97, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, intermediate_size=24)
+    torch.manual_seed(3)
+    m = GPT(cfg)
+    torch.manual_seed(3)
+    emb, q = torch.nn.Embedding(97, 16), torch.nn.Linear(16, 16, bias=False)
+    assert torch.equal(m.embed_tokens.weight, emb.weight) and m.embed_tokens.weight.requires_grad
+    assert torch.equal(m.layers[0].self_attn.q_proj.weight, q.weight)
+    with torch.device("meta"):
+        meta = GPT(cfg)
+    assert meta.embed_tokens.weight.is_meta and meta.inv_freq.is_meta  # the RoPE table follows the weights
+
+
 def naive_logprobs(h, W, t, temperature):
     return torch.log_softmax((h @ W.T).float() / temperature, dim=-1).gather(1, t[:, None]).squeeze(1)
 
