@@ -215,7 +215,7 @@ class GPT(nn.Module):
         super().__init__()
         self.config = config
         # nn.Embedding's own init (a standard normal), drawn here so that a meta-device build draws nothing:
-        # normal_ on the meta device imports torch's Python decompositions, about 2 s of every process's start
+        # normal_ on the meta device imports torch's Python decompositions: about 2 s of each checkpoint load
         w = torch.empty(config.vocab_size, config.n_embd)
         if w.device.type != "meta":
             nn.init.normal_(w)
