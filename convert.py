@@ -3,7 +3,6 @@ Hugging Face checkpoint <-> this project's checkpoint.
 
     python convert.py HF_DIR OUT_DIR            # config.json + *.safetensors -> config.json + model.pt + tokenizer
     python convert.py --to-hf CKPT_DIR OUT_DIR  # back to HF layout, for transformers and vLLM
-    python convert.py --download ORG/NAME OUT_DIR  # fetch from the Hugging Face hub into OUT_DIR.hf, then convert
 
 Architectures: Qwen2ForCausalLM (Qwen2, Qwen2.5), Qwen3ForCausalLM (dense Qwen3), LlamaForCausalLM
 (Llama 3, 3.1, 3.2, 3.3). Refused with a message: other architectures, RoPE types other than the
@@ -14,30 +13,17 @@ Safetensors is read and written here (no safetensors package): 8-byte little-end
 a JSON header {name: {dtype, shape, data_offsets}}, then the raw little-endian tensors. Files are
 memory-mapped, so a conversion that keeps the dtype never holds a second copy of the weights in memory.
 The tokenizer files travel along (tokenizer.py reads them); --to-hf also writes a
-generation_config.json holding only the stop ids (no sampling defaults).
-
---download fetches {endpoint}/ORG/NAME/resolve/{revision}/{file} with urllib: config.json,
-generation_config.json and the tokenizer files if present, then model.safetensors or the shards that
-model.safetensors.index.json lists. Each file is written as FILE.part and renamed when complete; an
-interrupted run resumes with HTTP Range requests, and complete files are skipped. Sizes are checked
-against the server's and each safetensors header against its file. Set HF_TOKEN for gated repositories
-(Llama: accept the license on the model's page first) and HF_ENDPOINT (or --endpoint) for a mirror.
+generation_config.json holding only the stop ids (no sampling defaults). download.py fetches a
+model from the hub and converts it.
 """
 import argparse
-import http.client
 import json
 import math
 import mmap
 import os
-import re
-import ssl
 import struct
 import sys
 import tempfile
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 
 import torch
 
@@ -295,196 +281,29 @@ def ckpt_to_hf(ckpt_dir, out_dir, dtype=None):
     return hf
 
 
-# ---------------------------------------------------------------------------- downloading
-HF_ENDPOINT = "https://huggingface.co"
-RETRIES = 5        # failed attempts in a row (no byte received) before giving up
-RETRY_WAIT = 1.0   # seconds before the first retry, doubled after each
-PROGRESS_EVERY = 5.0  # seconds between progress lines of a long download
-
-
-class DownloadError(RuntimeError):
-    def __init__(self, msg, status=None):
-        super().__init__(msg)
-        self.status = status  # the HTTP status, if the server answered with an error
-
-
-def _size(n):
-    for unit in ("B", "KB", "MB", "GB"):
-        if n < 1000:
-            break
-        n /= 1000
-    return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-
-
-def download(url, path, auth=None):
-    """Fetch url into path, resumably. Bytes go to path.part; a later attempt (after a dropped connection,
-    or in a later run) asks for the rest with 'Range: bytes=N-' and a server that answers 200 instead of 206
-    restarts the file from 0. The size is checked against Content-Length / Content-Range, and path.part
-    becomes path only when complete, so an existing path is complete and is not fetched again. Connection
-    errors are retried with backoff; an HTTP error (404, 401, ...) raises DownloadError naming the URL.
-    `auth` is an Authorization value sent to url only, not along redirects (HF sends LFS files to a CDN)."""
-    if os.path.exists(path):
-        return path
-    os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    part, name, total, failures = path + ".part", os.path.basename(path), None, 0
-    while True:
-        have = os.path.getsize(part) if os.path.exists(part) else 0
-        req = urllib.request.Request(url)
-        if auth:
-            req.add_unredirected_header("Authorization", auth)
-        if have:
-            req.add_header("Range", f"bytes={have}-")
-        got = 0
-        try:
-            with urllib.request.urlopen(req, timeout=60) as r:
-                length = r.headers.get("Content-Length")
-                length = int(length) if length is not None else None
-                if have and r.status == 206:  # "bytes START-END/TOTAL"
-                    m = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+|\*)", r.headers.get("Content-Range", ""))
-                    if not m or int(m[1]) != have:
-                        raise DownloadError(f"{url}: asked for bytes {have}- and got Content-Range "
-                                            f"{r.headers.get('Content-Range')!r}")
-                    size = None if m[3] == "*" else int(m[3])
-                else:  # 200: the whole file (a server that ignores Range included)
-                    if have:
-                        print(f"  {name}: the server ignored the Range request, starting over from byte 0")
-                        have = 0
-                    size = length
-                if total is not None and size is not None and size != total:
-                    os.remove(part)  # the file changed on the server: the bytes we have belong to another version
-                    raise DownloadError(f"{url}: size mismatch: {_size(total)} ({total} bytes) at first, "
-                                        f"now {size} bytes; removed {part}, run again to start over")
-                total = size if size is not None else total
-                t0 = last = time.time()
-                with open(part, "ab" if have else "wb") as f:
-                    while chunk := r.read(1 << 20):
-                        f.write(chunk)
-                        got += len(chunk)
-                        if time.time() - last > PROGRESS_EVERY:  # a line every few seconds, not per chunk
-                            last, done = time.time(), have + got
-                            rate = got / max(last - t0, 1e-6)
-                            left = f" of {_size(total)} ({100 * done / total:.0f}%)" if total else ""
-                            eta = f", ETA {(total - done) / max(rate, 1):.0f} s" if total else ""
-                            print(f"  {name}: {_size(done)}{left}, {_size(rate)}/s{eta}", flush=True)
-                if length is not None and got < length:  # http.client returns b"" when the server hangs up early
-                    raise ConnectionError(f"connection closed after {_size(have + got)} of {_size(total or 0)}")
-                dt = time.time() - t0
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:  # the range starts at or past the end: the .part is complete, or stale
-                m = re.fullmatch(r"bytes \*/(\d+)", e.headers.get("Content-Range", ""))
-                if m and int(m[1]) == have:
-                    total, dt = have, 0.0
-                    break
-                os.remove(part)
-                continue
-            if e.code < 500 and e.code != 429:
-                hint = {401: " (private, gated or missing repository? set HF_TOKEN to a token with access)",
-                        403: " (gated repository? accept its license on the website and set HF_TOKEN)"}
-                raise DownloadError(f"{url}: HTTP {e.code} {e.reason}{hint.get(e.code, '')}", e.code) from None
-            err = e
-        except (urllib.error.URLError, http.client.HTTPException, ConnectionError, TimeoutError, ssl.SSLError) as e:
-            err = e
-        else:
-            break
-        failures = 0 if got else failures + 1  # a dropped connection after progress resumes at once
-        if failures > RETRIES:
-            raise DownloadError(f"{url}: giving up after {RETRIES} retries: {err}")
-        wait = RETRY_WAIT * 2 ** (failures - 1) if failures else 0
-        print(f"  {name}: {err}; {_size(have + got)} kept, retrying in {wait:.0f} s", flush=True)
-        time.sleep(wait)
-    size = os.path.getsize(part)
-    if total is not None and size != total:
-        raise DownloadError(f"{url}: size mismatch: the server announced {total} bytes, {part} has {size}")
-    os.replace(part, path)
-    print(f"  {name}: {_size(size)}" + (f" in {dt:.0f} s ({_size(size / dt)}/s)" if dt > 1 else ""), flush=True)
-    return path
-
-
-def check_safetensors(path):
-    """A downloaded .safetensors is whole: its header parses and its tensors end where the file ends.
-    A file that fails is removed (it would otherwise count as complete)."""
-    size = os.path.getsize(path)
-    with open(path, "rb") as f:
-        n, header = read_safetensors_header(f, path, size)
-    end = 8 + n + max((v["data_offsets"][1] for k, v in header.items() if k != "__metadata__"), default=0)
-    if end != size:
-        os.remove(path)
-        fail(f"{path}: size mismatch: its header describes {end} bytes, the file has {size}; removed, run again")
-
-
-def hf_download(repo, hf_dir, endpoint=HF_ENDPOINT, revision="main", token=None):
-    """Fetch a Hugging Face model repository (config, tokenizer files, safetensors weights) into hf_dir,
-    from {endpoint}/{repo}/resolve/{revision}/{file}. Files already complete in hf_dir are skipped."""
-    if not re.fullmatch(r"[\w-][\w.-]*/[\w-][\w.-]*", repo):  # also keeps the URL inside {endpoint}/
-        fail(f"--download takes a repository id ORG/NAME, got {repo!r}")
-    base = f"{endpoint.rstrip('/')}/{repo}/resolve/{urllib.parse.quote(revision, safe='')}/"
-    auth = f"Bearer {token}" if token else None
-
-    def get(name, required=True):
-        try:
-            download(base + urllib.parse.quote(name), os.path.join(hf_dir, name), auth=auth)
-            return True
-        except DownloadError as e:
-            if e.status == 404 and not required:
-                return False
-            fail(str(e))
-
-    print(f"downloading {repo} ({revision}) from {endpoint} into {hf_dir}")
-    get("config.json")
-    get("generation_config.json", required=False)
-    have = {name for name in HF_TOKENIZER_FILES if get(name, required=False)}
-    if not ({"tokenizer.json", "tokenizer.model"} & have or {"vocab.json", "merges.txt"} <= have):
-        fail(f"{base}: no tokenizer files (tokenizer.json, tokenizer.model, or vocab.json + merges.txt)")
-    if get("model.safetensors.index.json", required=False):
-        index = os.path.join(hf_dir, "model.safetensors.index.json")
-        shards = sorted(set((read_json(index).get("weight_map") or fail(f"{index} has no weight_map")).values()))
-        for name in shards:  # the index names the files to write: keep them inside hf_dir
-            if not re.fullmatch(r"[\w.-]+\.safetensors", name):
-                fail(f"{index}: unexpected shard name {name!r}")
-    elif get("model.safetensors", required=False):
-        shards = ["model.safetensors"]
-    else:
-        fail(f"{base}: neither model.safetensors nor model.safetensors.index.json "
-             "(only safetensors weights are read, not pytorch_model.bin)")
-    for name in shards:
-        get(name)
-        check_safetensors(os.path.join(hf_dir, name))
-
-
 def main(argv=None):
     p = argparse.ArgumentParser(
         description="Convert a Hugging Face model (Qwen2/2.5, Qwen3 dense, Llama 3.x) to this project's checkpoint, "
                     "or with --to-hf convert a checkpoint back to Hugging Face layout.",
         formatter_class=argparse.RawDescriptionHelpFormatter, epilog="\n\n".join(__doc__.split("\n\n")[1:]))
-    p.add_argument("src", metavar="SRC", help="HF model directory; with --download a Hugging Face repository "
-                                              "ORG/NAME; with --to-hf a checkpoint of this project")
+    p.add_argument("src", metavar="SRC", help="HF model directory; with --to-hf a checkpoint of this project")
     p.add_argument("out", metavar="OUT_DIR", help="directory to write (created if needed)")
     p.add_argument("--to-hf", action="store_true", help="convert a checkpoint of this project back to HF layout")
     p.add_argument("--dtype", choices=CLI_DTYPES, help="cast the weights (default: keep the checkpoint's dtype)")
-    p.add_argument("--download", action="store_true", help="fetch the repository SRC (ORG/NAME) into --hf-dir, "
-                                                           "resuming partial files, then convert it to OUT_DIR")
-    p.add_argument("--hf-dir", metavar="DIR", help="where --download keeps the raw HF files (default: OUT_DIR.hf)")
-    p.add_argument("--endpoint", default=os.environ.get("HF_ENDPOINT", HF_ENDPOINT),
-                   help="the hub to download from (default: $HF_ENDPOINT, else %s)" % HF_ENDPOINT)
-    p.add_argument("--revision", default="main", help="branch, tag or commit to download (default: main)")
     args = p.parse_args(argv)
-    if args.download:
-        if args.to_hf:
-            fail("--download and --to-hf do not go together")
-        hf_dir = args.hf_dir or os.path.normpath(args.out) + ".hf"
-        if os.path.abspath(hf_dir) == os.path.abspath(args.out):
-            fail(f"--hf-dir must differ from OUT_DIR ({args.out}): both hold a config.json")
-        hf_download(args.src, hf_dir, args.endpoint, args.revision, os.environ.get("HF_TOKEN"))
-        args.src = hf_dir
-    if os.path.exists(args.src) and os.path.exists(args.out) and os.path.samefile(args.src, args.out):
-        fail(f"OUT_DIR must differ from SRC ({args.src}): both hold a config.json")
-    dtype = CLI_DTYPES.get(args.dtype)
-    if args.to_hf:
-        hf = ckpt_to_hf(args.src, args.out, dtype)
-        print(f"wrote {hf['architectures'][0]} ({hf['dtype']}) to {args.out}")
+    convert(args.src, args.out, args.to_hf, CLI_DTYPES.get(args.dtype))
+
+
+def convert(src, out, to_hf=False, dtype=None):
+    """SRC (an HF model directory, or with to_hf a checkpoint of this project) to OUT, with a line saying what."""
+    if os.path.exists(src) and os.path.exists(out) and os.path.samefile(src, out):
+        fail(f"OUT_DIR must differ from SRC ({src}): both hold a config.json")
+    if to_hf:
+        hf = ckpt_to_hf(src, out, dtype)
+        print(f"wrote {hf['architectures'][0]} ({hf['dtype']}) to {out}")
     else:
-        c = hf_to_ckpt(args.src, args.out, dtype)
-        print(f"wrote {c.arch} checkpoint ({c.n_layer} layers, d={c.n_embd}, vocab {c.vocab_size}) to {args.out}")
+        c = hf_to_ckpt(src, out, dtype)
+        print(f"wrote {c.arch} checkpoint ({c.n_layer} layers, d={c.n_embd}, vocab {c.vocab_size}) to {out}")
 
 
 if __name__ == "__main__":

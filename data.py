@@ -9,15 +9,12 @@ formats; a malformed row is an error naming the file and the line.
     HumanEval JSONL or .jsonl.gz rows {task_id, prompt, test, entry_point, ...}
     demo      built in, generated from a seed: name two numbers of a list that sum to a target
 """
-import argparse
 import gzip
 import hashlib
 import json
 import os
 import random
 import re
-import shutil
-import tarfile
 from dataclasses import dataclass, field
 
 import reward
@@ -137,7 +134,7 @@ MATH_FORMAT = "\nPlease reason step by step, and put your final answer within \\
 CODE_FORMAT = "\nWrite your solution as a complete Python program in a ```python code block."
 
 
-def _read_jsonl(path):
+def read_jsonl(path):
     """Yield (line_number, row dict) from a .jsonl or .jsonl.gz file; bad JSON names file and line."""
     opener = gzip.open if str(path).endswith(".gz") else open
     with opener(path, "rt", encoding="utf-8") as f:
@@ -189,18 +186,22 @@ def load_math(path, limit=None):
                     raise DataError(f"{fn}:{e.lineno}: not valid JSON ({e.msg})") from None
             out.append(_math_problem(row, fn))
     else:
-        for n, row in _read_jsonl(path):
+        for n, row in read_jsonl(path):
             out.append(_math_problem(row, f"{path}:{n}"))
             if limit and len(out) == limit:
                 break
     return out
 
 
+# MBPP's split by task_id, as its README gives it (1-10 were the paper's few-shot prompts)
+MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
+
+
 def load_mbpp(path, limit=None):
     """MBPP JSONL: text, test_list (assert lines), test_setup_code. The prompt shows the tests,
     as the MBPP paper's prompt does; the oracle runs setup code then the asserts."""
     out = []
-    for n, row in _read_jsonl(path):
+    for n, row in read_jsonl(path):
         where = f"{path}:{n}"
         _need(row, ["text", "test_list"], where)
         if not isinstance(row["test_list"], list) or not all(isinstance(t, str) for t in row["test_list"]):
@@ -218,7 +219,7 @@ def load_humaneval(path, limit=None):
     """HumanEval JSONL(.gz): the prompt is the function signature and docstring to complete; the
     oracle runs the data set's test code then check(entry_point)."""
     out = []
-    for n, row in _read_jsonl(path):
+    for n, row in read_jsonl(path):
         where = f"{path}:{n}"
         _need(row, ["prompt", "test", "entry_point"], where)
         prompt = ("Complete the following Python function.\n```python\n" + row["prompt"] + "```" + CODE_FORMAT)
@@ -290,118 +291,3 @@ def rewards(problems, responses, timeout=10.0):
         out[i] = float(ok)
     return out
 
-
-# ------------------------------------------------------------------------------- downloads
-# Each data set from its original public location, saved under the name in the left column.
-# github.com/.../raw/... follows Git LFS (PRM800K's splits are LFS files; raw.githubusercontent.com
-# would serve the pointer). `--url BASE` fetches BASE/<name> instead: a mirror, or a test's server.
-# MATH.tar is where the MATH repository's README points; its tree is MATH/{train,test}/<subject>/<id>.json.
-SOURCES = {
-    "humaneval": {"HumanEval.jsonl.gz": "https://github.com/openai/human-eval/raw/master/data/HumanEval.jsonl.gz"},
-    "mbpp": {"mbpp.jsonl": "https://github.com/google-research/google-research/raw/master/mbpp/mbpp.jsonl"},
-    "math": {  # MATH500 and the 12,000-problem training split of Lightman et al. (PRM800K), then the original MATH
-        "MATH500.jsonl": "https://github.com/openai/prm800k/raw/main/prm800k/math_splits/test.jsonl",
-        "math_train.jsonl": "https://github.com/openai/prm800k/raw/main/prm800k/math_splits/train.jsonl",
-        "MATH.tar": "https://people.eecs.berkeley.edu/~hendrycks/MATH.tar"},
-}
-# MBPP's split by task_id, as its README gives it (1-10 were the paper's few-shot prompts)
-MBPP_SPLITS = {"prompt": (1, 10), "test": (11, 510), "validation": (511, 600), "train": (601, 974)}
-
-
-def split_mbpp(path, out_dir):
-    """mbpp.jsonl -> mbpp_{prompt,test,validation,train}.jsonl by task_id; {split: number of rows}."""
-    rows = {name: [] for name in MBPP_SPLITS}
-    for n, row in _read_jsonl(path):
-        for name, (lo, hi) in MBPP_SPLITS.items():
-            if lo <= row.get("task_id", 0) <= hi:
-                rows[name].append(json.dumps(row) + "\n")
-    for name, lines in rows.items():
-        out = os.path.join(out_dir, f"mbpp_{name}.jsonl")
-        with open(out + ".tmp", "w", encoding="utf-8") as f:
-            f.writelines(lines)
-        os.replace(out + ".tmp", out)
-    return {name: len(lines) for name, lines in rows.items()}
-
-
-def extract_tar(path, out_dir):
-    """Extract a tar file's regular files and directories into out_dir. Refuses absolute paths, '..',
-    links and devices (a tar may name any path, so nothing is trusted)."""
-    with tarfile.open(path) as tar:
-        members = tar.getmembers()
-        for m in members:
-            parts = m.name.replace("\\", "/").split("/")
-            if m.name.startswith(("/", "\\")) or ".." in parts or ":" in parts[0]:
-                raise DataError(f"{path}: refusing member {m.name!r}, it points outside the directory")
-            if not (m.isfile() or m.isdir()):
-                raise DataError(f"{path}: refusing member {m.name!r}, not a regular file or directory")
-        for m in members:
-            target = os.path.join(out_dir, *m.name.replace("\\", "/").split("/"))
-            if m.isdir():
-                os.makedirs(target, exist_ok=True)
-                continue
-            os.makedirs(os.path.dirname(target), exist_ok=True)
-            with tar.extractfile(m) as src, open(target, "wb") as dst:
-                shutil.copyfileobj(src, dst)
-
-
-def fetch(name, out_dir, base_url=None):
-    """Download data set `name` into out_dir (skipping complete files) and write what the readers take."""
-    from convert import DownloadError, download  # the one resumable downloader; imported here only
-    for file, url in SOURCES[name].items():
-        url = f"{base_url.rstrip('/')}/{file}" if base_url else url
-        path = os.path.join(out_dir, file)
-        try:
-            download(url, path)
-        except DownloadError as e:
-            raise DataError(str(e)) from None
-        with open(path, "rb") as f:
-            if f.read(40).startswith(b"version https://git-lfs.github.com/spec/"):
-                os.remove(path)
-                raise DataError(f"{url} sent a Git LFS pointer, not the file (removed {path}); use a URL that "
-                                "serves LFS content (github.com/ORG/REPO/raw/...)")
-    d = lambda f: os.path.join(out_dir, f)
-    if name == "humaneval":
-        print(f"humaneval: {len(load_humaneval(d('HumanEval.jsonl.gz')))} problems in {d('HumanEval.jsonl.gz')}")
-    elif name == "mbpp":
-        counts = split_mbpp(d("mbpp.jsonl"), out_dir)
-        print("mbpp: " + ", ".join(f"{d(f'mbpp_{k}.jsonl')} ({n})" for k, n in counts.items()))
-    else:
-        if not os.path.isdir(d("MATH")):  # extract beside, then rename: an interrupted run leaves no half tree
-            tmp = d(".MATH.extracting")
-            shutil.rmtree(tmp, ignore_errors=True)
-            extract_tar(d("MATH.tar"), tmp)
-            if not os.path.isdir(os.path.join(tmp, "MATH")):
-                raise DataError(f"{d('MATH.tar')}: expected a top-level MATH/ directory, found {os.listdir(tmp)}")
-            os.replace(os.path.join(tmp, "MATH"), d("MATH"))
-            shutil.rmtree(tmp)
-        count = lambda sub: sum(f.endswith(".json") for _, _, fs in os.walk(d(f"MATH/{sub}")) for f in fs)
-        print(f"math: {d('MATH500.jsonl')} ({len(load_math(d('MATH500.jsonl')))}), "
-              f"{d('math_train.jsonl')} ({len(load_math(d('math_train.jsonl')))}), "
-              f"{d('MATH/train')} ({count('train')}), {d('MATH/test')} ({count('test')})")
-
-
-def main(argv=None):
-    p = argparse.ArgumentParser(
-        description="Download a data set from its original public source into DIR, in the form the readers "
-                    "of data.py take. Interrupted downloads resume; complete files are skipped.",
-        formatter_class=argparse.RawDescriptionHelpFormatter, epilog="""what each writes into DIR:
-  humaneval  HumanEval.jsonl.gz (164 problems; evaluation)
-  mbpp       mbpp.jsonl (all 974) and its README's split by task_id: mbpp_train.jsonl (601-974),
-             mbpp_test.jsonl (11-510), mbpp_validation.jsonl (511-600), mbpp_prompt.jsonl (1-10, few-shot)
-  math       MATH500.jsonl (MATH500, the PRM800K test subset; evaluation), math_train.jsonl (the other
-             12,000 MATH problems, PRM800K's training split), and the original MATH/train and
-             MATH/test trees (7,500 + 5,000 per-problem JSON files) from MATH.tar""")
-    p.add_argument("--download", required=True, choices=sorted(SOURCES), metavar="NAME",
-                   help="the data set: " + ", ".join(sorted(SOURCES)))
-    p.add_argument("dir", metavar="DIR", help="directory to write (created if needed)")
-    p.add_argument("--url", metavar="BASE", help="fetch each file from BASE/<file name> instead of its "
-                                                 "original location (a mirror, or a local server)")
-    args = p.parse_args(argv)
-    try:
-        fetch(args.download, args.dir, args.url)
-    except DataError as e:
-        raise SystemExit(f"data.py: {e}") from None
-
-
-if __name__ == "__main__":
-    main()

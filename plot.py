@@ -24,6 +24,8 @@ import os
 
 import numpy as np
 
+import data
+
 MISSING = "plot.py: matplotlib is not installed (pip install matplotlib); no picture written"
 
 # (title, y label, in percent, [(log field, legend label)]): a panel is drawn when its fields are in the log
@@ -63,15 +65,9 @@ def read_log(path):
     if not os.path.isfile(path):
         raise SystemExit(f"plot.py: {path}: no such file (RUN_DIR is a training run's --out)")
     recs = []
-    with open(path) as f:
-        for i, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise SystemExit(f"plot.py: {path}:{i}: not JSON ({e.msg})") from None
-            if not isinstance(rec, dict) or not isinstance(rec.get("step"), int):
+    try:
+        for i, rec in data.read_jsonl(path):
+            if not isinstance(rec.get("step"), int):
                 raise SystemExit(f"plot.py: {path}:{i}: not a step record (a JSON object with an integer 'step')")
             for panel in PANELS:
                 for field, _ in panel[3]:
@@ -79,6 +75,8 @@ def read_log(path):
                     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
                         raise SystemExit(f"plot.py: {path}:{i}: {field} is {v!r}, not a number")
             recs.append(rec)
+    except data.DataError as e:
+        raise SystemExit(f"plot.py: {e}") from None
     if not recs:
         raise SystemExit(f"plot.py: {path}: no steps logged")
     return recs

@@ -97,7 +97,7 @@ elif [ "$preset" = math ] || [ "$preset" = code ]; then
   if [ "$preset" = math ]; then eval_task=math; eval_data=${EVAL_DATA:-data/MATH500.jsonl}
   else eval_task=humaneval; eval_data=${EVAL_DATA:-data/HumanEval.jsonl.gz}; fi
   [ -f "$OUT/base/config.json" ] || { echo "run.sh: no model in $OUT/base: convert one first, e.g."\
-    "python convert.py --download Qwen/Qwen2.5-Math-1.5B-Instruct $OUT/base (see README.md)" >&2; exit 1; }
+    "python download.py model Qwen/Qwen2.5-Math-1.5B-Instruct $OUT/base (see README.md)" >&2; exit 1; }
   # e.g. RL_ARGS="--micro-batch 2 --gen-batch 128" bash run.sh math   (a 48 GB card: README)
   stage 1 3 "Stage I (train_stage1.py)"
   train train_stage1.py "$OUT/stage1" --preset "$preset" --base "$OUT/base" --init "$OUT/base" ${RL_ARGS:-}

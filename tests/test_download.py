@@ -1,5 +1,5 @@
-"""Downloads against a local HTTP server on 127.0.0.1 (nothing leaves the machine): convert.py --download
-on a tiny HF-style repository, data.py --download on tiny files in each data set's published format.
+"""Downloads against a local HTTP server on 127.0.0.1 (nothing leaves the machine): download.py model on a
+tiny HF-style repository, download.py data on tiny files in each data set's published format.
 Dropped connections, a server that ignores Range, 404s and size mismatches."""
 import gzip
 import http.server
@@ -20,8 +20,8 @@ tokenizers = pytest.importorskip("tokenizers")
 from tokenizers import Regex, decoders, models, pre_tokenizers, trainers  # noqa: E402
 from transformers import PreTrainedTokenizerFast, Qwen2Config, Qwen2ForCausalLM  # noqa: E402
 
-import convert  # noqa: E402
 import data  # noqa: E402
+import download  # noqa: E402
 from model import GPT  # noqa: E402
 from tokenizer import Tokenizer  # noqa: E402
 
@@ -88,7 +88,7 @@ def server():
 
 @pytest.fixture(autouse=True)
 def no_waiting(monkeypatch):
-    monkeypatch.setattr(convert, "RETRY_WAIT", 0.0)
+    monkeypatch.setattr(download, "RETRY_WAIT", 0.0)
 
 
 # ---------------------------------------------------------------------------- the downloader
@@ -99,8 +99,8 @@ BLOB = random.Random(0).randbytes(3_000_000)  # a few 1 MiB reads
 def test_resume_after_dropped_connection(server, tmp_path, ignore_range, capsys, monkeypatch):
     server.files["/f.bin"], server.ignore_range = BLOB, ignore_range
     server.drop.add("/f.bin")
-    monkeypatch.setattr(convert, "PROGRESS_EVERY", -1)  # a progress line per read
-    convert.download(server.url + "/f.bin", str(tmp_path / "f.bin"))
+    monkeypatch.setattr(download, "PROGRESS_EVERY", -1)  # a progress line per read
+    download.download(server.url + "/f.bin", str(tmp_path / "f.bin"))
     assert (tmp_path / "f.bin").read_bytes() == BLOB and not (tmp_path / "f.bin.part").exists()
     assert [r for _, r, _ in server.log] == [None, f"bytes={len(BLOB) // 2}-"]
     out = capsys.readouterr().out
@@ -111,36 +111,36 @@ def test_resume_after_dropped_connection(server, tmp_path, ignore_range, capsys,
     for have in (1000, len(BLOB)):
         server.log.clear()
         (tmp_path / "g.bin.part").write_bytes(BLOB[:have])
-        convert.download(server.url + "/f.bin", str(tmp_path / "g.bin"))
+        download.download(server.url + "/f.bin", str(tmp_path / "g.bin"))
         assert (tmp_path / "g.bin").read_bytes() == BLOB and server.log[0][1] == f"bytes={have}-"
         os.remove(tmp_path / "g.bin")
     server.log.clear()
-    convert.download(server.url + "/f.bin", str(tmp_path / "f.bin"))
+    download.download(server.url + "/f.bin", str(tmp_path / "f.bin"))
     assert server.log == []
 
 
 def test_download_errors(server, tmp_path, monkeypatch):
-    with pytest.raises(convert.DownloadError, match=f"{server.url}/missing: HTTP 404") as e:
-        convert.download(server.url + "/missing", str(tmp_path / "missing"))
+    with pytest.raises(download.DownloadError, match=f"{server.url}/missing: HTTP 404") as e:
+        download.download(server.url + "/missing", str(tmp_path / "missing"))
     assert e.value.status == 404 and not os.listdir(tmp_path)
 
     # the file changes size on the server between two attempts: the bytes we have are worthless
     server.files["/f.bin"], server.swap["/f.bin"] = BLOB[:100_000], BLOB[:120_000]
     server.drop.add("/f.bin")
-    with pytest.raises(convert.DownloadError, match=r"/f.bin: size mismatch: .*100000 bytes.* now 120000 bytes"):
-        convert.download(server.url + "/f.bin", str(tmp_path / "f.bin"))
+    with pytest.raises(download.DownloadError, match=r"/f.bin: size mismatch: .*100000 bytes.* now 120000 bytes"):
+        download.download(server.url + "/f.bin", str(tmp_path / "f.bin"))
     assert not os.listdir(tmp_path)
 
     # nobody listening: a bounded number of retries, then an error naming the URL
-    monkeypatch.setattr(convert, "RETRIES", 2)
+    monkeypatch.setattr(download, "RETRIES", 2)
     dead = f"http://127.0.0.1:{server.server_port}/x"
     server.shutdown()
     server.server_close()
-    with pytest.raises(convert.DownloadError, match=f"{dead}: giving up after 2 retries"):
-        convert.download(dead, str(tmp_path / "x"))
+    with pytest.raises(download.DownloadError, match=f"{dead}: giving up after 2 retries"):
+        download.download(dead, str(tmp_path / "x"))
 
 
-# ---------------------------------------------------------------------------- convert.py --download
+# ---------------------------------------------------------------------------- download.py model
 @pytest.fixture(scope="module")
 def hf_repo(tmp_path_factory):
     """A tiny random Qwen2 saved by transformers in 40 KB shards, with a small byte-level BPE tokenizer
@@ -178,15 +178,15 @@ def serve_repo(server, files, revision="main"):
         server.files[path] = body
 
 
-def test_convert_download(server, hf_repo, tmp_path, monkeypatch):
+def test_model_download(server, hf_repo, tmp_path, monkeypatch):
     model, hf_tok, files = hf_repo
     serve_repo(server, files, revision="refs%2Fpr%2F1")
     shard = sorted(f for f in files if f.endswith(".safetensors"))[1]
     server.drop.add(f"/cdn/{shard}")
     monkeypatch.setenv("HF_ENDPOINT", server.url)
     monkeypatch.setenv("HF_TOKEN", "hf_secret")
-    argv = ["--download", "org/tiny", str(tmp_path / "ckpt"), "--revision", "refs/pr/1"]
-    convert.main(argv)
+    argv = ["model", "org/tiny", str(tmp_path / "ckpt"), "--revision", "refs/pr/1"]
+    download.main(argv)
 
     hf_dir = tmp_path / "ckpt.hf"
     assert sorted(os.listdir(hf_dir)) == sorted(files)  # no .part left
@@ -204,13 +204,13 @@ def test_convert_download(server, hf_repo, tmp_path, monkeypatch):
     assert Tokenizer.from_pretrained(tmp_path / "ckpt").encode(text, allow_special=True) == hf_tok.encode(text)
 
     n = len(server.log)  # again: complete files are not fetched again, only the absent optional ones asked for
-    convert.main(argv)
+    download.main(argv)
     assert server.log[n:] and all(p not in server.files and p not in server.redirect for p, _, _ in server.log[n:])
 
 
-def test_convert_download_errors(server, hf_repo, tmp_path):
+def test_model_download_errors(server, hf_repo, tmp_path):
     _, _, files = hf_repo
-    run = lambda out: convert.main(["--download", "org/tiny", str(tmp_path / out), "--endpoint", server.url])
+    run = lambda out: download.main(["model", "org/tiny", str(tmp_path / out), "--endpoint", server.url])
     with pytest.raises(SystemExit, match=f"{server.url}/org/tiny/resolve/main/config.json: HTTP 404"):
         run("a")
 
@@ -228,10 +228,10 @@ def test_convert_download_errors(server, hf_repo, tmp_path):
     with pytest.raises(SystemExit, match="resolve/main/: no tokenizer files"):
         run("d")
     with pytest.raises(SystemExit, match="ORG/NAME"):
-        convert.main(["--download", "../etc", str(tmp_path / "e"), "--endpoint", server.url])
+        download.main(["model", "../etc", str(tmp_path / "e"), "--endpoint", server.url])
 
 
-# ---------------------------------------------------------------------------- data.py --download
+# ---------------------------------------------------------------------------- download.py data
 def jsonl(rows):
     return "".join(json.dumps(r) + "\n" for r in rows).encode()
 
@@ -282,7 +282,7 @@ def test_data_download(server, tmp_path, capsys):
     server.drop |= {"/d/mbpp.jsonl", "/d/MATH.tar"}
     out = tmp_path / "data"
     for name in ("humaneval", "mbpp", "math"):
-        data.main(["--download", name, str(out), "--url", server.url + "/d/"])
+        download.main(["data", name, str(out), "--url", server.url + "/d/"])
     for name, body in DATA_FILES.items():
         assert (out / name).read_bytes() == body
     he = data.load_humaneval(out / "HumanEval.jsonl.gz")
@@ -298,17 +298,17 @@ def test_data_download(server, tmp_path, capsys):
     assert "MATH500.jsonl (4)" in capsys.readouterr().out and not (out / ".MATH.extracting").exists()
 
     server.log.clear()  # again: nothing fetched
-    data.main(["--download", "math", str(out), "--url", server.url + "/d"])
+    download.main(["data", "math", str(out), "--url", server.url + "/d"])
     assert server.log == []
 
 
 def test_data_download_errors(server, tmp_path):
     with pytest.raises(SystemExit, match=f"{server.url}/d/mbpp.jsonl: HTTP 404"):
-        data.main(["--download", "mbpp", str(tmp_path / "a"), "--url", server.url + "/d"])
+        download.main(["data", "mbpp", str(tmp_path / "a"), "--url", server.url + "/d"])
     server.files = {f"/d/{k}": v for k, v in DATA_FILES.items()}
     server.files["/d/MATH500.jsonl"] = b"version https://git-lfs.github.com/spec/v1\noid sha256:35dc\nsize 446564\n"
     with pytest.raises(SystemExit, match="MATH500.jsonl sent a Git LFS pointer"):
-        data.main(["--download", "math", str(tmp_path / "b"), "--url", server.url + "/d"])
+        download.main(["data", "math", str(tmp_path / "b"), "--url", server.url + "/d"])
     assert not (tmp_path / "b" / "MATH500.jsonl").exists()
 
 
@@ -319,19 +319,20 @@ def test_data_download_errors(server, tmp_path):
 ])
 def test_tar_refuses_escapes(tmp_path, members, message):
     (tmp_path / "t.tar").write_bytes(tar_of([("MATH/ok.json", b"{}")] + members))
-    with pytest.raises(data.DataError, match=message):
-        data.extract_tar(tmp_path / "t.tar", tmp_path / "out")
+    with pytest.raises(download.DownloadError, match=message):
+        download.extract_tar(tmp_path / "t.tar", tmp_path / "out")
     assert not (tmp_path / "out").exists() and not (tmp_path / "evil.json").exists()
 
 
 def test_clis(server, tmp_path, capsys):
     server.files = {f"/d/{k}": v for k, v in DATA_FILES.items()}
-    r = subprocess.run([sys.executable, os.path.join(ROOT, "data.py"), "--download", "humaneval", str(tmp_path),
+    r = subprocess.run([sys.executable, os.path.join(ROOT, "download.py"), "data", "humaneval", str(tmp_path),
                         "--url", server.url + "/d"], capture_output=True, text=True)
     assert r.returncode == 0 and "humaneval: 3 problems" in r.stdout, r.stderr
-    for main, flags in ((data.main, ["--url", "MATH500.jsonl", "mbpp_train.jsonl"]),
-                        (convert.main, ["--download", "--endpoint", "--revision", "--hf-dir", "HF_TOKEN"])):
+    for argv, flags in ((["data", "--help"], ["--url", "MATH500.jsonl", "mbpp_train.jsonl"]),
+                        (["model", "--help"], ["--endpoint", "--revision", "--hf-dir", "--dtype"]),
+                        (["--help"], ["HF_TOKEN", "python download.py model", "python download.py data"])):
         with pytest.raises(SystemExit) as e:
-            main(["--help"])
+            download.main(argv)
         out = capsys.readouterr().out
         assert e.value.code == 0 and all(f in out for f in flags), out

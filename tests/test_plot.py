@@ -184,10 +184,10 @@ def test_core_never_imports_matplotlib():
 
 
 @pytest.mark.parametrize("lines, where, says", [
-    (['{"step": 1, "acc_t1": 0.1}', '{"step": 2, "acc_t1": 0.2', '{"step": 3}'], ":2:", "not JSON"),
+    (['{"step": 1, "acc_t1": 0.1}', '{"step": 2, "acc_t1": 0.2', '{"step": 3}'], ":2:", "not valid JSON"),
     (['{"step": 1, "acc_t1": 0.1}', '', '{"acc_t1": 0.2}'], ":3:", "integer 'step'"),
     (['{"step": 1, "acc_t1": "0.1"}'], ":1:", "acc_t1 is '0.1', not a number"),
-    (['[1, 2]'], ":1:", "not a step record"),
+    (['[1, 2]'], ":1:", "expected a JSON object, got list"),
     ([''], ":", "no steps logged"),
 ])
 def test_bad_log_is_one_line_naming_file_and_line(tmp_path, lines, where, says):
