@@ -2,7 +2,7 @@
 Speed and memory against the peers, measured in the same run, printed as ratios.
 
     python bench.py                 # every benchmark
-    python bench.py --only logprobs # one of: logprobs, sample, reward, demo, memory
+    python bench.py --only update --against REV  # one of: update, sample, reward, demo, memory
     python bench.py --only demo --demo-dtype bf16 --against 63268c9 --against-base OLD_BASE
     python bench.py --device cuda   # on a GPU
 
@@ -10,10 +10,14 @@ Each measurement that reports memory runs in a fresh child process, so one varia
 peak cannot hide another's. No test asserts a timing: this script is where speed is checked.
 """
 import argparse
+import contextlib
 import gc
 import multiprocessing as mp
 import os
 import resource
+import subprocess
+import sys
+import tempfile
 import time
 from types import SimpleNamespace
 
@@ -45,14 +49,31 @@ def in_child(fn, **kwargs):
     return out
 
 
-# ------------------------------------------------------------------------------- logprobs
-def _logprobs_run(kind, N, d, V, device, dtype, repeats):
-    """Forward + backward of sum_i g_i log p(target_i) for `kind` in {naive, fused, loss}: naive
-    log_softmax, token_logprobs (logits recomputed in backward), token_loss (gradient in forward).
-    Returns time and transient memory.
-    Transient memory = peak during the pass minus what both variants must hold anyway
-    (inputs, outputs and the gradients of hidden and weight)."""
-    from model import token_logprobs, token_loss
+# ------------------------------------------------------------------------------- update
+@contextlib.contextmanager
+def checkout(rev):
+    """A temporary worktree of git revision `rev` (None: this checkout), removed afterwards."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    if rev is None:
+        yield here
+        return
+    wt = tempfile.mkdtemp(prefix="bench_rev_")
+    subprocess.run(["git", "worktree", "add", "--detach", wt, rev], cwd=here, check=True, capture_output=True)
+    try:
+        yield wt
+    finally:
+        subprocess.run(["git", "worktree", "remove", "--force", wt], cwd=here, capture_output=True)
+
+
+def _head_child(root, kind, N, d, V, device, dtype, repeats):
+    """Forward + backward of a loss sum_i g_i log p(target_i) through one log-prob head, in a fresh process
+    importing the checkout at `root`: kind "naive" (full logits and log_softmax) or "train" (the checkout's
+    training path: token_logprobs then backward(); where the checkout has model.token_loss, the head that
+    formed the gradient in its forward, that). Returns the best time and the transient memory: the peak
+    during the pass minus what every head must hold anyway (inputs, outputs and the two gradients)."""
+    sys.path.insert(0, root)
+    import model
+    base_rss = _rss_mib()
     torch.manual_seed(0)
     dt = getattr(torch, dtype)
     h = (torch.randn(N, d, device=device) * 0.5).to(dt).requires_grad_()
@@ -62,13 +83,11 @@ def _logprobs_run(kind, N, d, V, device, dtype, repeats):
 
     def step():
         if kind == "naive":
-            lp = torch.log_softmax((h @ W.T).float(), dim=-1).gather(1, t[:, None]).squeeze(1)
-        elif kind == "loss":  # the same loss, its gradient formed while the logits are at hand
-            token_loss(h, W, t, lambda lp, s: lp * g[s])[0].backward()
-            return
+            (torch.log_softmax((h @ W.T).float(), dim=-1).gather(1, t[:, None]).squeeze(1) * g).sum().backward()
+        elif hasattr(model, "token_loss"):
+            model.token_loss(h, W, t, lambda lp, s: lp * g[s])[0].backward()
         else:
-            lp = token_logprobs(h, W, t)
-        (lp * g).sum().backward()
+            (model.token_logprobs(h, W, t) * g).sum().backward()
 
     step()  # warm up, and allocate the gradients
     sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
@@ -86,31 +105,114 @@ def _logprobs_run(kind, N, d, V, device, dtype, repeats):
     if device == "cuda":
         peak = (torch.cuda.max_memory_allocated() - base) / 2**20
         kept = (h.numel() + W.numel()) * h.element_size() / 2**20  # the two gradients
-    else:
-        # CPU: resident-set growth of this fresh process over its state before the first pass
-        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - _logprobs_run.base_rss
+    else:  # the resident set's growth over this fresh process's state before the first pass
+        peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024 - base_rss
         kept = 2 * (h.numel() + W.numel()) * h.element_size() / 2**20  # hidden, weight and their gradients
-    return {"time": min(times), "extra_mib": max(peak - kept, 0.0)}
+    return {"time": min(times), "extra_mib": max(peak - kept, 0.0),
+            "path": "naive" if kind == "naive" else "token_loss" if hasattr(model, "token_loss") else "token_logprobs"}
 
 
-def _logprobs_child(**kw):
-    _logprobs_run.base_rss = _rss_mib()
-    return _logprobs_run(**kw)
+def _layer_child(d, n_head, n_kv_head, inter, rows, T, device, dtype, repeats):
+    """Forward + backward of one decoder block at a real model's shape over rows x T tokens: with the head's
+    time, the update's time of a model of L such blocks is about L x this + the head."""
+    from model import Block, GPTConfig
+    cfg = GPTConfig(n_embd=d, n_head=n_head, n_kv_head=n_kv_head, intermediate_size=inter, qkv_bias=True)
+    torch.manual_seed(0)
+    block = Block(cfg).to(device)
+    x = torch.randn(rows, T, d, device=device, requires_grad=True)
+    pos = torch.arange(T, device=device)
+    inv = 1.0 / (cfg.rope_theta ** (torch.arange(0, cfg.head_dim, 2, device=device).float() / cfg.head_dim))
+    ang = torch.cat([pos[:, None] * inv] * 2, -1)[None, None]
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    times = []
+    for _ in range(repeats + 1):
+        sync()
+        t0 = time.perf_counter()
+        with torch.autocast(device, dtype=torch.bfloat16, enabled=dtype == "bfloat16"):
+            y = block(x, ang.cos(), ang.sin(), None, 0, None)
+        y.float().square().mean().backward()
+        sync()
+        times.append(time.perf_counter() - t0)
+    return {"time": min(times[1:])}
 
 
-def bench_logprobs(args):
+def _demo_update_child(root, base, threads, dtype, repeats):
+    """rl.update of the checkout at `root` on the demo's Stage II step (its preset's 32 prompts x 4 samples,
+    one micro-batch, from `base`): the best time and the resident set's growth over the rollouts' state."""
+    sys.path.insert(0, root)
+    torch.set_num_threads(threads)
+    import data
+    import rl
+    import train_stage2
+    from model import GPT
+    from tokenizer import Tokenizer
+    args = rl.get_args(2, ["--base", base, "--init", base, "--out", tempfile.mkdtemp(), "--dtype", dtype, "--device", "cpu"])
+    tok = Tokenizer.from_pretrained(base)
+    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
+    policy = GPT.from_pretrained(base, dtype=torch.float32)
+    ref = GPT.from_pretrained(base, dtype=compute).eval().requires_grad_(False)
+    opt = torch.optim.Adam(policy.parameters(), lr=0.0)
+    problems = data.make_demo(args.batch // args.k, seed=1)
+    times = []
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+        ro = rl.rollout(policy, ref, tok, problems, args, seed=3)
+        rl.update(policy, ref, opt, ro, train_stage2.objective, args)  # warm up; gradients and Adam state exist
+        gc.collect()
+        _peak_reset()
+        before = _rss_mib()
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            rl.update(policy, ref, opt, ro, train_stage2.objective, args)
+            times.append(time.perf_counter() - t0)
+    return {"time": min(times), "extra_mib": _peak_mib() - before, "tokens": int(ro.n_generated)}
+
+
+def bench_update(args):
+    """The update's training path, this checkout against --against REV's in one sitting: (a) the log-prob
+    head alone at a real model's head shape (default Qwen2.5-1.5B: d 1536, V 151936, --lp-tokens tokens)
+    against the naive full-logits head, time and transient memory; with one decoder block's time at
+    Qwen2.5-1.5B's shape, the share of a 28-block update the head's difference makes; (b) rl.update on the
+    demo's Stage II step. Each measurement runs in a fresh process."""
     N, d, V = args.lp_tokens, args.lp_dim, args.lp_vocab
     dtype = "bfloat16" if args.device == "cuda" else "float32"
-    print(f"\nlog-prob head, forward + backward: N={N} d={d} V={V} {dtype} on {args.device}")
-    names = {"naive": "naive log_softmax", "fused": "token_logprobs", "loss": "token_loss"}
-    res = {k: in_child(_logprobs_child, kind=k, N=N, d=d, V=V, device=args.device, dtype=dtype,
-                       repeats=args.repeats) for k in names}
-    print(f"{'path':<20}{'time (s)':>10}{'transient MiB':>15}{'time / naive':>14}{'memory / naive':>16}")
-    for k, r in res.items():
-        tr = r["time"] / res["naive"]["time"]
-        mr = r["extra_mib"] / max(res["naive"]["extra_mib"], 1e-9)
-        print(f"{names[k]:<20}{r['time']:>10.2f}{r['extra_mib']:>15.0f}{tr:>13.2f}x{mr:>16.1%}")
-    print("targets: time <= 1.2x naive, transient memory <= 10% of naive")
+    revs = [None] + ([args.against] if args.against else [])
+    print(f"\nupdate: the log-prob head, forward + backward, N={N} d={d} V={V} {dtype} on {args.device}")
+    print(f"{'revision':<16}{'path':<16}{'time (s)':>10}{'transient MiB':>15}{'time / naive':>14}{'memory / naive':>16}")
+    head = {}
+    with contextlib.ExitStack() as stack:
+        roots = {rev: stack.enter_context(checkout(rev)) for rev in revs}
+        naive = in_child(_head_child, root=roots[None], kind="naive", N=N, d=d, V=V, device=args.device, dtype=dtype,
+                         repeats=args.repeats)
+        print(f"{'':<16}{'naive':<16}{naive['time']:>10.2f}{naive['extra_mib']:>15.0f}{1:>13.2f}x{1:>16.1%}")
+        for rev in revs:
+            r = head[rev] = in_child(_head_child, root=roots[rev], kind="train", N=N, d=d, V=V, device=args.device,
+                                     dtype=dtype, repeats=args.repeats)
+            print(f"{rev or 'this checkout':<16}{r['path']:<16}{r['time']:>10.2f}{r['extra_mib']:>15.0f}"
+                  f"{r['time'] / naive['time']:>13.2f}x{r['extra_mib'] / max(naive['extra_mib'], 1e-9):>16.1%}")
+        q = QWEN["Qwen2.5-1.5B"]
+        layer = in_child(_layer_child, d=q["n_embd"], n_head=q["n_head"], n_kv_head=q["n_kv_head"],
+                         inter=q["intermediate_size"], rows=max(1, N // 512), T=min(N, 512), device=args.device,
+                         dtype=dtype, repeats=args.repeats)["time"]
+        L = q["n_layer"]
+        print(f"one Qwen2.5-1.5B block, forward + backward on the same {N} tokens: {layer:.2f} s; an update of {L} "
+              f"blocks and this head: about {L * layer + head[None]['time']:.1f} s")
+        if args.against:
+            a, b = L * layer + head[None]["time"], L * layer + head[args.against]["time"]
+            print(f"this checkout's update / {args.against}'s, at Qwen2.5-1.5B's shape ({L} x the block + the head): "
+                  f"{a / b:.3f}x")
+        if not os.path.exists(os.path.join(args.demo_base, "config.json")):
+            print(f"(no demo base in {args.demo_base}: the demo's update is not measured; bash run.sh demo1 makes one)")
+            return
+        print(f"\nupdate: rl.update on the demo's Stage II step (32 prompts x 4 samples, {args.threads} threads, "
+              f"{args.demo_dtype or 'fp32'}, base {args.demo_base})")
+        print(f"{'revision':<16}{'time (s)':>10}{'peak MiB':>10}{'tokens':>8}")
+        res = {}
+        for rev in revs:
+            r = res[rev] = in_child(_demo_update_child, root=roots[rev], base=os.path.abspath(args.demo_base),
+                                    threads=args.threads, dtype=args.demo_dtype or "fp32", repeats=args.repeats + 2)
+            print(f"{rev or 'this checkout':<16}{r['time']:>10.3f}{r['extra_mib']:>10.0f}{r['tokens']:>8}")
+        if args.against:
+            print(f"{'ratio':<16}{res[None]['time'] / res[args.against]['time']:>9.2f}x")
 
 
 # ------------------------------------------------------------------------------- reward
@@ -264,8 +366,6 @@ def bench_sample(args):
 # ------------------------------------------------------------------------------- demo
 def _script(root, threads, *argv):
     """Run a script of the checkout at `root` in a process of its own with `threads` OpenMP threads."""
-    import subprocess
-    import sys
     subprocess.run([sys.executable, *argv], cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
                    check=True, capture_output=True)
 
@@ -275,7 +375,6 @@ def _demo_stage1(root, base, steps, threads, dtype):
     it, "context", all of each rollout's tokens) of each Stage I step after the first (which warms up), from
     `steps` steps of the scripts of the checkout at `root`."""
     import json
-    import tempfile
     out = tempfile.mkdtemp(prefix="bench_demo_")
     _script(root, threads, "train_stage1.py", "--base", base, "--init", base, "--out", f"{out}/s1", "--steps", str(steps),
             "--threads", str(threads), "--save-every", str(steps), *(["--dtype", dtype] if dtype else []))
@@ -286,7 +385,6 @@ def _demo_stage1(root, base, steps, threads, dtype):
 def _demo_rest(root, base, threads, eval_n):
     """Base training steps/s (a fixed number of steps, no evaluation until the last) and greedy evaluation
     problems/s of the scripts of the checkout at `root`, each in its own process (its start included)."""
-    import tempfile
     out = tempfile.mkdtemp(prefix="bench_demo_")
     t0 = time.time()
     _script(root, threads, "train_base.py", "--out", f"{out}/b", "--max-steps", "40", "--eval-every", "40",
@@ -314,18 +412,13 @@ def bench_demo(args):
     and the share of the arithmetic bound of a Stage I step (its matrix FLOPs over this machine's
     measured matrix-product rate in the dtype used)."""
     import json
-    import os
-    import subprocess
-    import tempfile
     torch.set_num_threads(args.threads)
-    here = os.path.dirname(os.path.abspath(__file__))
-    revs = [("this checkout", here, os.path.abspath(args.demo_base), args.demo_dtype)]
-    if args.against:
-        wt = tempfile.mkdtemp(prefix="bench_rev_")
-        subprocess.run(["git", "worktree", "add", "--detach", wt, args.against], cwd=here, check=True, capture_output=True)
-        revs.append((args.against, wt, os.path.abspath(args.against_base), None))
-    steps = {name: [] for name, *_ in revs}
-    try:
+    with contextlib.ExitStack() as stack:
+        revs = [("this checkout", stack.enter_context(checkout(None)), os.path.abspath(args.demo_base), args.demo_dtype)]
+        if args.against:
+            revs.append((args.against, stack.enter_context(checkout(args.against)), os.path.abspath(args.against_base),
+                         None))
+        steps = {name: [] for name, *_ in revs}
         # the revisions take turns, round after round, so that a drift in the host's speed reaches both alike
         for _ in range(args.demo_rounds):
             for name, root, base, dtype in revs:
@@ -336,9 +429,6 @@ def bench_demo(args):
             rows.append((name, dict(stage1_steps_s=len(steps[name]) / sec, stage1_tok_s=tok / sec,
                                     ran=ran / len(steps[name]), **_demo_rest(root, base, args.threads,
                                                                              args.demo_eval_n))))
-    finally:
-        if args.against:
-            subprocess.run(["git", "worktree", "remove", "--force", wt], cwd=here, capture_output=True)
     with open(os.path.join(args.demo_base, "config.json")) as f:
         c = json.load(f)
     d, L, ff, V = c["n_embd"], c["n_layer"], c["intermediate_size"], c["vocab_size"]
@@ -395,6 +485,7 @@ def _memory_step(shape, knobs, dtype, threads):
     gradients and Adam state as a previous step leaves them), and the peak resident set of each phase.
     Every attempt runs to max_new_tokens (no stop ids), the model's worst case."""
     import data
+    import memory
     import rl
     import train_stage2
     from model import GPT, GPTConfig
@@ -443,7 +534,7 @@ def _memory_step(shape, knobs, dtype, threads):
     update = _peak_mib() - base
     prompt_len = max(len(tok.render([{"role": "user", "content": p.prompt}])) for p in problems)
     followup_len = len(tok.render_followup([{"role": "user", "content": a.p1}]))
-    pred = rl.memory_model(cfg, a, prompt_len=prompt_len, followup_len=followup_len)
+    pred = memory.memory_model(cfg, a, prompt_len=prompt_len, followup_len=followup_len)
     return {"state": state, "sampling": sampling, "update": update, "seconds": time.perf_counter() - t0,
             "pred": pred, "params": sum(p.numel() for p in models[0].parameters())}
 
@@ -452,6 +543,7 @@ def memory_table(name, shape, presets=("math", "code"), gen_batches=(16, 64, 128
                  gpu_gb=80, margin=0.10):
     """The memory model's terms (GiB) for a real model at the presets: each gen-batch at the preset's
     micro-batch, then each other micro-batch at the smallest gen-batch."""
+    import memory
     import rl
     from model import GPTConfig
     cfg, GiB, fit = GPTConfig(**shape), 2**30, (1 - margin) * gpu_gb * 1e9
@@ -466,7 +558,7 @@ def memory_table(name, shape, presets=("math", "code"), gen_batches=(16, 64, 128
         for gb, mb in combos:
             a = SimpleNamespace(batch=p["batch"], k=p["k"], micro_batch=mb, max_new_tokens=p["max_new_tokens"],
                                 gen_batch=gb, dtype="bf16", device="cuda")
-            m = {k: v / GiB for k, v in rl.memory_model(cfg, a).items()}
+            m = {k: v / GiB for k, v in memory.memory_model(cfg, a).items()}
             print(f"{preset:<7}{gb:>5}{mb:>6}{m['weights']:>8.1f}{m['grads']:>6.1f}{m['adam']:>6.1f}{m['ref']:>5.1f}"
                   f"{m['sampler']:>6.1f}"
                   f"{m['autocast']:>5.1f}{m['kv_cache']:>6.1f}{m['sample_work']:>7.1f}{m['activations']:>6.1f}"
@@ -475,7 +567,7 @@ def memory_table(name, shape, presets=("math", "code"), gen_batches=(16, 64, 128
 
 
 def bench_memory(args):
-    """(a) rl.memory_model against the CPU: one Stage II step at each of CHECK's shapes, each in a fresh
+    """(a) memory.memory_model against the CPU: one Stage II step at each of CHECK's shapes, each in a fresh
     process, its measured peak resident memory against the prediction of the same terms. The children
     run with glibc's mmap threshold fixed at 64 KiB, so that a freed tensor leaves the resident set
     (the default threshold grows, and freed heap memory stays resident: allocator slack, not counted;
@@ -509,7 +601,7 @@ def bench_memory(args):
 BENCHES = {
     "memory": bench_memory,
     "demo": bench_demo,
-    "logprobs": bench_logprobs,
+    "update": bench_update,
     "reward": bench_reward,
     "sample": bench_sample,
 }
@@ -520,9 +612,9 @@ def main():
     p.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only these benchmarks")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats; the best is reported")
-    p.add_argument("--lp-tokens", type=int, default=2048, help="token_logprobs: N tokens")
-    p.add_argument("--lp-dim", type=int, default=1536, help="token_logprobs: hidden size d (Qwen2.5-1.5B: 1536)")
-    p.add_argument("--lp-vocab", type=int, default=151936, help="token_logprobs: vocabulary V (Qwen2.5: 151936)")
+    p.add_argument("--lp-tokens", type=int, default=2048, help="update: the log-prob head's N tokens")
+    p.add_argument("--lp-dim", type=int, default=1536, help="update: the head's hidden size d (Qwen2.5-1.5B: 1536)")
+    p.add_argument("--lp-vocab", type=int, default=151936, help="update: the head's vocabulary V (Qwen2.5: 151936)")
     p.add_argument("--threads", type=int, default=2, help="demo, memory: torch threads")
     p.add_argument("--mem-dtype", default="both", choices=["fp32", "bf16", "both"], help="memory: the CPU check's --dtype")
     p.add_argument("--mem-glibc-default", action="store_true",
@@ -531,9 +623,9 @@ def main():
     p.add_argument("--demo-steps", type=int, default=6, help="demo: Stage I steps per run (the first is not counted)")
     p.add_argument("--demo-rounds", type=int, default=1,
                    help="demo: Stage I runs of each revision, taking turns with --against's")
-    p.add_argument("--demo-dtype", choices=["bf16", "fp32"], help="demo: --dtype of this checkout's runs")
+    p.add_argument("--demo-dtype", choices=["bf16", "fp32"], help="demo, update: --dtype of this checkout's runs")
     p.add_argument("--demo-eval-n", type=int, default=500, help="demo: problems evaluated")
-    p.add_argument("--against", metavar="REV", help="demo: also time the scripts of git revision REV")
+    p.add_argument("--against", metavar="REV", help="demo, update: also time the code of git revision REV")
     p.add_argument("--against-base", help="demo: REV's own base checkpoint (its tokenizer may differ)")
     args = p.parse_args()
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"

@@ -23,10 +23,12 @@ uses the sampler's log-probs of the sampled tokens, so it costs no extra forward
 tokens before it held fixed, and misses how a token changes the KL of the tokens after it.
 
 Rows whose y1 was drawn from the base model (--base-first, paper 5.3) get no turn-1 terms: that y1
-is not pi's sample, so only turn 2 learns from it. The objective is linear in logp1, logp2 (and
-the k2 sums), so update() reads each sum's weight off it by autograd (token_weights) and gives every
-generated token the loss w_lp * log pi + w_kl * k2; the policy's head forms that gradient in the
-same pass that computes the log-probs (model.token_loss).
+is not pi's sample, so only turn 2 learns from it.
+
+The update is the objective as written: the policy's log-prob of each generated token from the
+chunked head (model.token_logprobs, which never holds the (N, V) logits), summed per row and turn
+(turn_sums), the stage's objective on those sums, (objective(b, args).sum() / R).backward(). Any
+differentiable objective runs: update() asks nothing of it but a per-row loss.
 
 Precision: the policy is always trained on fp32 master weights (fp32 Adam state), whatever the
 checkpoint's dtype; --dtype bf16 runs the policy's forward and backward under torch.autocast, on the
@@ -46,7 +48,8 @@ import torch
 import torch.distributed as dist
 
 import data
-from model import GPT, auto_dtype, token_logprobs, token_loss
+import memory
+from model import GPT, auto_dtype, token_logprobs
 from sample import generate, generate_turns, layout, max_new_that_fits
 from tokenizer import Tokenizer
 
@@ -124,7 +127,7 @@ def get_args(stage, argv=None, run=None):
                         "auto: bf16 on a GPU or a CPU with bf16 matrix units, else fp32")
     p.add_argument("--gen-batch", type=int,
                    help="generate each step's rollouts in chunks of at most N rows (whole prompt groups); "
-                        "default: all at once on the CPU, what fits the free memory on a GPU (memory_model)")
+                        "default: all at once on the CPU, what fits the free memory on a GPU (memory.py)")
     p.add_argument("--save-every", type=int, help="checkpoint OUT/ckpt every N updates (and at the end)")
     p.add_argument("--keep-every", type=int, default=0,
                    help="also keep OUT/step_NNNNNN every N updates (0: only ckpt/ and best/)")
@@ -269,28 +272,6 @@ def reinforce(b, args, turn1, turn2):
     return loss
 
 
-def token_weights(objective, args, b):
-    """(w_lp, w_kl), each (2, m): d objective / d logp_t and d objective / d k2-sum_t of each row's turn t.
-    b: r1, r2, group, on_policy (1: y1 sampled from pi, 0: from the base model, which zeroes turn 1's
-    terms), kl1, kl2 (with --kl reward, each turn's sum of log pi - log pi_ref; with --kl loss unused).
-    A REINFORCE objective is linear in the log-prob sums (rewards, KL returns and baseline are constants),
-    so the weights are known before the policy runs. Checked: the weights at zero and at a point that
-    differs in every row must agree (equal values everywhere would hide a leave-one-out non-linearity)."""
-    on, reward_kl = b.on_policy, args.kl == "reward"
-
-    def weights_at(v):
-        s = v.detach().clone().requires_grad_()
-        kl1, kl2 = (b.kl1, b.kl2) if reward_kl else (s[2], s[3])
-        bb = SimpleNamespace(logp1=s[0] * on, logp2=s[1], kl1=kl1 * on, kl2=kl2, r1=b.r1, r2=b.r2, group=b.group)
-        return torch.autograd.grad(objective(bb, args).sum(), s)[0]
-    zero = torch.zeros(4, len(b.r1), device=b.r1.device, dtype=b.r1.dtype)
-    w = weights_at(zero)
-    if not torch.allclose(w, weights_at(zero + torch.arange(1, 4 * len(b.r1) + 1).view(4, -1) % 7 - 3), equal_nan=True):
-        raise ValueError("the objective is not linear in b.logp1, b.logp2 (and the k2 sums): rl.update needs "
-                         "REINFORCE weights that carry no gradient")
-    return w[:2], w[2:]
-
-
 def generated_hidden(idx, sel, m1, k):
     """A function of a model that gives model.hidden(idx[:, :-1])[sel], the hidden states at the target
     positions sel (m, L - 1), with each prompt run once for its k samples (GPT.hidden_shared). idx (m, L):
@@ -305,54 +286,62 @@ def generated_hidden(idx, sel, m1, k):
     return lambda model: model.hidden_shared(prefix, shared[::k], suffix, group)[sel]
 
 
-def micro_batch_loss(policy, ref, ro, rows, objective, args, R):
-    """The micro-batch's share of the loss, sum over rows of objective(b) / R, ready for backward(); the
-    k3 KL estimate (exp(-d) - 1 + d >= 0, for the logs) summed over each turn's tokens; and the sum of
-    |trainer log pi - sampler log pi| over the generated tokens (the sampler-trainer mismatch).
-    Every generated token's loss is w_lp * log pi + w_kl * k2, with the objective's weights for its
-    row and turn, so the policy's head forms the gradient while its logits are at hand (token_loss)."""
+def micro_batch(policy, ref, ro, rows, args):
+    """What the stage's objective reads, for the rollouts `rows` (whole groups of k): the policy's
+    log-probs of each generated token from the chunked head (model.token_logprobs: the (N, V) logits
+    never exist), differentiable; the frozen reference's, without gradient; both summed per row and turn
+    by turn_sums. Prompt, instruction and padding tokens never count."""
     m1, m2 = ro.m1[rows], ro.m2[rows]
-    sel = m1 | m2  # only generated tokens count: prompt, instruction and padding never do
+    sel = m1 | m2  # the generated tokens' target positions
     L = int(sel.any(0).nonzero().max()) + 2  # drop the padding columns no row of this micro-batch needs
     idx, m2, sel = ro.tokens[rows, :L], m2[:, :L - 1], sel[:, :L - 1]
-    tgt, lp_old = idx[:, 1:][sel], ro.lp_old[rows, :L - 1][sel]
-    on_policy = ro.first_from_pi[rows].float()  # a y1 drawn from the base model gets no turn-1 terms
-    row, turn2 = sel.nonzero()[:, 0], m2[sel]  # each generated token's row and turn
+    tgt, lp_old = idx[:, 1:][sel], ro.lp_old[rows, :L - 1][sel]  # (n,) each generated token, the sampler's log pi
+    row, turn2 = sel.nonzero()[:, 0], m2[sel]  # (n,) each generated token's row and turn
     hidden = generated_hidden(idx, sel, m1[:, :L - 1], args.k)
     with torch.no_grad():
-        lp_ref = token_logprobs(hidden(ref), ref.head_weight, tgt, args.temperature)
-    per_row = lambda x: torch.zeros(len(rows), device=x.device).index_add_(0, row, x)  # (n_tok,) -> (m,)
-    d_old = lp_old - lp_ref  # the KL in the reward: log pi - log pi_ref of each sampled token
-    b = SimpleNamespace(r1=ro.r1[rows], r2=ro.r2[rows], group=ro.group[rows] - ro.group[rows].min(),
-                        on_policy=on_policy, kl1=per_row(d_old * ~turn2), kl2=per_row(d_old * turn2))
-    w_lp, w_kl = token_weights(objective, args, b)
-    w_lp = torch.where(turn2, w_lp[1, row], w_lp[0, row]) / R  # d loss / d log pi(token)
-    w_kl = torch.where(turn2, w_kl[1, row], w_kl[0, row]) / R  # d loss / d k2(token)
-    loss, lp = token_loss(hidden(policy), policy.head_weight, tgt,
-                          lambda lp, s: w_lp[s] * lp + w_kl[s] * kl_term(lp, lp_ref[s]), args.temperature)
-    d = lp - lp_ref
+        lp_ref = token_logprobs(hidden(ref), ref.head_weight, tgt, args.temperature)  # (n,) log pi_ref
+    lp = token_logprobs(hidden(policy), policy.head_weight, tgt, args.temperature)  # (n,) log pi: the training path
+    return turn_sums(lp, lp_ref, lp_old, row, turn2, ro.first_from_pi[rows], ro.r1[rows], ro.r2[rows],
+                     ro.group[rows] - ro.group[rows].min(), args)
+
+
+def turn_sums(lp, lp_ref, lp_old, row, turn2, first_from_pi, r1, r2, group, args):
+    """The objective's input b (module docstring) from per-token log-probs: lp (n,) the policy's, with
+    gradient; lp_ref (n,) the reference's; lp_old (n,) the sampler's, for the KL in the reward; row (n,)
+    and turn2 (n,) each token's row (of m) and turn; first_from_pi (m,) False where y1 came from the base
+    model: that y1 is not pi's sample, so its tokens enter no turn-1 sum (only turn 2 learns from it).
+    Also, for the logs: the k3 KL estimate exp(-d) - 1 + d >= 0 (d = log pi - log pi_ref) summed over
+    each turn's tokens, and |log pi - sampler log pi| summed over the tokens pi sampled."""
+    t1 = ~turn2 & first_from_pi[row]  # (n,) turn-1 tokens that pi sampled
+    per_row = lambda x, turn: torch.zeros(len(r1), device=x.device, dtype=x.dtype).index_add(0, row, x * turn)
+    # --kl reward: log pi - log pi_ref of each sampled token, a constant (it goes into the return);
+    # --kl loss: the per-token k2 = 0.5 (log pi - log pi_ref)^2, with gradient
+    kl = lp_old - lp_ref if args.kl == "reward" else kl_term(lp, lp_ref)
+    d = lp.detach() - lp_ref
     k3 = torch.expm1(-d) + d
-    sampled = turn2 | (on_policy[row] > 0)  # tokens pi sampled (not a base model's y1)
-    return loss, (k3 * (~turn2) * on_policy[row]).sum(), (k3 * turn2).sum(), ((lp - lp_old).abs() * sampled).sum(), \
-        sampled.sum()
+    return SimpleNamespace(logp1=per_row(lp, t1), logp2=per_row(lp, turn2), kl1=per_row(kl, t1), kl2=per_row(kl, turn2),
+                           r1=r1, r2=r2, group=group, k3_1=(k3 * t1).sum(), k3_2=(k3 * turn2).sum(),
+                           mismatch=((lp.detach() - lp_old).abs() * (t1 | turn2)).sum(), n_sampled=(t1 | turn2).sum())
 
 
 def update(policy, ref, opt, ro, objective, args, world=1):
-    """One optimizer step over a batch of rollouts, accumulated over micro-batches of whole groups.
-    With several processes each holds 1/world of the batch; the loss is scaled by the global batch
-    and the summed gradients are all-reduced once, after the last micro-batch, so the update is the
-    one a single process would make on the whole batch. Returns the global (loss, KL turn 1, KL turn 2,
-    gradient norm before clipping, mean |trainer - sampler log-prob| per generated token)."""
+    """One optimizer step over a batch of rollouts, accumulated over micro-batches of whole groups: for
+    each, the stage's objective on the micro-batch's log-probs (micro_batch), summed over rows, divided by
+    the global batch R, backward(). With several processes each holds 1/world of the batch and the summed
+    gradients are all-reduced once, after the last micro-batch, so the update is the one a single process
+    would make on the whole batch. Returns the global (loss, KL turn 1, KL turn 2, gradient norm before
+    clipping, mean |trainer - sampler log-prob| per generated token)."""
     R = ro.tokens.shape[0] * world  # rollouts in the global batch
     opt.zero_grad(set_to_none=True)
     stats = torch.zeros(6, device=ro.tokens.device)  # loss, KL t1, KL t2, non-finite, |lp - lp_old|, tokens
     for s in range(0, ro.tokens.shape[0], args.micro_batch):
         rows = torch.arange(s, min(s + args.micro_batch, ro.tokens.shape[0]), device=ro.tokens.device)
-        loss, k3_1, k3_2, mismatch, n_tok = micro_batch_loss(policy, ref, ro, rows, objective, args, R)
+        b = micro_batch(policy, ref, ro, rows, args)
+        loss = objective(b, args).sum() / R  # the stage's objective, as its script writes it
         if torch.isfinite(loss):
             loss.backward()
-        stats += torch.stack([loss.detach().float(), k3_1 / R, k3_2 / R, (~torch.isfinite(loss)).float(),
-                              mismatch, n_tok.float()])
+        stats += torch.stack([loss.detach().float(), b.k3_1 / R, b.k3_2 / R, (~torch.isfinite(loss)).float(),
+                              b.mismatch, b.n_sampled.float()])
     if world > 1:  # every rank takes part in both collectives, even after a bad loss: no deadlock
         dist.all_reduce(stats)
         all_reduce_grads(policy)
@@ -386,106 +375,6 @@ def setup_distributed(device):
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
         torch.cuda.set_device(device)
     return dist.get_rank(), dist.get_world_size(), device
-
-
-def default_gen_batch(config, args, world, budget):
-    """The largest --gen-batch (whole prompt groups, halving from all of a rank's rows) whose step the
-    memory model predicts to fit in 90% of `budget` bytes; at least one prompt's k rows."""
-    rows = args.batch // world
-    while rows > args.k and memory_model(config, SimpleNamespace(**{**vars(args), "gen_batch": rows}), world)["total"] > 0.9 * budget:
-        rows = max(args.k, rows // 2 // args.k * args.k)
-    return rows
-
-
-# ------------------------------------------------------------------------------- memory
-def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
-    """Predicted memory of one Stage I/II step on one process, in bytes: {term: bytes} and the peaks
-    "sampling", "update" and "total" = their max. The terms do not all coexist:
-      sampling: policy weights (fp32, 4P), gradients (4P, kept from the last step until update's
-        zero_grad), Adam (8P), the reference in the compute dtype, the KV cache of one gen-batch, and
-        the largest of sampling's transients;
-      update: the same weights, Adam and reference, the gradients (allocated by the first micro-batch:
-        the peak is at the second), autocast's bf16 copies of the policy's linear weights, and the
-        largest of: one micro-batch's activations with the log-prob head's buffers; the reference's
-        pass; the flat all-reduce buffer (world > 1); the optimizer's temporaries.
-    Lengths are worst cases: prompt_len (256: a long MATH or MBPP prompt) + 2 * max_new_tokens +
-    followup_len (p1 rendered, 64) + 2 positions per row, and both attempts run to max_new_tokens.
-    args: batch, k, micro_batch, max_new_tokens, gen_batch (None: all rows), dtype, device (default cuda).
-    Not counted: the CUDA context, the allocators' slack (cached or fragmented free memory), Python."""
-    c = config
-    d, V, L, D, I = c.n_embd, c.vocab_size, c.n_layer, c.head_dim, c.intermediate_size
-    HD, KD = c.n_head * D, c.n_kv_head * D
-    cuda = str(getattr(args, "device", "cuda")).startswith("cuda")
-    dtype = getattr(args, "dtype", None) or ("bf16" if cuda else "fp32")
-    if dtype not in ("bf16", "fp32"):
-        raise ValueError(f"memory_model: dtype {dtype!r} is not bf16 or fp32")
-    cb = 2 if dtype == "bf16" else 4  # bytes of the compute dtype
-    mnt, k, micro = args.max_new_tokens, args.k, args.micro_batch
-    rows = args.batch // world  # rows sampled at once: all of a rank's, or --gen-batch's whole prompt groups
-    if getattr(args, "gen_batch", None):
-        rows = min(rows, max(1, args.gen_batch // k) * k)
-    S = prompt_len + 2 * mnt + followup_len + 2  # positions of a row (generate_turns' cache length)
-    S_gen = S + (mnt if getattr(args, "base_first", 0) > 0 else 0)  # a given first attempt takes its own slots
-    T2 = followup_len + 2  # turn 2's prefill: the last token of y1, eot, p1
-    N = micro * 2 * mnt  # generated tokens of a micro-batch: the log-prob head's rows
-    # parameters, from the shapes (model.py's GPT)
-    linear = L * (d * (HD + 2 * KD) + HD * d + 3 * d * I + c.qkv_bias * (HD + 2 * KD))  # autocast casts these
-    P = linear + V * d * (1 if c.tie_embeddings else 2) + L * (2 * d + c.qk_norm * 2 * D) + d
-    # The trainer runs each prompt once for its k samples (rl.generated_hidden): per micro-batch, n groups
-    # of P0 = prompt_len - 1 shared tokens, and `micro` rows of T0 = S - P0 tokens each, whose keys and
-    # values sit in a KV cache of P0 + T0 slots per row. What autograd keeps (tests/test_memory.py checks the
-    # CPU's terms against the saved tensors): under autocast the residual stream is in the compute dtype;
-    # each RMSNorm keeps an fp32 copy of its input; the q/k/v (gate/up) projections share one saved input.
-    n, P0 = micro // k, prompt_len - 1
-    T0 = S - P0
-    tokens = n * P0 + micro * T0
-    keys = n * P0 * P0 + micro * T0 * (P0 + T0)  # (query, key) pairs of the prefix and the suffix passes
-    per_layer = (2 * ((4 + cb) * d + 4)                         # two RMSNorms: fp32 input, normalized, rsqrt
-                 + 2 * d * cb                                   # the normed inputs of q/k/v and of gate/up
-                 + 2 * HD * cb                                  # attention: the scaled q, o_proj's input
-                 + c.qk_norm * ((4 + cb) * (HD + KD) + 4 * (c.n_head + c.n_kv_head))  # Qwen3's q/k norms
-                 + 4 * I * cb)                                  # MLP: gate, up, silu(gate), product
-    if cuda:  # SDPA (unmeasured): its output and log-sum-exp, K and V expanded to n_head heads, the bias once
-        attn = L * (tokens * (HD * cb + 4 * c.n_head) + (n * P0 + micro * (P0 + T0)) * 2 * HD * cb) \
-            + micro * T0 * (P0 + T0) * cb
-    else:  # grouped_attention: the probabilities, and the KV caches of both passes (n and micro rows)
-        attn = L * (keys * c.n_head * cb + (n + micro) * (P0 + T0) * 2 * KD * cb)
-    per_token = L * per_layer + 8 + 2 * D * cb + (4 + cb) * d + 4  # + token ids, RoPE cos/sin, final RMSNorm
-    chunk = min(max(1, 2**25 // V), N)  # model.token_loss's block of tokens
-    m = {
-        "weights": 4 * P,
-        "grads": 4 * P,
-        "adam": 8 * P,
-        "ref": cb * P,
-        "sampler": 2 * P if cb == 2 else 0,  # bf16: the policy's bf16 copy that samples
-        "autocast": 2 * linear if cb == 2 else 0,
-        "kv_cache": rows * S_gen * L * 2 * KD * cb,
-        # the largest of: the prompts' cache while select() repeats it to k rows; turn 2's prefill (its
-        # mask, bool and as SDPA's float bias, and one MLP's work); a decode step's logits and probabilities.
-        # (In bf16 the sampler is the policy's bf16 copy: nothing is cast.)
-        "sample_work": max(rows // k * S_gen * L * KD * cb, rows * T2 * (5 * S_gen + 3 * I * cb + 2 * d * cb),
-                           3 * rows * V * 4),
-        "activations": tokens * per_token + attn + N * 16,  # + the (N, 2) int64 index of the generated tokens
-        # token_loss: the (chunk, V) fp32 buffer, the (V, d) fp32 weight gradient it accumulates, the
-        # generated tokens' hidden states and their gradient; in bf16 also the head's and the buffer's bf16
-        # casts and each block's bf16 weight gradient before it is added (on the CPU via an fp32 copy)
-        "head": chunk * V * 4 + V * d * 4 + 2 * N * d * cb
-                + (chunk * V * 2 + V * d * (4 if cuda else 8) if cb == 2 else 0),
-        # the reference's pass before the policy's: its hidden states, KV caches, token_logprobs' buffer, one
-        # MLP's work (and on the CPU one layer's scores)
-        "ref_pass": tokens * (d + 3 * I) * cb + L * (n + micro) * (P0 + T0) * 2 * KD * cb + N * d * cb
-                    + chunk * V * 4 + (0 if cuda else 2 * keys * c.n_head * cb),
-        "allreduce": 4 * P if world > 1 else 0,
-        # torch's Adam: foreach on CUDA (a temporary the size of all parameters); per tensor on the CPU
-        # (three temporaries of the largest parameter, measured)
-        "optimizer": 4 * P if cuda else 3 * 4 * max(V * d, d * I),
-    }
-    state = m["weights"] + m["grads"] + m["adam"] + m["ref"] + m["sampler"]
-    m["sampling"] = state + m["kv_cache"] + m["sample_work"]
-    m["update"] = state + m["autocast"] + max(m["activations"] + m["head"], m["ref_pass"], m["allreduce"],
-                                              m["optimizer"])
-    m["total"] = max(m["sampling"], m["update"])
-    return m
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -589,7 +478,7 @@ def run(args, objective, name):
         opt.load_state_dict(state["opt"])
     problems = load_problems(args, tok, ref.config.max_seq_len, say)
     if args.gen_batch is None and dev.type == "cuda":  # the memory model's choice for this GPU
-        args.gen_batch = default_gen_batch(policy.config, args, world, torch.cuda.get_device_properties(dev).total_memory)
+        args.gen_batch = memory.default_gen_batch(policy.config, args, world, torch.cuda.get_device_properties(dev).total_memory)
         say(f"--gen-batch {args.gen_batch} (from the memory model; pass --gen-batch to override)")
     log_path = os.path.join(args.out, "log.jsonl")
     if rank == 0:

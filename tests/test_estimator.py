@@ -1,7 +1,9 @@
 """The paper's estimator, RLOO with the KL in the reward (--kl reward), against the exact gradient of the
 sequence-level objective E[r] - beta * KL(pi || pi_ref), by enumerating every outcome: no sampling.
 The per-token k2 in the loss (--kl loss) misses the effect of a token on the KL of the tokens after it;
-its gap is measured. Then each stage's per-turn weights on hand-written cases."""
+its gap is measured. Then each stage's per-turn weights on hand-written cases. Both run the loss that
+rl.update backpropagates: per-token log-probs summed per row and turn by rl.turn_sums (as rl.micro_batch
+does with the model's), the stage's objective on the sums, backward()."""
 import itertools
 from types import SimpleNamespace
 
@@ -69,25 +71,31 @@ def exact_gradient(theta, ref, reward, place, a):
 
 
 def expected_estimator_gradient(theta, ref, reward, place, a, k):
-    """E[grad of the surrogate] over k samples of one prompt, exactly: every k-tuple of sequences is
-    one group of a batch; rl.token_weights reads each row's weights off the stage's objective; the
-    surrogate sum_rows (w_lp[t] logp_t + w_kl[t] K_t) / k is weighted by the tuple's probability."""
+    """E[grad of the loss rl.update backpropagates] over k samples of one prompt, exactly: every k-tuple
+    of sequences is one group of a batch; each row's sequence is its tokens' log-probs in the place's
+    turn (the other turn is empty), rl.turn_sums sums them per row and turn, the stage's objective gives
+    each row's loss, and each row's loss is weighted by the probability of its tuple (over k: one group)."""
     objective, turn, _, _ = PLACES[place]
-    logp, logref, K = sequences(theta, ref)
-    N = logp.numel()
+    steps = len(theta)
+    lpa, ra = theta[0].log_softmax(0), ref[0]
+    if steps == 1:  # per sequence, its tokens' log-probs: (N, steps)
+        lp_tok, ref_tok = lpa[:, None], ra[:, None]
+    else:
+        lpb = theta[1].log_softmax(1)
+        lp_tok = torch.stack([lpa[:, None].expand(V, V), lpb], -1).reshape(-1, 2)
+        ref_tok = torch.stack([ra[:, None].expand(V, V), ref[1]], -1).reshape(-1, 2)
+    N = lp_tok.shape[0]
     tuples = torch.tensor(list(itertools.product(range(N), repeat=k)))  # (T, k): every k-tuple of sequences
     y = tuples.reshape(-1)  # (m,) the rows, tuple-major
     m = y.numel()
-    seq = lambda x: torch.zeros(2, m, dtype=F64).index_copy(0, torch.tensor([turn]), x[y][None])  # (2, m)
-    r = seq(reward)  # (2, m) the sequence's reward in its turn
-    r[1 - turn] = 1.0  # the empty turn's: r(y1) = 1 for Stage II's turn 2; elsewhere it weights a log-prob of 0
-    kl = seq((logp - logref).detach())  # each turn's sum of log pi - log pi_ref: a constant
-    b = SimpleNamespace(r1=r[0], r2=r[1], group=torch.arange(len(tuples)).repeat_interleave(k),
-                        on_policy=torch.ones(m, dtype=F64), kl1=kl[0], kl2=kl[1])
-    w_lp, w_kl = rl.token_weights(objective, a, b)  # (2, m) each
-    prob = logp.detach().exp()[tuples].prod(1).repeat_interleave(k)  # (m,) the probability of the row's tuple
-    surrogate = (prob * (w_lp * seq(logp) + w_kl * seq(K)).sum(0)).sum() / k
-    return torch.autograd.grad(surrogate, theta)
+    lp = lp_tok[y].reshape(-1)  # (m * steps,) every token of every row, row-major
+    r = torch.ones(2, m, dtype=F64)  # the empty turn's reward: r(y1) = 1 for Stage II's turn 2; elsewhere it
+    r[turn] = reward[y]              # weights a log-prob sum of 0
+    b = rl.turn_sums(lp, ref_tok[y].reshape(-1), lp.detach(), torch.arange(m).repeat_interleave(steps),
+                     torch.full((m * steps,), turn == 1), torch.ones(m, dtype=torch.bool), r[0], r[1],
+                     torch.arange(len(tuples)).repeat_interleave(k), a)
+    prob = lp_tok.detach().sum(1).exp()[tuples].prod(1).repeat_interleave(k)  # (m,) the probability of the row's tuple
+    return torch.autograd.grad((prob * objective(b, a)).sum() / k, theta)
 
 
 def missing_term(theta, ref, beta):
@@ -194,38 +202,39 @@ HAND = {
 }
 
 
-def hand_batch(on_policy):
+def hand_weights(objective, a, on_policy):
+    """(w_lp, w_kl), each (2, 4) [turn, row]: the gradient of the loss rl.update backpropagates with
+    respect to each row's turn-1 and turn-2 log-prob (one token per turn), through rl.turn_sums and the
+    objective. --kl reward: the KL sums KL1, KL2 come from the sampler's and the reference's log-probs.
+    --kl loss: the gradient is w_lp + w_kl * (log pi - log pi_ref), read at two distances."""
     t = lambda x: torch.tensor(x, dtype=F64)
-    return SimpleNamespace(r1=t(R1), r2=t(R2), group=torch.zeros(4, dtype=torch.long), on_policy=t(on_policy),
-                           kl1=t(KL1), kl2=t(KL2))
+    row, turn2 = torch.arange(4).repeat(2), torch.arange(8) >= 4  # tokens: each row's turn 1, then turn 2
+
+    def grad_at(dist):
+        lp = torch.zeros(8, dtype=F64, requires_grad=True)
+        lp_ref = -t(KL1 + KL2) if a.kl == "reward" else lp.detach() - dist  # lp_old = lp = 0
+        b = rl.turn_sums(lp, lp_ref, lp.detach(), row, turn2, t(on_policy) > 0, t(R1), t(R2),
+                         torch.zeros(4, dtype=torch.long), a)
+        return torch.autograd.grad(objective(b, a).sum(), lp)[0].view(2, 4)
+    if a.kl == "reward":
+        return grad_at(None), torch.zeros(2, 4, dtype=F64)
+    g1, g2 = grad_at(1.0), grad_at(2.0)
+    return 2 * g1 - g2, g2 - g1
 
 
 @pytest.mark.parametrize("case", sorted(HAND), ids=lambda c: "-".join(map(str, c)))
 def test_per_turn_weights_by_hand(case):
     stage, kl, baseline, on = case
     objective = (train_stage1 if stage == 1 else train_stage2).objective
-    w_lp, w_kl = rl.token_weights(objective, args(kl=kl, baseline=baseline), hand_batch(ON if on == "on" else BASE_FIRST))
+    w_lp, w_kl = hand_weights(objective, args(kl=kl, baseline=baseline), ON if on == "on" else BASE_FIRST)
     want_lp, want_kl = (torch.tensor(w, dtype=F64) for w in HAND[case])
     assert torch.allclose(w_lp, want_lp, rtol=0, atol=1e-12), w_lp
     assert torch.allclose(w_kl, want_kl, rtol=0, atol=1e-12), w_kl
 
 
-def test_token_weights_refuses_a_nonlinear_objective():
-    b = hand_batch(ON)
-    with pytest.raises(ValueError, match="not linear"):
-        rl.token_weights(lambda s, a: -s.logp2.exp(), args(), b)
-    # a log-prob inside the return (as an undetached KL would put it there), behind the leave-one-out
-    # baseline, whose weights cancel where every row's log-prob is equal: the probe must differ per row.
-    # (With --kl reward the KL sums reach token_weights as numbers, from the sampler and the frozen reference.)
-    for baseline in ("none", "loo"):
-        a = args(kl="reward", baseline=baseline)
-        with pytest.raises(ValueError, match="not linear"):
-            rl.token_weights(lambda s, a: -rl.baseline(s.r2 - a.beta1 * s.logp2, s.group, a) * s.logp2, a, b)
-
-
 def test_single_turn_trains_turn_1_alone():
     """The ablation "w/o multi-turn training": turn 1 as Stage II's (r1 - beta1 kl1, loo), turn 2 nothing."""
-    w_lp, w_kl = rl.token_weights(train_single_turn.objective, args(), hand_batch(ON))
+    w_lp, w_kl = hand_weights(train_single_turn.objective, args(), ON)
     # R1 = r1 - 0.5 kl1 = [-0.25, 1.5, 0, -0.125]: Stage II's turn 1 above, -A1
     want = torch.tensor([17 / 24, -13 / 8, 3 / 8, 13 / 24], dtype=F64)
     assert torch.allclose(w_lp[0], want) and not w_lp[1].any() and not w_kl.any()

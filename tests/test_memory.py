@@ -1,4 +1,4 @@
-"""rl.memory_model against independent counts: parameters of a GPT built on the meta device, the KV
+"""memory.memory_model against independent counts: parameters of a GPT built on the meta device, the KV
 cache generate_turns actually allocates, and the bytes autograd actually saves for backward (read with
 saved_tensors_hooks). No timing or resident-memory assertions here: bench.py --only memory measures."""
 from types import SimpleNamespace
@@ -6,6 +6,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import memory
 import rl
 from model import GPT, GPTConfig
 from sample import generate_turns
@@ -33,7 +34,7 @@ def test_state_terms_count_the_meta_models_parameters(cfg):
     # what autocast casts (and caches during update): the blocks' linear weights and biases, not the norms
     linear = sum(p.numel() for n, p in model.layers.named_parameters() if "norm" not in n)
     for dtype, ref_bytes in (("fp32", 4), ("bf16", 2)):
-        m = rl.memory_model(cfg, knobs(dtype=dtype))
+        m = memory.memory_model(cfg, knobs(dtype=dtype))
         assert (m["weights"], m["grads"], m["adam"], m["ref"]) == (4 * P, 4 * P, 8 * P, ref_bytes * P)
         assert m["autocast"] == (2 * linear if dtype == "bf16" else 0)
 
@@ -58,14 +59,14 @@ def test_kv_cache_is_what_generate_turns_allocates(monkeypatch, dtype, base_firs
     (cache,) = caches
     allocated = sum(t.numel() * t.element_size() for t in cache.k + cache.v)  # after repeating prompts to k rows
     # --gen-batch rows + k - 1: rounded down to whole prompt groups, as rl.rollout chunks
-    m = rl.memory_model(cfg, knobs(gen_batch=rows + k - 1, k=k, max_new_tokens=mnt, dtype=dtype, base_first=base_first),
+    m = memory.memory_model(cfg, knobs(gen_batch=rows + k - 1, k=k, max_new_tokens=mnt, dtype=dtype, base_first=base_first),
                         prompt_len=prompt_len, followup_len=followup_len)
     assert m["kv_cache"] == allocated
 
 
 def saved_bytes(model, idx, sel, m1, k, dtype):
     """Bytes of the distinct storages autograd saves for backward in the policy's pass of
-    rl.micro_batch_loss (rl.generated_hidden: each prompt once for its k rows), leaving out the weights
+    rl.micro_batch (rl.generated_hidden: each prompt once for its k rows), leaving out the weights
     and autocast's casts of them. Every saved tensor is kept alive, so no storage's address is reused."""
     def is_weight(t):
         fn = t.grad_fn
@@ -99,7 +100,7 @@ def test_activations_are_what_autograd_saves(cfg, dtype):
     sel = m1.clone()
     sel[:, -mnt:] = True  # and turn 2's
     got = saved_bytes(model, idx, sel, m1, k, dtype)
-    m = rl.memory_model(cfg, knobs(micro_batch=micro, k=k, max_new_tokens=mnt, dtype=dtype),
+    m = memory.memory_model(cfg, knobs(micro_batch=micro, k=k, max_new_tokens=mnt, dtype=dtype),
                         prompt_len=prompt_len, followup_len=followup_len)
     assert abs(m["activations"] - got) <= 0.01 * got, (m["activations"], got)
 
@@ -109,14 +110,14 @@ def test_monotonic_in_gen_batch_and_micro_batch():
     for dtype in ("fp32", "bf16"):
         prev = None
         for g in (2, 4, 8, 16):
-            m = rl.memory_model(cfg, knobs(batch=16, gen_batch=g, dtype=dtype))
+            m = memory.memory_model(cfg, knobs(batch=16, gen_batch=g, dtype=dtype))
             if prev:
                 assert m["kv_cache"] > prev["kv_cache"] and m["sampling"] > prev["sampling"]
                 assert m["total"] >= prev["total"] and m["update"] == prev["update"]
             prev = m
         prev = None
         for mb in (2, 4, 8, 16):
-            m = rl.memory_model(cfg, knobs(batch=16, micro_batch=mb, dtype=dtype))
+            m = memory.memory_model(cfg, knobs(batch=16, micro_batch=mb, dtype=dtype))
             if prev:
                 assert m["activations"] > prev["activations"] and m["head"] >= prev["head"]
                 assert m["total"] >= prev["total"] and m["sampling"] == prev["sampling"]
@@ -130,8 +131,8 @@ def test_world_adds_the_flat_all_reduce_buffer():
         P = sum(p.numel() for p in GPT(cfg).parameters())
     # a micro-batch small enough that the flat buffer is the update's largest transient
     a = knobs(batch=8, micro_batch=2, max_new_tokens=2, device="cpu")
-    one, two = rl.memory_model(cfg, a, world=1, prompt_len=4, followup_len=4), \
-        rl.memory_model(cfg, a, world=2, prompt_len=4, followup_len=4)
+    one, two = memory.memory_model(cfg, a, world=1, prompt_len=4, followup_len=4), \
+        memory.memory_model(cfg, a, world=2, prompt_len=4, followup_len=4)
     assert one["allreduce"] == 0 and two["allreduce"] == 4 * P
     assert two["update"] > one["update"] and two["total"] > one["total"]
     assert two["kv_cache"] * 2 == one["kv_cache"]  # without --gen-batch each rank samples its batch // world rows
@@ -139,4 +140,4 @@ def test_world_adds_the_flat_all_reduce_buffer():
 
 def test_bad_dtype_is_refused():
     with pytest.raises(ValueError, match="dtype"):
-        rl.memory_model(CONFIGS[0], knobs(dtype="fp16"))
+        memory.memory_model(CONFIGS[0], knobs(dtype="fp16"))

@@ -1,0 +1,106 @@
+"""
+The memory model of one SCoRe step: what a Stage I/II step holds at its peak on one process, term by
+term, from the model's shapes and the run's flags, and the --gen-batch that fits a GPU (rl.run's default
+on a GPU). bench.py --only memory prints its tables and checks it against the CPU's measured peak;
+tests/test_memory.py checks its terms against independent counts (a meta model's parameters, the KV
+cache the sampler allocates, the bytes autograd saves).
+"""
+from types import SimpleNamespace
+
+
+def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
+    """Predicted memory of one Stage I/II step on one process, in bytes: {term: bytes} and the peaks
+    "sampling", "update" and "total" = their max. The terms do not all coexist:
+      sampling: policy weights (fp32, 4P), gradients (4P, kept from the last step until update's
+        zero_grad), Adam (8P), the reference in the compute dtype, the KV cache of one gen-batch, and
+        the largest of sampling's transients;
+      update: the same weights, Adam and reference, the gradients (allocated by the first micro-batch:
+        the peak is at the second), autocast's bf16 copies of the policy's linear weights, and the
+        largest of: one micro-batch's activations with the log-prob head's buffers; the reference's
+        pass; the flat all-reduce buffer (world > 1); the optimizer's temporaries.
+    Lengths are worst cases: prompt_len (256: a long MATH or MBPP prompt) + 2 * max_new_tokens +
+    followup_len (p1 rendered, 64) + 2 positions per row, and both attempts run to max_new_tokens.
+    args: batch, k, micro_batch, max_new_tokens, gen_batch (None: all rows), dtype, device (default cuda).
+    Not counted: the CUDA context, the allocators' slack (cached or fragmented free memory), Python."""
+    c = config
+    d, V, L, D, I = c.n_embd, c.vocab_size, c.n_layer, c.head_dim, c.intermediate_size
+    HD, KD = c.n_head * D, c.n_kv_head * D
+    cuda = str(getattr(args, "device", "cuda")).startswith("cuda")
+    dtype = getattr(args, "dtype", None) or ("bf16" if cuda else "fp32")
+    if dtype not in ("bf16", "fp32"):
+        raise ValueError(f"memory_model: dtype {dtype!r} is not bf16 or fp32")
+    cb = 2 if dtype == "bf16" else 4  # bytes of the compute dtype
+    mnt, k, micro = args.max_new_tokens, args.k, args.micro_batch
+    rows = args.batch // world  # rows sampled at once: all of a rank's, or --gen-batch's whole prompt groups
+    if getattr(args, "gen_batch", None):
+        rows = min(rows, max(1, args.gen_batch // k) * k)
+    S = prompt_len + 2 * mnt + followup_len + 2  # positions of a row (generate_turns' cache length)
+    S_gen = S + (mnt if getattr(args, "base_first", 0) > 0 else 0)  # a given first attempt takes its own slots
+    T2 = followup_len + 2  # turn 2's prefill: the last token of y1, eot, p1
+    N = micro * 2 * mnt  # generated tokens of a micro-batch: the log-prob head's rows
+    # parameters, from the shapes (model.py's GPT)
+    linear = L * (d * (HD + 2 * KD) + HD * d + 3 * d * I + c.qkv_bias * (HD + 2 * KD))  # autocast casts these
+    P = linear + V * d * (1 if c.tie_embeddings else 2) + L * (2 * d + c.qk_norm * 2 * D) + d
+    # The trainer runs each prompt once for its k samples (rl.generated_hidden): per micro-batch, n groups
+    # of P0 = prompt_len - 1 shared tokens, and `micro` rows of T0 = S - P0 tokens each, whose keys and
+    # values sit in a KV cache of P0 + T0 slots per row. What autograd keeps (tests/test_memory.py checks the
+    # CPU's terms against the saved tensors): under autocast the residual stream is in the compute dtype;
+    # each RMSNorm keeps an fp32 copy of its input; the q/k/v (gate/up) projections share one saved input.
+    n, P0 = micro // k, prompt_len - 1
+    T0 = S - P0
+    tokens = n * P0 + micro * T0
+    keys = n * P0 * P0 + micro * T0 * (P0 + T0)  # (query, key) pairs of the prefix and the suffix passes
+    per_layer = (2 * ((4 + cb) * d + 4)                         # two RMSNorms: fp32 input, normalized, rsqrt
+                 + 2 * d * cb                                   # the normed inputs of q/k/v and of gate/up
+                 + 2 * HD * cb                                  # attention: the scaled q, o_proj's input
+                 + c.qk_norm * ((4 + cb) * (HD + KD) + 4 * (c.n_head + c.n_kv_head))  # Qwen3's q/k norms
+                 + 4 * I * cb)                                  # MLP: gate, up, silu(gate), product
+    if cuda:  # SDPA (unmeasured): its output and log-sum-exp, K and V expanded to n_head heads, the bias once
+        attn = L * (tokens * (HD * cb + 4 * c.n_head) + (n * P0 + micro * (P0 + T0)) * 2 * HD * cb) \
+            + micro * T0 * (P0 + T0) * cb
+    else:  # grouped_attention: the probabilities, and the KV caches of both passes (n and micro rows)
+        attn = L * (keys * c.n_head * cb + (n + micro) * (P0 + T0) * 2 * KD * cb)
+    per_token = L * per_layer + 8 + 2 * D * cb + (4 + cb) * d + 4  # + token ids, RoPE cos/sin, final RMSNorm
+    chunk = min(max(1, 2**25 // V), N)  # model.token_logprobs' block of tokens (its buffer: chunk x V fp32)
+    m = {
+        "weights": 4 * P,
+        "grads": 4 * P,
+        "adam": 8 * P,
+        "ref": cb * P,
+        "sampler": 2 * P if cb == 2 else 0,  # bf16: the policy's bf16 copy that samples
+        "autocast": 2 * linear if cb == 2 else 0,
+        "kv_cache": rows * S_gen * L * 2 * KD * cb,
+        # the largest of: the prompts' cache while select() repeats it to k rows; turn 2's prefill (its
+        # mask, bool and as SDPA's float bias, and one MLP's work); a decode step's logits and probabilities.
+        # (In bf16 the sampler is the policy's bf16 copy: nothing is cast.)
+        "sample_work": max(rows // k * S_gen * L * KD * cb, rows * T2 * (5 * S_gen + 3 * I * cb + 2 * d * cb),
+                           3 * rows * V * 4),
+        "activations": tokens * per_token + attn + N * 16,  # + the (N, 2) int64 index of the generated tokens
+        # token_logprobs, at its backward (every activation still held): the generated tokens' hidden
+        # states it saved, their fp32 gradient, the (V, d) fp32 weight gradient, the (chunk, V) fp32 buffer of
+        # recomputed logits; in bf16 also the head's bf16 copy and a block's bf16 product
+        "head": chunk * V * 4 + V * d * 4 + N * d * (cb + 4) + (V * d * 2 + chunk * V * 2 if cb == 2 else 0),
+        # the reference's pass before the policy's: its hidden states, KV caches, token_logprobs' buffer, one
+        # MLP's work (and on the CPU one layer's scores)
+        "ref_pass": tokens * (d + 3 * I) * cb + L * (n + micro) * (P0 + T0) * 2 * KD * cb + N * d * cb
+                    + chunk * V * 4 + (0 if cuda else 2 * keys * c.n_head * cb),
+        "allreduce": 4 * P if world > 1 else 0,
+        # torch's Adam: foreach on CUDA (a temporary the size of all parameters); per tensor on the CPU
+        # (three temporaries of the largest parameter, measured)
+        "optimizer": 4 * P if cuda else 3 * 4 * max(V * d, d * I),
+    }
+    state = m["weights"] + m["grads"] + m["adam"] + m["ref"] + m["sampler"]
+    m["sampling"] = state + m["kv_cache"] + m["sample_work"]
+    m["update"] = state + m["autocast"] + max(m["activations"] + m["head"], m["ref_pass"], m["allreduce"],
+                                              m["optimizer"])
+    m["total"] = max(m["sampling"], m["update"])
+    return m
+
+
+def default_gen_batch(config, args, world, budget):
+    """The largest --gen-batch (whole prompt groups, halving from all of a rank's rows) whose step the
+    memory model predicts to fit in 90% of `budget` bytes; at least one prompt's k rows."""
+    rows = args.batch // world
+    while rows > args.k and memory_model(config, SimpleNamespace(**{**vars(args), "gen_batch": rows}), world)["total"] > 0.9 * budget:
+        rows = max(args.k, rows // 2 // args.k * args.k)
+    return rows
