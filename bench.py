@@ -189,7 +189,7 @@ def bench_update(args):
                                      dtype=dtype, repeats=args.repeats)
             print(f"{rev or 'this checkout':<16}{r['path']:<16}{r['time']:>10.2f}{r['extra_mib']:>15.0f}"
                   f"{r['time'] / naive['time']:>13.2f}x{r['extra_mib'] / max(naive['extra_mib'], 1e-9):>16.1%}")
-        q = QWEN["Qwen2.5-1.5B"]
+        q = MODELS["Qwen2.5-1.5B"]
         layer = in_child(_layer_child, d=q["n_embd"], n_head=q["n_head"], n_kv_head=q["n_kv_head"],
                          inter=q["intermediate_size"], rows=max(1, N // 512), T=min(N, 512), device=args.device,
                          dtype=dtype, repeats=args.repeats)["time"]
@@ -454,18 +454,23 @@ def bench_demo(args):
 
 
 # ------------------------------------------------------------------------------- memory
-# Qwen2.5's published config.json numbers (hidden, layers, heads, KV heads, intermediate, vocabulary)
-QWEN = {
+# The published config.json numbers (hidden, layers, heads, KV heads, intermediate, vocabulary, tied head, qkv bias)
+MODELS = {
     "Qwen2.5-1.5B": dict(n_embd=1536, n_layer=28, n_head=12, n_kv_head=2, intermediate_size=8960,
                          vocab_size=151936, tie_embeddings=True, qkv_bias=True),
     "Qwen2.5-7B": dict(n_embd=3584, n_layer=28, n_head=28, n_kv_head=4, intermediate_size=18944,
                        vocab_size=152064, tie_embeddings=False, qkv_bias=True),
+    "Llama-3.1-8B": dict(n_embd=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336,
+                         vocab_size=128256, tie_embeddings=False, qkv_bias=False),
 }
 # the CPU check's shapes (vocabulary 32768): tied and untied heads, plain multi-head and GQA
 CHECK = [dict(n_embd=384, n_layer=6, n_head=6, n_kv_head=6, intermediate_size=1024, tie_embeddings=True),
          dict(n_embd=512, n_layer=8, n_head=8, n_kv_head=2, intermediate_size=1408, tie_embeddings=True),
          dict(n_embd=640, n_layer=10, n_head=10, n_kv_head=2, intermediate_size=1792, tie_embeddings=False)]
 CHECK_KNOBS = dict(batch=16, k=4, micro_batch=4, max_new_tokens=32)
+# the CPU check's modes: full fine-tuning, LoRA of rank 16, activation checkpointing, both
+MODES = {"full": dict(lora=0, checkpoint_activations=False), "lora": dict(lora=16, checkpoint_activations=False),
+         "ckpt": dict(lora=0, checkpoint_activations=True), "lora+ckpt": dict(lora=16, checkpoint_activations=True)}
 
 
 def _peak_reset():
@@ -479,16 +484,17 @@ def _peak_mib():
 
 def _memory_step(shape, knobs, dtype, threads):
     """One Stage II step (rl.rollout, then rl.update) of a random model of `shape` on the CPU, as rl.run
-    makes it, in a fresh process. Returns MiB above a baseline taken after the imports and a warm-up step
-    of a tiny model (the interpreter, torch's libraries and thread pools: what the memory model leaves
-    out): the resident set once the step's state exists (fp32 policy, the reference in the compute dtype,
+    makes it (full fine-tuning, or with knobs' lora the frozen weights in the compute dtype and the policy
+    as its own reference and sampler), in a fresh process. Returns MiB above a baseline taken after the
+    imports and a warm-up step of a tiny model (the interpreter, torch's libraries and thread pools: what
+    the memory model leaves out): the resident set once the step's state exists (weights, the reference,
     gradients and Adam state as a previous step leaves them), and the peak resident set of each phase.
     Every attempt runs to max_new_tokens (no stop ids), the model's worst case."""
     import data
     import memory
     import rl
     import train_stage2
-    from model import GPT, GPTConfig
+    from model import GPT, GPTConfig, add_lora
     from tokenizer import Tokenizer
     torch.set_num_threads(threads)
     tok = Tokenizer.byte_level()
@@ -496,18 +502,23 @@ def _memory_step(shape, knobs, dtype, threads):
     a = SimpleNamespace(**knobs, temperature=1.0, p1=data.DEMO_P1, base_first=0.0, grad_clip=1.0, alpha=10.0,
                         beta1=0.01, baseline="loo", kl="reward", dtype=dtype, gen_batch=None, device="cpu")
     problems = data.make_demo(a.batch // a.k, seed=0)
+    compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]
 
     def build(cfg):
         torch.manual_seed(0)
-        policy = GPT(cfg).init_weights()
-        ref = GPT(cfg)
-        ref.load_state_dict(policy.state_dict())
-        ref = ref.to({"bf16": torch.bfloat16, "fp32": torch.float32}[dtype]).eval().requires_grad_(False)
-        for p in policy.parameters():
+        if a.lora:  # as rl.lora_policy: one copy of the weights, frozen in the compute dtype
+            policy = ref = sampler = add_lora(GPT(cfg).init_weights().to(compute), a.lora, 2.0 * a.lora, "unused")
+        else:
+            policy = GPT(cfg).init_weights()
+            ref = GPT(cfg)
+            ref.load_state_dict(policy.state_dict())
+            ref = ref.to(compute).eval().requires_grad_(False)
+            sampler = rl.make_sampler(policy, compute)
+        trained = [p for p in policy.parameters() if p.requires_grad]
+        for p in trained:
             p.grad = torch.zeros_like(p)
-        opt = torch.optim.Adam(policy.parameters(), lr=1e-6)
+        opt = torch.optim.Adam(trained, lr=1e-6)
         opt.step()  # creates Adam's state; zero gradients leave the weights where they are
-        sampler = rl.make_sampler(policy, {"bf16": torch.bfloat16, "fp32": torch.float32}[dtype])
         return policy, ref, opt, sampler
 
     def step(policy, ref, opt, sampler):  # returns the sampling phase's peak; the update's is read after
@@ -539,63 +550,75 @@ def _memory_step(shape, knobs, dtype, threads):
             "pred": pred, "params": sum(p.numel() for p in models[0].parameters())}
 
 
-def memory_table(name, shape, presets=("math", "code"), gen_batches=(16, 64, 128, 256, 512), micro_batches=(1, 2, 4, 8),
-                 gpu_gb=80, margin=0.10):
-    """The memory model's terms (GiB) for a real model at the presets: each gen-batch at the preset's
-    micro-batch, then each other micro-batch at the smallest gen-batch."""
+def memory_table(name, shape, settings, gpu_gb=80, margin=0.10):
+    """The memory model's terms (GiB) for a real model: one row per setting (preset, lora, checkpointing,
+    gen-batch, micro-batch), bf16 compute on a GPU of gpu_gb GB, which a step fits with `margin` to spare."""
     import memory
     import rl
     from model import GPTConfig
     cfg, GiB, fit = GPTConfig(**shape), 2**30, (1 - margin) * gpu_gb * 1e9
-    print(f"\n{name}: predicted memory of a Stage II step on one GPU, bf16 over fp32 masters, GiB. "
+    print(f"\n{name} on a {gpu_gb} GB GPU: predicted memory of a Stage II step, bf16 compute, GiB. "
           f"fits: total <= {fit / GiB:.1f} GiB ({gpu_gb} GB less {margin:.0%})")
-    print(f"{'preset':<7}{'gen':>5}{'micro':>6}{'weights':>8}{'grads':>6}{'adam':>6}{'ref':>5}{'smplr':>6}{'cast':>5}{'KV':>6}"
-          f"{'s.work':>7}{'acts':>6}{'head':>5}{'sampling':>9}{'update':>7}{'total':>7}  fits")
-    for preset in presets:
+    print(f"{'preset':<7}{'lora':>5}{'ckpt':>5}{'gen':>5}{'micro':>6}{'weights':>8}{'grads':>6}{'adam':>6}{'ref':>5}"
+          f"{'smplr':>6}{'cast':>5}{'KV':>6}{'s.work':>7}{'acts':>6}{'head':>5}{'sampling':>9}{'update':>7}{'total':>7}  fits")
+    for preset, lora, ckpt, gb, mb in settings:
         p = rl.PRESETS[preset]
-        combos = [(g, p["micro_batch"]) for g in gen_batches if g <= p["batch"]]
-        combos += [(gen_batches[0], mb) for mb in micro_batches if mb != p["micro_batch"]]
-        for gb, mb in combos:
-            a = SimpleNamespace(batch=p["batch"], k=p["k"], micro_batch=mb, max_new_tokens=p["max_new_tokens"],
-                                gen_batch=gb, dtype="bf16", device="cuda")
-            m = {k: v / GiB for k, v in memory.memory_model(cfg, a).items()}
-            print(f"{preset:<7}{gb:>5}{mb:>6}{m['weights']:>8.1f}{m['grads']:>6.1f}{m['adam']:>6.1f}{m['ref']:>5.1f}"
-                  f"{m['sampler']:>6.1f}"
-                  f"{m['autocast']:>5.1f}{m['kv_cache']:>6.1f}{m['sample_work']:>7.1f}{m['activations']:>6.1f}"
-                  f"{m['head']:>5.1f}{m['sampling']:>9.1f}{m['update']:>7.1f}{m['total']:>7.1f}  "
-                  f"{'yes' if m['total'] * GiB <= fit else 'no'}")
+        a = SimpleNamespace(batch=p["batch"], k=p["k"], micro_batch=mb, max_new_tokens=p["max_new_tokens"],
+                            gen_batch=gb, dtype="bf16", device="cuda", lora=lora, checkpoint_activations=ckpt)
+        m = {k: v / GiB for k, v in memory.memory_model(cfg, a).items()}
+        print(f"{preset:<7}{lora:>5}{'yes' if ckpt else 'no':>5}{gb:>5}{mb:>6}{m['weights']:>8.1f}{m['grads']:>6.1f}"
+              f"{m['adam']:>6.1f}{m['ref']:>5.1f}{m['sampler']:>6.1f}"
+              f"{m['autocast']:>5.1f}{m['kv_cache']:>6.1f}{m['sample_work']:>7.1f}{m['activations']:>6.1f}"
+              f"{m['head']:>5.1f}{m['sampling']:>9.1f}{m['update']:>7.1f}{m['total']:>7.1f}  "
+              f"{'yes' if m['total'] * GiB <= fit else 'no'}")
+
+
+# (model, GPU GB, [(preset, lora, checkpointing, gen-batch, micro-batch)]): README's tables
+TABLES = [
+    ("Qwen2.5-1.5B", 80, [("math", 0, False, 256, 4), ("math", 0, False, 512, 4), ("math", 0, True, 256, 4),
+                          ("math", 0, True, 512, 8), ("code", 0, False, 128, 4)]),
+    ("Qwen2.5-1.5B", 48, [("math", 0, False, 128, 2), ("math", 0, True, 128, 4), ("math", 16, True, 256, 4)]),
+    ("Qwen2.5-1.5B", 24, [("math", 0, True, 64, 4), ("math", 16, False, 64, 2), ("math", 16, True, 128, 4)]),
+    ("Qwen2.5-7B", 80, [("math", 0, True, 64, 1), ("math", 16, False, 64, 2), ("math", 16, True, 128, 4),
+                        ("math", 16, True, 256, 4), ("code", 16, True, 128, 4)]),
+    ("Llama-3.1-8B", 80, [("math", 16, False, 64, 2), ("math", 16, True, 128, 4), ("math", 16, True, 256, 4),
+                          ("code", 16, True, 128, 4)]),
+]
 
 
 def bench_memory(args):
-    """(a) memory.memory_model against the CPU: one Stage II step at each of CHECK's shapes, each in a fresh
-    process, its measured peak resident memory against the prediction of the same terms. The children
-    run with glibc's mmap threshold fixed at 64 KiB, so that a freed tensor leaves the resident set
-    (the default threshold grows, and freed heap memory stays resident: allocator slack, not counted;
-    --mem-glibc-default shows it). (b) The model's table for Qwen2.5-1.5B and 7B at the presets."""
-    knobs = CHECK_KNOBS
+    """(a) memory.memory_model against the CPU: one Stage II step at each of CHECK's shapes and each mode
+    (full fine-tuning, LoRA, activation checkpointing, both), each in a fresh process, its measured peak
+    resident memory against the prediction of the same terms. The children run with glibc's mmap threshold
+    fixed at 64 KiB, so that a freed tensor leaves the resident set (the default threshold grows, and freed
+    heap memory stays resident: allocator slack, not counted; --mem-glibc-default shows it). (b) The
+    model's tables for Qwen2.5-1.5B, Qwen2.5-7B and Llama-3.1-8B (README)."""
     if not args.mem_glibc_default:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by each child's C library at its start
     print(f"\nmemory model vs the CPU: one Stage II step (rl.rollout + rl.update), {args.threads} thread(s), "
-          f"{knobs}, no stop ids; glibc mmap threshold {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}. "
+          f"{CHECK_KNOBS}, no stop ids; glibc mmap threshold {os.environ.get('MALLOC_MMAP_THRESHOLD_', 'default')}. "
           f"MiB above the process after imports and warm-up")
-    print(f"{'dtype':<6}{'params':>6} {'shape':<17}{'state':>13}{'sampling':>13}{'update':>13}{'peak':>13}{'ratio':>7}{'s':>5}")
-    print(f"{'':>30}" + "  pred  meas" * 4)
+    print(f"{'dtype':<6}{'mode':<10}{'params':>6} {'shape':<17}{'state':>13}{'sampling':>13}{'update':>13}{'peak':>13}"
+          f"{'ratio':>7}{'diff':>6}{'s':>5}")
+    print(f"{'':>40}" + "  pred  meas" * 4)
+    modes = MODES if args.mem_mode == "all" else {args.mem_mode: MODES[args.mem_mode]}
     for dtype in (["fp32", "bf16"] if args.mem_dtype == "both" else [args.mem_dtype]):
-        for shape in CHECK:
-            shape = dict(shape, vocab_size=32768, max_seq_len=1024)
-            r = in_child(_memory_step, shape=shape, knobs=knobs, dtype=dtype, threads=args.threads)
-            p = {k: v / 2**20 for k, v in r["pred"].items()}
-            state = p["weights"] + p["grads"] + p["adam"] + p["ref"] + p["sampler"]
-            peak = max(r["sampling"], r["update"])
-            desc = f"d{shape['n_embd']} L{shape['n_layer']} kv{shape['n_kv_head']}{' tied' if shape['tie_embeddings'] else ''}"
-            print(f"{dtype:<6}{r['params'] / 1e6:>5.0f}M {desc:<17}{state:>7.0f}{r['state']:>6.0f}{p['sampling']:>7.0f}"
-                  f"{r['sampling']:>6.0f}{p['update']:>7.0f}{r['update']:>6.0f}{p['total']:>7.0f}{peak:>6.0f}"
-                  f"{peak / p['total']:>7.2f}{r['seconds']:>5.0f}")
+        for mode, knobs in modes.items():
+            for shape in CHECK:
+                shape = dict(shape, vocab_size=32768, max_seq_len=1024)
+                r = in_child(_memory_step, shape=shape, knobs={**CHECK_KNOBS, **knobs}, dtype=dtype, threads=args.threads)
+                p = {k: v / 2**20 for k, v in r["pred"].items()}
+                state = p["weights"] + p["grads"] + p["adam"] + p["ref"] + p["sampler"]
+                peak = max(r["sampling"], r["update"])
+                desc = f"d{shape['n_embd']} L{shape['n_layer']} kv{shape['n_kv_head']}{' tied' if shape['tie_embeddings'] else ''}"
+                print(f"{dtype:<6}{mode:<10}{r['params'] / 1e6:>5.0f}M {desc:<17}{state:>7.0f}{r['state']:>6.0f}"
+                      f"{p['sampling']:>7.0f}{r['sampling']:>6.0f}{p['update']:>7.0f}{r['update']:>6.0f}{p['total']:>7.0f}"
+                      f"{peak:>6.0f}{peak / p['total']:>7.2f}{peak - p['total']:>6.0f}{r['seconds']:>5.0f}", flush=True)
     if not args.mem_glibc_default:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
-    print("target: measured peak within 25% of the prediction (ratio 0.75 - 1.25)")
-    for name, shape in QWEN.items():
-        memory_table(name, shape)
+    print("target: measured peak within 25% of the prediction (ratio 0.75 - 1.25); diff: measured - predicted, MiB")
+    for name, gpu_gb, settings in TABLES:
+        memory_table(name, MODELS[name], settings, gpu_gb)
 
 
 BENCHES = {
@@ -617,6 +640,7 @@ def main():
     p.add_argument("--lp-vocab", type=int, default=151936, help="update: the head's vocabulary V (Qwen2.5: 151936)")
     p.add_argument("--threads", type=int, default=2, help="demo, memory: torch threads")
     p.add_argument("--mem-dtype", default="both", choices=["fp32", "bf16", "both"], help="memory: the CPU check's --dtype")
+    p.add_argument("--mem-mode", default="all", choices=["all", *MODES], help="memory: the CPU check's modes")
     p.add_argument("--mem-glibc-default", action="store_true",
                    help="memory: keep glibc's growing mmap threshold (freed heap memory stays resident)")
     p.add_argument("--demo-base", default="out/demo/base", help="demo: the base checkpoint Stage I starts from")

@@ -2,7 +2,8 @@
 Hugging Face checkpoint <-> this project's checkpoint.
 
     python convert.py HF_DIR OUT_DIR            # config.json + *.safetensors -> config.json + model.pt + tokenizer
-    python convert.py --to-hf CKPT_DIR OUT_DIR  # back to HF layout, for transformers and vLLM
+    python convert.py --to-hf CKPT_DIR OUT_DIR  # back to HF layout, for transformers and vLLM (a LoRA run's
+                                                # adapters merged into its base's weights, in fp32 unless --dtype)
 
 Architectures: Qwen2ForCausalLM (Qwen2, Qwen2.5), Qwen3ForCausalLM (dense Qwen3), LlamaForCausalLM
 (Llama 3, 3.1, 3.2, 3.3). Refused with a message: other architectures, RoPE types other than the
@@ -257,7 +258,8 @@ def hf_to_ckpt(hf_dir, out_dir, dtype=None):
 
 
 def ckpt_to_hf(ckpt_dir, out_dir, dtype=None):
-    """CKPT_DIR (config.json, model.pt, tokenizer) -> OUT_DIR (config.json, model.safetensors, tokenizer)."""
+    """CKPT_DIR (config.json, model.pt or a LoRA run's adapters, tokenizer) -> OUT_DIR (config.json,
+    model.safetensors, tokenizer)."""
     try:
         config, state = load_checkpoint(ckpt_dir)
         tok = Tokenizer.from_pretrained(ckpt_dir)

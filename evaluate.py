@@ -30,7 +30,7 @@ import torch.distributed as dist
 import data
 import reward
 import rl
-from model import GPT, load_checkpoint
+from model import GPT, load_config, merge_lora
 from sample import generate_turns, is_checkpoint, max_new_that_fits
 from tokenizer import Tokenizer
 
@@ -279,7 +279,7 @@ def main(argv=None):
     infos = []
     for ckpt in args.ckpt:
         if not is_checkpoint(ckpt):
-            p.error(f"--ckpt {ckpt}: not a checkpoint (no config.json and model.pt there)")
+            p.error(f"--ckpt {ckpt}: not a checkpoint (no config.json and model.pt, or LoRA adapters, there)")
         try:
             infos.append(data.task_info(ckpt))
         except data.DataError as e:
@@ -296,7 +296,7 @@ def main(argv=None):
         p1 = args.p1 or info.get("p1") or data.instruction(args.task)
         max_new = args.max_new_tokens or info.get("max_new_tokens") or DEFAULT_MAX_NEW[args.task]
         try:
-            tok, cfg = Tokenizer.from_pretrained(ckpt), load_checkpoint(ckpt)[0]
+            tok, cfg = Tokenizer.from_pretrained(ckpt), load_config(ckpt)
         except (OSError, ValueError) as e:
             p.error(f"--ckpt {ckpt}: {e}")
         err = context_error(tok, cfg.max_seq_len, problems, p1, max_new, args.turns)
@@ -305,7 +305,8 @@ def main(argv=None):
         plans.append((tok, p1, max_new))
     reports = []
     for name, ckpt, (tok, p1, max_new) in zip(names, args.ckpt, plans):
-        model = GPT.from_pretrained(ckpt, device=device, dtype=torch.float32).eval()  # fp32 weights, autocast computes
+        # fp32 weights, autocast computes; a LoRA checkpoint's adapters folded into its weights (no extra products)
+        model = merge_lora(GPT.from_pretrained(ckpt, device=device, dtype=torch.float32)).eval()
         amp = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         with amp():
             texts = attempts(model, tok, problems, args.turns, p1, max_new, args.batch, progress=name)

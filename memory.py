@@ -18,9 +18,15 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
         the peak is at the second), autocast's bf16 copies of the policy's linear weights, and the
         largest of: one micro-batch's activations with the log-prob head's buffers; the reference's
         pass; the flat all-reduce buffer (world > 1); the optimizer's temporaries.
+    --lora R: the weights are frozen in the compute dtype and only the adapters (r x (in + out) per
+    projection) have fp32 masters, gradients and Adam state; no separate reference or sampler copy (the
+    policy is both, its adapters off or on); autocast casts only the adapters; the head has no gradient.
+    --checkpoint-activations: the policy's pass runs each row whole and keeps each block's input; the
+    backward holds one block's activations at a time.
     Lengths are worst cases: prompt_len (256: a long MATH or MBPP prompt) + 2 * max_new_tokens +
     followup_len (p1 rendered, 64) + 2 positions per row, and both attempts run to max_new_tokens.
-    args: batch, k, micro_batch, max_new_tokens, gen_batch (None: all rows), dtype, device (default cuda).
+    args: batch, k, micro_batch, max_new_tokens, gen_batch (None: all rows), dtype, device (default cuda),
+    lora (default 0), checkpoint_activations (default False).
     Not counted: the CUDA context, the allocators' slack (cached or fragmented free memory), Python."""
     c = config
     d, V, L, D, I = c.n_embd, c.vocab_size, c.n_layer, c.head_dim, c.intermediate_size
@@ -30,6 +36,7 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
     if dtype not in ("bf16", "fp32"):
         raise ValueError(f"memory_model: dtype {dtype!r} is not bf16 or fp32")
     cb = 2 if dtype == "bf16" else 4  # bytes of the compute dtype
+    r, ckpt = getattr(args, "lora", 0) or 0, getattr(args, "checkpoint_activations", False)
     mnt, k, micro = args.max_new_tokens, args.k, args.micro_batch
     rows = args.batch // world  # rows sampled at once: all of a rank's, or --gen-batch's whole prompt groups
     if getattr(args, "gen_batch", None):
@@ -41,53 +48,77 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
     # parameters, from the shapes (model.py's GPT)
     linear = L * (d * (HD + 2 * KD) + HD * d + 3 * d * I + c.qkv_bias * (HD + 2 * KD))  # autocast casts these
     P = linear + V * d * (1 if c.tie_embeddings else 2) + L * (2 * d + c.qk_norm * 2 * D) + d
-    # The trainer runs each prompt once for its k samples (rl.generated_hidden): per micro-batch, n groups
-    # of P0 = prompt_len - 1 shared tokens, and `micro` rows of T0 = S - P0 tokens each, whose keys and
-    # values sit in a KV cache of P0 + T0 slots per row. What autograd keeps (tests/test_memory.py checks the
-    # CPU's terms against the saved tensors): under autocast the residual stream is in the compute dtype;
-    # each RMSNorm keeps an fp32 copy of its input; the q/k/v (gate/up) projections share one saved input.
-    n, P0 = micro // k, prompt_len - 1
-    T0 = S - P0
-    tokens = n * P0 + micro * T0
-    keys = n * P0 * P0 + micro * T0 * (P0 + T0)  # (query, key) pairs of the prefix and the suffix passes
-    per_layer = (2 * ((4 + cb) * d + 4)                         # two RMSNorms: fp32 input, normalized, rsqrt
+    P_lora = r * L * (7 * d + 2 * HD + 2 * KD + 3 * I)  # A and B of q, k, v, o, gate, up, down
+    trained = P_lora if r else P
+    # What autograd keeps (tests/test_memory.py checks the CPU's terms against the saved tensors): under
+    # autocast the residual stream is in the compute dtype; each RMSNorm keeps an fp32 copy of its input
+    # (and its normalized output where its weight trains); the q/k/v (gate/up) projections share one saved
+    # input; a LoRA adapter also keeps its (tokens, r) product.
+    norm = (4 + cb * (not r)) * d + 4  # an RMSNorm: its fp32 input, rsqrt, the normalized output (weight trained)
+    per_layer = (2 * norm                                       # the two RMSNorms
                  + 2 * d * cb                                   # the normed inputs of q/k/v and of gate/up
                  + 2 * HD * cb                                  # attention: the scaled q, o_proj's input
-                 + c.qk_norm * ((4 + cb) * (HD + KD) + 4 * (c.n_head + c.n_kv_head))  # Qwen3's q/k norms
-                 + 4 * I * cb)                                  # MLP: gate, up, silu(gate), product
-    if cuda:  # SDPA (unmeasured): its output and log-sum-exp, K and V expanded to n_head heads, the bias once
-        attn = L * (tokens * (HD * cb + 4 * c.n_head) + (n * P0 + micro * (P0 + T0)) * 2 * HD * cb) \
-            + micro * T0 * (P0 + T0) * cb
-    else:  # grouped_attention: the probabilities, and the KV caches of both passes (n and micro rows)
-        attn = L * (keys * c.n_head * cb + (n + micro) * (P0 + T0) * 2 * KD * cb)
-    per_token = L * per_layer + 8 + 2 * D * cb + (4 + cb) * d + 4  # + token ids, RoPE cos/sin, final RMSNorm
+                 + c.qk_norm * ((4 + cb * (not r)) * (HD + KD) + 4 * (c.n_head + c.n_kv_head))  # Qwen3's q/k norms
+                 + 4 * I * cb                                   # MLP: gate, up, silu(gate), product
+                 + 7 * r * cb)                                  # LoRA: x A^T of each adapter
+    final = 8 + 2 * D * cb + norm  # per token, once: the token id, RoPE's cos and sin, the final RMSNorm
+    if ckpt:
+        # Whole rows of S tokens; kept through the forward: each block's input and the final norm's; during a
+        # block's backward its recomputed activations (and on the CPU its probabilities).
+        T = S
+        tokens = micro * T
+        attn = (micro * c.n_head * T * T * cb + micro * T * 2 * KD * cb) if not cuda else \
+            tokens * (HD * cb + 4 * c.n_head + 2 * HD * cb)  # SDPA (causal, no mask): out, lse, K and V expanded
+        acts = tokens * (L * d * cb + final) + tokens * per_layer + attn
+    else:
+        # The trainer runs each prompt once for its k samples (rl.generated_hidden): per micro-batch, n groups
+        # of P0 = prompt_len - 1 shared tokens, and `micro` rows of T0 = S - P0 tokens each, whose keys and
+        # values sit in a KV cache of P0 + T0 slots per row.
+        n, P0 = micro // k, prompt_len - 1
+        T0 = S - P0
+        tokens = n * P0 + micro * T0
+        keys = n * P0 * P0 + micro * T0 * (P0 + T0)  # (query, key) pairs of the prefix and the suffix passes
+        if cuda:  # SDPA (unmeasured): its output and log-sum-exp, K and V expanded to n_head heads, the bias once
+            attn = L * (tokens * (HD * cb + 4 * c.n_head) + (n * P0 + micro * (P0 + T0)) * 2 * HD * cb) \
+                + micro * T0 * (P0 + T0) * cb
+        else:  # grouped_attention: the probabilities, and the KV caches of both passes (n and micro rows)
+            attn = L * (keys * c.n_head * cb + (n + micro) * (P0 + T0) * 2 * KD * cb)
+        acts = tokens * (L * per_layer + final) + attn
+        if r:  # frozen embedding: no token ids kept, and nothing for the first RMSNorm (its input needs no gradient)
+            acts -= tokens * (8 + norm)
+    # the reference's pass, before the policy's and without gradient, shares prompts in both modes
+    n, P0 = micro // k, prompt_len - 1
+    T0 = S - P0
+    ref_tokens, ref_keys = n * P0 + micro * T0, n * P0 * P0 + micro * T0 * (P0 + T0)
     chunk = min(max(1, 2**25 // V), N)  # model.token_logprobs' block of tokens (its buffer: chunk x V fp32)
     m = {
-        "weights": 4 * P,
-        "grads": 4 * P,
-        "adam": 8 * P,
-        "ref": cb * P,
-        "sampler": 2 * P if cb == 2 else 0,  # bf16: the policy's bf16 copy that samples
-        "autocast": 2 * linear if cb == 2 else 0,
+        "weights": cb * P + 4 * P_lora if r else 4 * P,  # LoRA: the frozen weights in the compute dtype
+        "grads": 4 * trained,
+        "adam": 8 * trained,
+        "ref": 0 if r else cb * P,  # LoRA: the policy with its adapters off
+        "sampler": 2 * P if cb == 2 and not r else 0,  # bf16: the policy's bf16 copy that samples (not with LoRA)
+        "autocast": 0 if cb == 4 else 2 * P_lora if r else 2 * linear,
         "kv_cache": rows * S_gen * L * 2 * KD * cb,
         # the largest of: the prompts' cache while select() repeats it to k rows; turn 2's prefill (its
         # mask, bool and as SDPA's float bias, and one MLP's work); a decode step's logits and probabilities.
         # (In bf16 the sampler is the policy's bf16 copy: nothing is cast.)
         "sample_work": max(rows // k * S_gen * L * KD * cb, rows * T2 * (5 * S_gen + 3 * I * cb + 2 * d * cb),
                            3 * rows * V * 4),
-        "activations": tokens * per_token + attn + N * 16,  # + the (N, 2) int64 index of the generated tokens
+        "activations": acts + N * 16,  # + the (N, 2) int64 index of the generated tokens
         # token_logprobs, at its backward (every activation still held): the generated tokens' hidden
-        # states it saved, their fp32 gradient, the (V, d) fp32 weight gradient, the (chunk, V) fp32 buffer of
-        # recomputed logits; in bf16 also the head's bf16 copy and a block's bf16 product
-        "head": chunk * V * 4 + V * d * 4 + N * d * (cb + 4) + (V * d * 2 + chunk * V * 2 if cb == 2 else 0),
+        # states it saved, their fp32 gradient, the (chunk, V) fp32 buffer of recomputed logits, the (V, d) fp32
+        # weight gradient (not with LoRA: the head is frozen); in bf16 also a block's bf16 product and, for fp32
+        # masters, the head's bf16 copy
+        "head": chunk * V * 4 + N * d * (cb + 4) + (0 if r else V * d * 4)
+                + (chunk * V * 2 + (0 if r else V * d * 2) if cb == 2 else 0),
         # the reference's pass before the policy's: its hidden states, KV caches, token_logprobs' buffer, one
         # MLP's work (and on the CPU one layer's scores)
-        "ref_pass": tokens * (d + 3 * I) * cb + L * (n + micro) * (P0 + T0) * 2 * KD * cb + N * d * cb
-                    + chunk * V * 4 + (0 if cuda else 2 * keys * c.n_head * cb),
-        "allreduce": 4 * P if world > 1 else 0,
-        # torch's Adam: foreach on CUDA (a temporary the size of all parameters); per tensor on the CPU
-        # (three temporaries of the largest parameter, measured)
-        "optimizer": 4 * P if cuda else 3 * 4 * max(V * d, d * I),
+        "ref_pass": ref_tokens * (d + 3 * I) * cb + L * (n + micro) * (P0 + T0) * 2 * KD * cb + N * d * cb
+                    + chunk * V * 4 + (0 if cuda else 2 * ref_keys * c.n_head * cb),
+        "allreduce": 4 * trained if world > 1 else 0,
+        # torch's Adam: foreach on CUDA (a temporary the size of all trained parameters); per tensor on the
+        # CPU (three temporaries of the largest, measured)
+        "optimizer": 4 * trained if cuda else 3 * 4 * (r * max(d, I, HD) if r else max(V * d, d * I)),
     }
     state = m["weights"] + m["grads"] + m["adam"] + m["ref"] + m["sampler"]
     m["sampling"] = state + m["kv_cache"] + m["sample_work"]

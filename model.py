@@ -7,6 +7,7 @@ fused log-prob kernel `token_logprobs`, and the project's checkpoint format.
 Parameter names are the Hugging Face names without the leading "model.", so convert.py is a
 rename. This file imports nothing from the project: copy it alone.
 """
+import contextlib
 import json
 import math
 import os
@@ -16,6 +17,7 @@ from dataclasses import asdict, dataclass, fields
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+import torch.utils.checkpoint
 
 
 def auto_dtype(device):
@@ -222,6 +224,7 @@ class GPT(nn.Module):
         self.embed_tokens = nn.Embedding(config.vocab_size, config.n_embd, _weight=w)
         self.layers = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.norm = RMSNorm(config.n_embd, config.norm_eps)
+        self.lora = None  # {r, alpha, base} once add_lora has given the model adapters
         if not config.tie_embeddings:
             self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         # RoPE tables in fp32, not saved in checkpoints (from_pretrained rebuilds them after a meta-device build)
@@ -249,11 +252,15 @@ class GPT(nn.Module):
                 nn.init.normal_(p, std=std)
         return self
 
-    def hidden(self, idx, pos=None, cache=None, start=0, mask=None):
+    def hidden(self, idx, pos=None, cache=None, start=0, mask=None, checkpoint=False):
         """Final-normed hidden states (B, T, d).
         idx (B, T) token ids; pos (B, T) RoPE positions (default start + arange(T));
         cache: a KVCache, written at slots [start, start + T); mask: bool (B, 1, T, start + T),
-        True where a query may attend (each query must see at least its own slot), default causal."""
+        True where a query may attend (each query must see at least its own slot), default causal.
+        checkpoint: keep only each block's input for the backward, which recomputes the block (activation
+        checkpointing, torch.utils.checkpoint; without a cache)."""
+        if checkpoint and cache is not None:
+            raise ValueError("hidden: activation checkpointing recomputes blocks, which would write the KV cache twice")
         B, T = idx.shape
         if pos is None:
             pos = torch.arange(start, start + T, device=idx.device).expand(B, T)
@@ -270,7 +277,10 @@ class GPT(nn.Module):
             ~mask, float("-inf"))  # additive, built once for every layer
         for i, block in enumerate(self.layers):
             kv = (cache.k[i], cache.v[i]) if cache is not None else None
-            x = block(x, cos, sin, kv, start, bias)
+            if checkpoint and torch.is_grad_enabled():
+                x = torch.utils.checkpoint.checkpoint(block, x, cos, sin, kv, start, bias, use_reentrant=False)
+            else:
+                x = block(x, cos, sin, kv, start, bias)
         return self.norm(x)
 
     def hidden_shared(self, prefix, prefix_len, suffix, group):
@@ -300,47 +310,168 @@ class GPT(nn.Module):
     # ---------------------------------------------------------------- checkpoints
     @classmethod
     def from_pretrained(cls, ckpt_dir, device="cpu", dtype=None):
-        """Build on the meta device and assign the saved tensors: no second copy in memory."""
-        config, state = load_checkpoint(ckpt_dir)
+        """Build on the meta device and assign the saved tensors: no second copy in memory. A LoRA
+        checkpoint (lora.json and adapters.pt) gives its base model with the adapters attached, unmerged;
+        `dtype` casts the weights, and the adapters stay fp32 (what a LoRA run trains)."""
+        lora = read_lora(ckpt_dir)
+        config, state = load_checkpoint(lora["base"] if lora else ckpt_dir)
         with torch.device("meta"):
             model = cls(config)
+        if lora:
+            add_lora(model, lora["r"], lora["alpha"], lora["base"])
+            state = {**state, **torch.load(os.path.join(ckpt_dir, "adapters.pt"), map_location="cpu", weights_only=True)}
         missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
         missing = [m for m in missing if m != "inv_freq"]
         if missing or unexpected:
             raise ValueError(f"{ckpt_dir}: checkpoint does not match its config: "
                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
         model.inv_freq = rope_frequencies(config)
-        return model.to(device=device, dtype=dtype)
+        adapters = {n: p.data for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
+        model = model.to(device=device, dtype=dtype)
+        for n, p in model.named_parameters():
+            if n in adapters:  # not through dtype: a round trip through bf16 would round them
+                p.data = adapters[n].to(device=device, dtype=torch.float32)
+        return model
 
     def save_pretrained(self, ckpt_dir):
-        save_checkpoint(ckpt_dir, self.config, self.state_dict())
+        """config.json and model.pt; for a LoRA model the adapters (adapters.pt) and lora.json, which names
+        the base checkpoint whose frozen weights they belong to, instead of the weights."""
+        if not self.lora:
+            return save_checkpoint(ckpt_dir, self.config, self.state_dict())
+        adapters = {k: v for k, v in self.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
+        save_checkpoint(ckpt_dir, self.config, adapters, name="adapters.pt")
+        _atomic_write(os.path.join(ckpt_dir, "lora.json"), json.dumps(self.lora, indent=2).encode())
+
+
+def read_lora(ckpt_dir):
+    """A LoRA checkpoint's lora.json, {r, alpha, base}; None for a checkpoint of whole weights."""
+    path = os.path.join(ckpt_dir, "lora.json")
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lora = json.load(f)
+    if not os.path.exists(os.path.join(lora["base"], "model.pt")):
+        raise FileNotFoundError(f"{path}: its base checkpoint {lora['base']} (the frozen weights the adapters "
+                                f"belong to) has no model.pt")
+    return lora
 
 
 def load_checkpoint(ckpt_dir):
-    """(GPTConfig, state_dict) from a checkpoint directory: config.json + model.pt (memory-mapped)."""
-    cfg_path, w_path = os.path.join(ckpt_dir, "config.json"), os.path.join(ckpt_dir, "model.pt")
-    for p in (cfg_path, w_path):
-        if not os.path.exists(p):
-            raise FileNotFoundError(f"{p} not found: is {ckpt_dir} a checkpoint written by convert.py or a training script?")
+    """(GPTConfig, state_dict) from a checkpoint directory: config.json + model.pt (memory-mapped). A LoRA
+    checkpoint gives its base's weights with the adapters merged in, in fp32 (merge_lora): what --to-hf
+    exports."""
+    if read_lora(ckpt_dir):
+        model = merge_lora(GPT.from_pretrained(ckpt_dir, dtype=torch.float32))
+        return model.config, model.state_dict()
+    w_path = os.path.join(ckpt_dir, "model.pt")
+    config = load_config(ckpt_dir)
+    if not os.path.exists(w_path):
+        raise FileNotFoundError(f"{w_path} not found: is {ckpt_dir} a checkpoint written by convert.py or a training script?")
+    return config, torch.load(w_path, map_location="cpu", mmap=True, weights_only=True)
+
+
+def load_config(ckpt_dir):
+    """The GPTConfig of a checkpoint directory (its config.json)."""
+    cfg_path = os.path.join(ckpt_dir, "config.json")
+    if not os.path.exists(cfg_path):
+        raise FileNotFoundError(f"{cfg_path} not found: is {ckpt_dir} a checkpoint written by convert.py or a training script?")
     with open(cfg_path) as f:
         raw = json.load(f)
-    known = {f.name for f in fields(GPTConfig)}
-    unknown = set(raw) - known
+    unknown = set(raw) - {f.name for f in fields(GPTConfig)}
     if unknown:
         raise ValueError(f"{cfg_path}: unknown config keys {sorted(unknown)}")
-    state = torch.load(w_path, map_location="cpu", mmap=True, weights_only=True)
-    return GPTConfig(**raw), state
+    return GPTConfig(**raw)
 
 
-def save_checkpoint(ckpt_dir, config, state_dict):
-    """Write config.json and model.pt atomically (temporary file, then rename)."""
+def _atomic_write(path, data):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+    with os.fdopen(fd, "wb") as f:
+        f.write(data) if isinstance(data, bytes) else torch.save(data, f)
+    os.replace(tmp, path)
+
+
+def save_checkpoint(ckpt_dir, config, state_dict, name="model.pt"):
+    """Write config.json and the tensors (model.pt) atomically (temporary files, then renames)."""
     os.makedirs(ckpt_dir, exist_ok=True)
-    for name, write in (("model.pt", lambda f: torch.save(state_dict, f)),
-                        ("config.json", lambda f: f.write(json.dumps(asdict(config), indent=2).encode()))):
-        fd, tmp = tempfile.mkstemp(dir=ckpt_dir, prefix=f".{name}.")
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, os.path.join(ckpt_dir, name))
+    _atomic_write(os.path.join(ckpt_dir, name), state_dict)
+    _atomic_write(os.path.join(ckpt_dir, "config.json"), json.dumps(asdict(config), indent=2).encode())
+
+
+# ------------------------------------------------------------------------------- LoRA
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+class LoRALinear(nn.Linear):
+    """A frozen projection and a trainable low-rank update (Hu et al. 2021):
+    y = x W^T + b + (alpha / r) (x A^T) B^T, with A (r, in) drawn as nn.Linear draws a weight and B (out, r)
+    zero, so that a fresh adapter computes exactly the frozen layer. With `enabled` False it is the frozen
+    layer alone: the reference model of a LoRA run is its policy with every adapter off (adapters_off)."""
+
+    def __init__(self, base, r, alpha):
+        nn.Module.__init__(self)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.weight, self.bias = base.weight, base.bias  # the same tensors: frozen, in their own dtype
+        self.lora_A = nn.Parameter(torch.empty(r, self.in_features, device=base.weight.device))
+        self.lora_B = nn.Parameter(torch.zeros(self.out_features, r, device=base.weight.device))
+        if base.weight.device.type != "meta":
+            nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.scale, self.enabled = alpha / r, True
+
+    def forward(self, x):
+        y = F.linear(x, self.weight, self.bias)
+        if not self.enabled:
+            return y
+        a, b = (self.lora_A, self.lora_B) if torch.is_autocast_enabled(x.device.type) else \
+            (self.lora_A.to(x.dtype), self.lora_B.to(x.dtype))
+        return y + F.linear(F.linear(x, a), b) * self.scale
+
+
+def add_lora(model, r, alpha, base):
+    """Freeze `model` and give each attention and MLP projection a LoRA adapter of rank r (fp32); returns the
+    model, whose trainable parameters are then the adapters alone. `base` is the checkpoint the frozen
+    weights come from: save_pretrained writes the adapters and that path, not the weights."""
+    model.requires_grad_(False)
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name in LORA_TARGETS:
+                if hasattr(parent, name):
+                    setattr(parent, name, LoRALinear(getattr(parent, name), r, alpha))  # fp32 adapters
+    model.lora = {"r": r, "alpha": alpha, "base": os.path.abspath(base)}
+    return model
+
+
+def lora_layers(model):
+    return [m for m in model.modules() if isinstance(m, LoRALinear)]
+
+
+@contextlib.contextmanager
+def adapters_off(model):
+    """Inside, a LoRA model computes its frozen base model (a LoRA run's reference); a no-op without adapters."""
+    layers = lora_layers(model)
+    for m in layers:
+        m.enabled = False
+    try:
+        yield model
+    finally:
+        for m in layers:
+            m.enabled = True
+
+
+@torch.no_grad()
+def merge_lora(model):
+    """Fold each adapter into its weight, W + (alpha / r) B A (in fp32, stored in W's dtype), and make the
+    model a plain one again."""
+    for block in model.layers:
+        for parent in (block.self_attn, block.mlp):
+            for name in LORA_TARGETS:
+                m = getattr(parent, name, None)
+                if isinstance(m, LoRALinear):
+                    lin = nn.Linear(m.in_features, m.out_features, bias=m.bias is not None, device="meta")
+                    w = m.weight.float() + m.scale * (m.lora_B.float() @ m.lora_A.float())
+                    lin.weight, lin.bias = nn.Parameter(w.to(m.weight.dtype), requires_grad=False), m.bias
+                    setattr(parent, name, lin)
+    model.lora = None
+    return model
 
 
 # -------------------------------------------------------------------- fused log-probs

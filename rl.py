@@ -49,7 +49,7 @@ import torch.distributed as dist
 
 import data
 import memory
-from model import GPT, auto_dtype, token_logprobs
+from model import GPT, adapters_off, add_lora, auto_dtype, merge_lora, token_logprobs
 from sample import generate, generate_turns, layout, max_new_that_fits
 from tokenizer import Tokenizer
 
@@ -125,6 +125,15 @@ def get_args(stage, argv=None, run=None):
     p.add_argument("--dtype", choices=["bf16", "fp32", "auto"], default="auto",
                    help="compute precision of sampling, reference and training (autocast over fp32 master weights); "
                         "auto: bf16 on a GPU or a CPU with bf16 matrix units, else fp32")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="LoRA adapters of rank R on every attention and MLP projection (0: full fine-tuning, the "
+                        "paper's setting): the weights stay frozen in the compute dtype, only the fp32 adapters train, "
+                        "and the reference is the policy with its adapters off (one copy of the weights)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the adapters' update is scaled by alpha / R "
+                                                    "(default: 2 R)")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="keep only each block's input in the update and recompute the block in the backward: "
+                        "activations shrink to about one block's, the update costs about a third more")
     p.add_argument("--gen-batch", type=int,
                    help="generate each step's rollouts in chunks of at most N rows (whole prompt groups); "
                         "default: all at once on the CPU, what fits the free memory on a GPU (memory.py)")
@@ -155,6 +164,12 @@ def get_args(stage, argv=None, run=None):
         p.error("--base-first is a fraction in [0, 1]")
     if args.gen_batch is not None and args.gen_batch < args.k:
         p.error(f"--gen-batch ({args.gen_batch}) must hold at least one prompt's k = {args.k} samples")
+    if args.lora < 0:
+        p.error(f"--lora is a rank, 0 (full fine-tuning) or more, not {args.lora}")
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora
+    if args.lora and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
+        p.error(f"--lora-alpha must be a positive number, not {args.lora_alpha}")
     return args
 
 
@@ -176,8 +191,9 @@ def rollout(policy, ref, tok, problems, args, seed):
         first = None
         base_rows = [r for r in rows if from_base[r]]
         if base_rows:  # paper 5.3: some first attempts come from the base model
-            ys = generate(ref, [prompts[r // k] for r in base_rows], args.max_new_tokens, args.temperature,
-                          stop_ids=tok.stop_ids, seed=seed + 1 + 7 * c)
+            with adapters_off(ref):
+                ys = generate(ref, [prompts[r // k] for r in base_rows], args.max_new_tokens, args.temperature,
+                              stop_ids=tok.stop_ids, seed=seed + 1 + 7 * c)
             first = [None] * len(rows)
             for r, y in zip(base_rows, ys):
                 first[r - a * k] = y
@@ -216,6 +232,24 @@ def rollout(policy, ref, tok, problems, args, seed):
                            cut=cut(y1s) + (cut(y2s) if turns == 2 else 0),
                            n_context=sum(map(len, seqs)), n_shared=sum((k - 1) * (len(x) - 1) for x in prompts),
                            t_sample=t_sample, t_score=time.time() - t0)
+
+
+def lora_policy(init, args, dev, compute):
+    """A LoRA run's policy: the base's weights, frozen in the compute dtype, with fp32 adapters: new ones of
+    rank args.lora where init is the base itself, else init's own (a LoRA checkpoint of the same base)."""
+    policy = GPT.from_pretrained(init, device=dev, dtype=compute)
+    same = lambda a, b: os.path.realpath(a) == os.path.realpath(b)
+    if policy.lora is None:
+        if not same(init, args.base):
+            raise SystemExit(f"--lora: --init {init} is neither --base {args.base} nor a LoRA checkpoint of it: the "
+                             f"frozen weights must be the reference's")
+        return add_lora(policy, args.lora, args.lora_alpha, args.base)
+    if not same(policy.lora["base"], args.base):
+        raise SystemExit(f"--lora: --init {init} holds adapters of {policy.lora['base']}, not of --base {args.base}")
+    if (policy.lora["r"], policy.lora["alpha"]) != (args.lora, args.lora_alpha):
+        raise SystemExit(f"--lora {args.lora} --lora-alpha {args.lora_alpha}: --init {init} holds adapters of rank "
+                         f"{policy.lora['r']}, alpha {policy.lora['alpha']}")
+    return policy
 
 
 def make_sampler(policy, dtype):
@@ -274,16 +308,22 @@ def reinforce(b, args, turn1, turn2):
 
 def generated_hidden(idx, sel, m1, k):
     """A function of a model that gives model.hidden(idx[:, :-1])[sel], the hidden states at the target
-    positions sel (m, L - 1), with each prompt run once for its k samples (GPT.hidden_shared). idx (m, L):
-    whole groups of k rows, prompt-major; m1 (m, L - 1): turn 1's target positions, the first of which is
-    the prompt's last token: the prompt's other tokens are shared, everything from that token on is not."""
+    positions sel (m, L - 1), with each prompt run once for its k samples (GPT.hidden_shared); with
+    checkpoint=True each row whole, its blocks recomputed in the backward. idx (m, L): whole groups of k
+    rows, prompt-major; m1 (m, L - 1): turn 1's target positions, the first of which is the prompt's last
+    token: the prompt's other tokens are shared, everything from that token on is not."""
     shared = m1.float().argmax(1)  # (m,) each row's prompt length - 1
     width = idx.shape[1] - 1
     col = shared[:, None] + torch.arange(width - int(shared.min()), device=idx.device)  # suffix columns in idx
     col, ok = col.clamp(max=width - 1), col < width  # past a row's end: padding, never a target
-    suffix, sel = idx[:, :-1].gather(1, col), sel.gather(1, col) & ok  # same targets, same order
+    suffix, sel_suffix = idx[:, :-1].gather(1, col), sel.gather(1, col) & ok  # same targets, same order
     prefix, group = idx[::k, :int(shared.max())], torch.arange(idx.shape[0], device=idx.device) // k
-    return lambda model: model.hidden_shared(prefix, shared[::k], suffix, group)[sel]
+
+    def hidden(model, checkpoint=False):
+        if checkpoint:  # activation checkpointing: whole rows (hidden_shared writes a KV cache, never recomputed)
+            return model.hidden(idx[:, :-1], checkpoint=True)[sel]
+        return model.hidden_shared(prefix, shared[::k], suffix, group)[sel_suffix]
+    return hidden
 
 
 def micro_batch(policy, ref, ro, rows, args):
@@ -298,9 +338,10 @@ def micro_batch(policy, ref, ro, rows, args):
     tgt, lp_old = idx[:, 1:][sel], ro.lp_old[rows, :L - 1][sel]  # (n,) each generated token, the sampler's log pi
     row, turn2 = sel.nonzero()[:, 0], m2[sel]  # (n,) each generated token's row and turn
     hidden = generated_hidden(idx, sel, m1[:, :L - 1], args.k)
-    with torch.no_grad():
+    with torch.no_grad(), adapters_off(ref):  # with LoRA the reference is the policy with its adapters off
         lp_ref = token_logprobs(hidden(ref), ref.head_weight, tgt, args.temperature)  # (n,) log pi_ref
-    lp = token_logprobs(hidden(policy), policy.head_weight, tgt, args.temperature)  # (n,) log pi: the training path
+    lp = token_logprobs(hidden(policy, getattr(args, "checkpoint_activations", False)), policy.head_weight, tgt,
+                        args.temperature)  # (n,) log pi: the training path
     return turn_sums(lp, lp_ref, lp_old, row, turn2, ro.first_from_pi[rows], ro.r1[rows], ro.r2[rows],
                      ro.group[rows] - ro.group[rows].min(), args)
 
@@ -353,8 +394,9 @@ def update(policy, ref, opt, ro, objective, args, world=1):
 
 
 def all_reduce_grads(model, average=False):
-    """Sum (or average) the gradients over all processes: one collective on a flat buffer."""
-    params = list(model.parameters())
+    """Sum (or average) the gradients of the trained parameters over all processes: one collective on a
+    flat buffer."""
+    params = [p for p in model.parameters() if p.requires_grad]
     grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
     flat = torch.cat([g.reshape(-1) for g in grads])
     dist.all_reduce(flat)
@@ -380,7 +422,8 @@ def setup_distributed(device):
 # ------------------------------------------------------------------------------- checkpoints
 # Flags that change what a run computes: --resume refuses to continue a run with other values.
 RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "alpha", "beta1", "beta2", "kl",
-             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype")
+             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype", "lora",
+             "lora_alpha")
 
 
 def save(path, policy, tok, opt, step, args, extra=None):
@@ -469,11 +512,16 @@ def run(args, objective, name):
             raise SystemExit(f"{what} {path}: not a checkpoint (no config.json); run the previous step first")
     tok = Tokenizer.from_pretrained(args.base)
     compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    policy = GPT.from_pretrained(init, device=dev, dtype=torch.float32)  # fp32 masters, whatever the checkpoint's dtype
-    ref = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval()  # frozen, in the compute dtype
-    ref.requires_grad_(False)
-    sampler = make_sampler(policy, compute)
-    opt = torch.optim.Adam(policy.parameters(), lr=args.lr)  # its state takes the parameters' dtype: fp32
+    if args.lora:  # one copy of the weights: the reference is the policy with its adapters off, it samples itself
+        policy = ref = sampler = lora_policy(init, args, dev, compute)
+    else:
+        policy = GPT.from_pretrained(init, device=dev, dtype=torch.float32)  # fp32 masters, whatever the checkpoint's dtype
+        if policy.lora:  # a LoRA checkpoint, fully fine-tuned from here on
+            merge_lora(policy).requires_grad_(True)
+        ref = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval()  # frozen, in the compute dtype
+        ref.requires_grad_(False)
+        sampler = make_sampler(policy, compute)
+    opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.lr)  # fp32 state, as the masters
     if args.resume:
         opt.load_state_dict(state["opt"])
     problems = load_problems(args, tok, ref.config.max_seq_len, say)

@@ -39,7 +39,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from model import GPT, KVCache, compute_dtype
+from model import GPT, KVCache, compute_dtype, merge_lora
 
 
 def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
@@ -291,8 +291,10 @@ def max_new_that_fits(max_seq_len, prompt_len, followup_len, turns):
 
 
 def is_checkpoint(path):
-    """Whether path holds a checkpoint as model.py writes it (config.json and model.pt)."""
-    return all(os.path.isfile(os.path.join(path, f)) for f in ("config.json", "model.pt"))
+    """Whether path holds a checkpoint as model.py writes it: config.json and model.pt, or a LoRA run's
+    config.json, lora.json and adapters.pt."""
+    has = lambda *fs: all(os.path.isfile(os.path.join(path, f)) for f in fs)
+    return has("config.json", "model.pt") or has("config.json", "lora.json", "adapters.pt")
 
 
 def main(argv=None):
@@ -318,11 +320,11 @@ def main(argv=None):
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
     if not is_checkpoint(args.ckpt):
-        p.error(f"--ckpt {args.ckpt}: not a checkpoint (no config.json and model.pt there)")
+        p.error(f"--ckpt {args.ckpt}: not a checkpoint (no config.json and model.pt, or LoRA adapters, there)")
     try:
         info = data.task_info(args.ckpt)
         tok = Tokenizer.from_pretrained(args.ckpt)
-        model = GPT.from_pretrained(args.ckpt, device=args.device, dtype=torch.float32).eval()  # fp32 weights
+        model = merge_lora(GPT.from_pretrained(args.ckpt, device=args.device, dtype=torch.float32)).eval()  # fp32 weights
     except (OSError, ValueError) as e:
         p.error(f"--ckpt {args.ckpt}: {e}")
     p1 = args.p1 or info.get("p1") or data.instruction("math")

@@ -324,7 +324,7 @@ def test_errors_in_a_subprocess_have_no_traceback(tmp_path):
     r = subprocess.run([sys.executable, "evaluate.py", "--ckpt", str(tmp_path), "--task", "demo"],
                        capture_output=True, text=True, cwd=evaluate.__file__.rsplit("/", 1)[0])
     assert r.returncode == 2 and "Traceback" not in r.stderr
-    assert r.stderr.strip().splitlines()[-1] == f"evaluate.py: error: --ckpt {tmp_path}: not a checkpoint (no config.json and model.pt there)"
+    assert r.stderr.strip().splitlines()[-1] == f"evaluate.py: error: --ckpt {tmp_path}: not a checkpoint (no config.json and model.pt, or LoRA adapters, there)"
 
 
 # ----------------------------------------------------------------------------- data.py

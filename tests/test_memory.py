@@ -8,7 +8,7 @@ import torch
 
 import memory
 import rl
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, add_lora
 from sample import generate_turns
 import sample
 
@@ -37,6 +37,14 @@ def test_state_terms_count_the_meta_models_parameters(cfg):
         m = memory.memory_model(cfg, knobs(dtype=dtype))
         assert (m["weights"], m["grads"], m["adam"], m["ref"]) == (4 * P, 4 * P, 8 * P, ref_bytes * P)
         assert m["autocast"] == (2 * linear if dtype == "bf16" else 0)
+    # LoRA: the frozen weights in the compute dtype, fp32 masters, gradients and Adam state for the adapters only
+    model = add_lora(model, 8, 16.0, "unused")
+    adapters = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert adapters == sum(p.numel() for n, p in model.named_parameters() if "lora_" in n) > 0
+    for dtype, cb in (("fp32", 4), ("bf16", 2)):
+        m = memory.memory_model(cfg, knobs(dtype=dtype, lora=8))
+        assert (m["weights"], m["grads"], m["adam"]) == (cb * P + 4 * adapters, 4 * adapters, 8 * adapters)
+        assert m["ref"] == m["sampler"] == 0 and m["autocast"] == (2 * adapters if dtype == "bf16" else 0)
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
@@ -64,15 +72,18 @@ def test_kv_cache_is_what_generate_turns_allocates(monkeypatch, dtype, base_firs
     assert m["kv_cache"] == allocated
 
 
-def saved_bytes(model, idx, sel, m1, k, dtype):
-    """Bytes of the distinct storages autograd saves for backward in the policy's pass of
-    rl.micro_batch (rl.generated_hidden: each prompt once for its k rows), leaving out the weights
-    and autocast's casts of them. Every saved tensor is kept alive, so no storage's address is reused."""
+def saved_bytes(model, dtype, fn):
+    """Bytes of the distinct storages autograd saves for backward while fn() runs under the compute dtype's
+    autocast, leaving out the weights and autocast's casts of them. Every saved tensor is kept alive, so no
+    storage's address is reused."""
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+
     def is_weight(t):
         fn = t.grad_fn
         while fn is not None and type(fn).__name__ in ("TBackward0", "ToCopyBackward0", "ViewBackward0"):
             fn = fn.next_functions[0][0]
-        return (t.grad_fn is None and t.requires_grad) or type(fn).__name__ == "AccumulateGrad"
+        return t.untyped_storage().data_ptr() in params or (t.grad_fn is None and t.requires_grad) \
+            or type(fn).__name__ == "AccumulateGrad"
     seen, kept = {}, []
 
     def pack(t):
@@ -82,26 +93,40 @@ def saved_bytes(model, idx, sel, m1, k, dtype):
         return t
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"), \
             torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        rl.generated_hidden(idx, sel, m1, k)(model)
+        fn()
     return sum(seen.values())
 
 
+@pytest.mark.parametrize("ckpt", [False, True], ids=["whole", "checkpointed"])
+@pytest.mark.parametrize("lora", [0, 4])
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("cfg", CONFIGS)
-def test_activations_are_what_autograd_saves(cfg, dtype):
+def test_activations_are_what_autograd_saves(cfg, dtype, lora, ckpt):
+    """The policy's pass of rl.micro_batch (rl.generated_hidden: each prompt once for its k rows, or with
+    activation checkpointing each row whole), full fine-tuning and LoRA (its weights frozen in the compute
+    dtype). With checkpointing the term adds, to what the forward keeps, one block's recomputation: what
+    autograd saves in a block's forward over the whole rows."""
     prompt_len, followup_len, micro, k, mnt = 10, 6, 4, 2, 8
     T = prompt_len + 2 * mnt + followup_len + 2  # the model's worst-case positions of a row
     torch.manual_seed(0)
     model = GPT(cfg).init_weights()
+    if lora:
+        model = add_lora(model.to(torch.bfloat16 if dtype == "bf16" else torch.float32), lora, 8.0, "unused")
     idx = torch.randint(0, cfg.vocab_size, (micro, T + 1))
     idx[:, :prompt_len] = idx[::k, :prompt_len].repeat_interleave(k, 0)  # the k rows of a group share a prompt
     m1 = torch.zeros(micro, T, dtype=torch.bool)
     m1[:, prompt_len - 1:prompt_len - 1 + mnt] = True  # turn 1's targets: the prompt's last token predicts y1's first
     sel = m1.clone()
     sel[:, -mnt:] = True  # and turn 2's
-    got = saved_bytes(model, idx, sel, m1, k, dtype)
-    m = memory.memory_model(cfg, knobs(micro_batch=micro, k=k, max_new_tokens=mnt, dtype=dtype),
-                        prompt_len=prompt_len, followup_len=followup_len)
+    got = saved_bytes(model, dtype, lambda: rl.generated_hidden(idx, sel, m1, k)(model, ckpt))
+    if ckpt:  # one block recomputed, as the backward runs it: the whole rows' input, RoPE tables, causal
+        x0 = torch.randn(micro, T, cfg.n_embd, requires_grad=True)  # x, not a leaf: its copies are not a weight's
+        x = (x0 * 1).to(torch.bfloat16 if dtype == "bf16" else torch.float32)
+        angles = torch.arange(T)[:, None].float() * model.inv_freq
+        cos, sin = (f(torch.cat((angles, angles), -1))[None, None].to(x.dtype) for f in (torch.cos, torch.sin))
+        got += saved_bytes(model, dtype, lambda: model.layers[0](x, cos, sin, None, 0, None))
+    m = memory.memory_model(cfg, knobs(micro_batch=micro, k=k, max_new_tokens=mnt, dtype=dtype, lora=lora,
+                                       checkpoint_activations=ckpt), prompt_len=prompt_len, followup_len=followup_len)
     assert abs(m["activations"] - got) <= 0.01 * got, (m["activations"], got)
 
 
