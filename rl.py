@@ -98,7 +98,8 @@ def get_args(stage, argv=None, run=None):
     p.add_argument("--data", help="training data path (see data.py for the formats)")
     p.add_argument("--n-train", type=int, help="use only the first N training problems")
     p.add_argument("--base", help="the base model's checkpoint: pi_ref, and the tokenizer")
-    p.add_argument("--init", help="policy to start from (Stage I: the base model; Stage II: Stage I's checkpoint)")
+    p.add_argument("--init", help="policy to start from (default: Stage I, --base; Stage II, the preset's Stage I "
+                                  "checkpoint)")
     p.add_argument("--out", help="run directory: ckpt/ (latest checkpoint) and log.jsonl")
     p.add_argument("--steps", type=int, help="optimizer updates")
     p.add_argument("--batch", type=int, help="two-turn rollouts per update (prompts x k)")
@@ -139,20 +140,47 @@ def get_args(stage, argv=None, run=None):
     p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2")})
     if stage == 2:
         p.set_defaults(**preset.get("stage2", {}))
-    p.set_defaults(init=preset["base"] if stage == 1 else f"{preset['root']}/stage1/ckpt",
-                   out=f"{preset['root']}/{run or f'stage{stage}'}")
+    p.set_defaults(out=f"{preset['root']}/{run or f'stage{stage}'}")
     args = p.parse_args(argv)
+    error = check_args(args)
+    if error:  # one line, before anything is read or written
+        p.exit(2, f"{p.prog}: error: {error}\n")
+    if args.init is None:  # Stage I's policy starts from the base model it is held to, unless told otherwise
+        args.init = args.base if stage == 1 else f"{preset['root']}/stage1/ckpt"
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
     if args.p1 is None:
         args.p1 = data.instruction(args.task)
-    if args.batch % args.k or args.micro_batch % args.k:
-        p.error(f"--batch ({args.batch}) and --micro-batch ({args.micro_batch}) must be multiples of --k ({args.k})")
-    if not 0.0 <= args.base_first <= 1.0:
-        p.error("--base-first is a fraction in [0, 1]")
-    if args.gen_batch is not None and args.gen_batch < args.k:
-        p.error(f"--gen-batch ({args.gen_batch}) must hold at least one prompt's k = {args.k} samples")
     return args
+
+
+def check_args(a):
+    """The first nonsense among the numeric flags, as a one-line message naming the flag; None if all is well."""
+    for flag in ("steps", "batch", "k", "micro_batch", "max_new_tokens", "save_every"):
+        if getattr(a, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
+    for flag in ("n_train", "gen_batch"):  # None: all problems / all rows at once
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
+    for flag in ("keep_every", "threads"):
+        if getattr(a, flag) < 0:
+            return f"--{flag.replace('_', '-')} must be at least 0 (got {getattr(a, flag)})"
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        return f"--lr must be a positive number (got {a.lr})"
+    if not (math.isfinite(a.temperature) and a.temperature > 0):
+        return f"--temperature must be positive: RL samples its rollouts (got {a.temperature})"
+    for flag in ("alpha", "beta1", "beta2", "grad_clip"):
+        if not (math.isfinite(getattr(a, flag)) and getattr(a, flag) >= 0):
+            return f"--{flag.replace('_', '-')} must be a number at least 0 (got {getattr(a, flag)})"
+    if not 0.0 <= a.base_first <= 1.0:  # also false for nan
+        return f"--base-first is a fraction in [0, 1] (got {a.base_first})"
+    if a.k < 2 and a.baseline == "loo":
+        return "--k 1 leaves the leave-one-out baseline no other sample: use --k 2 or more, or --baseline none"
+    if a.batch % a.k or a.micro_batch % a.k:
+        return f"--batch ({a.batch}) and --micro-batch ({a.micro_batch}) must be multiples of --k ({a.k})"
+    if a.gen_batch is not None and a.gen_batch < a.k:
+        return f"--gen-batch ({a.gen_batch}) must hold at least one prompt's k = {a.k} samples"
+    return None
 
 
 # ------------------------------------------------------------------------------- rollouts

@@ -391,8 +391,9 @@ def test_gen_batch_same_greedy_rollouts_in_smaller_caches(qwen, monkeypatch):
     out = {}
     for gen_batch in (None, 2):
         rows.clear()
-        extra = ["--temperature", "0"] + (["--gen-batch", str(gen_batch)] if gen_batch else [])
-        ro = rl.rollout(policy, policy, tok, problems, stage1_args(q, "fp32", extra), seed=0)
+        a = stage1_args(q, "fp32", ["--gen-batch", str(gen_batch)] if gen_batch else [])
+        a.temperature = 0.0  # greedy: same tokens however they are chunked (the training scripts refuse 0)
+        ro = rl.rollout(policy, policy, tok, problems, a, seed=0)
         out[gen_batch] = (ro, max(rows))
     (ro_all, peak_all), (ro_2, peak_2) = out[None], out[2]
     assert peak_all == 6 and peak_2 <= 2

@@ -1,5 +1,8 @@
 """The SCoRe objectives against hand-computed values, the KL term's gradient against the exact
 KL(pi || pi_ref), and the rollout layout at the token level."""
+import os
+import runpy
+import sys
 from types import SimpleNamespace
 
 import pytest
@@ -229,6 +232,71 @@ def test_update_refuses_a_nonlinear_objective(tiny):
     with pytest.raises(ValueError, match="not linear"):
         rl.update(model, model, torch.optim.SGD(model.parameters(), lr=0.0), ro,
                   lambda b, args: -b.logp2.exp(), a)
+
+
+# ----------------------------------------------------------------------------- flags checked at parse time
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BAD_FLAGS = [  # (flags, the error line's message): one rule each
+    (["--steps", "0"], "--steps must be at least 1 (got 0)"),
+    (["--steps", "-1"], "--steps must be at least 1 (got -1)"),
+    (["--batch", "0"], "--batch must be at least 1 (got 0)"),
+    (["--k", "0"], "--k must be at least 1 (got 0)"),
+    (["--micro-batch", "0"], "--micro-batch must be at least 1 (got 0)"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1 (got 0)"),
+    (["--save-every", "0"], "--save-every must be at least 1 (got 0)"),
+    (["--n-train", "0"], "--n-train must be at least 1 (got 0)"),
+    (["--gen-batch", "0"], "--gen-batch must be at least 1 (got 0)"),
+    (["--keep-every", "-2"], "--keep-every must be at least 0 (got -2)"),
+    (["--threads", "-1"], "--threads must be at least 0 (got -1)"),
+    (["--lr", "-1"], "--lr must be a positive number (got -1.0)"),
+    (["--lr", "0"], "--lr must be a positive number (got 0.0)"),
+    (["--lr", "nan"], "--lr must be a positive number (got nan)"),
+    (["--lr", "inf"], "--lr must be a positive number (got inf)"),
+    (["--temperature", "0"], "--temperature must be positive: RL samples its rollouts (got 0.0)"),
+    (["--temperature", "nan"], "--temperature must be positive: RL samples its rollouts (got nan)"),
+    (["--alpha", "-1"], "--alpha must be a number at least 0 (got -1.0)"),
+    (["--beta1", "nan"], "--beta1 must be a number at least 0 (got nan)"),
+    (["--beta2", "-0.1"], "--beta2 must be a number at least 0 (got -0.1)"),
+    (["--grad-clip", "-1"], "--grad-clip must be a number at least 0 (got -1.0)"),
+    (["--base-first", "1.5"], "--base-first is a fraction in [0, 1] (got 1.5)"),
+    (["--base-first", "nan"], "--base-first is a fraction in [0, 1] (got nan)"),
+    (["--k", "1", "--batch", "4", "--micro-batch", "2"],
+     "--k 1 leaves the leave-one-out baseline no other sample: use --k 2 or more, or --baseline none"),
+    (["--batch", "6", "--k", "4"], "--batch (6) and --micro-batch (2) must be multiples of --k (4)"),
+    (["--gen-batch", "1"], "--gen-batch (1) must hold at least one prompt's k = 2 samples"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_a_bad_flag_is_one_line_and_writes_nothing(tiny, tmp_path, monkeypatch, capsys, flags, message):
+    """train_stage1.py as a user runs it (its __main__), with a small run's flags and then one bad value:
+    exit status 2, one line on stderr naming the flag, and no file written (the run directory does not
+    exist), before any model is read."""
+    _, _, base = tiny
+    script = os.path.join(ROOT, "train_stage1.py")
+    argv = ["--base", base, "--init", base, "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "4", "--k", "2",
+            "--micro-batch", "2", "--max-new-tokens", "2", "--n-train", "8", "--device", "cpu", *flags]
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(script, run_name="__main__")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"train_stage1.py: error: {message}\n", err
+    assert os.listdir(tmp_path) == []
+
+
+def test_k1_without_the_baseline_and_zero_weights_are_accepted(tiny):
+    _, _, base = tiny
+    a = rl.get_args(1, ["--base", base, "--k", "1", "--batch", "4", "--micro-batch", "2", "--baseline", "none",
+                        "--alpha", "0", "--beta1", "0", "--beta2", "0", "--grad-clip", "0", "--base-first", "1"])
+    assert (a.k, a.alpha, a.beta1, a.beta2, a.base_first) == (1, 0.0, 0.0, 0.0, 1.0)
+
+
+def test_stage1_starts_from_base_unless_init_says_otherwise():
+    """Stage I's policy starts from the model it is held to: --base, whatever the preset's base is."""
+    assert rl.get_args(1, ["--preset", "math", "--base", "my/base"]).init == "my/base"
+    assert rl.get_args(1, ["--preset", "math", "--base", "my/base", "--init", "other"]).init == "other"
+    assert rl.get_args(1, ["--preset", "math"]).init == "out/math/base"
+    assert rl.get_args(2, ["--preset", "math", "--base", "my/base"]).init == "out/math/stage1/ckpt"
 
 
 # ----------------------------------------------------------------------------- the loop: resume, NaN
