@@ -316,6 +316,8 @@ def main(argv=None):
                                    temperature=args.scaling_temperature, progress=name))
         reports.append({**rep, "p1": p1, "max_new_tokens": max_new, "dtype": dtype})
         del model
+    if dist.is_initialized():  # every rank has all texts: leave the group now, not at the interpreter's exit
+        dist.destroy_process_group()
     if rank != 0:
         return
     table, result = markdown(reports), reports[0] if len(reports) == 1 else reports

@@ -408,6 +408,12 @@ def setup_distributed(device):
     process (nccl) or CPU processes (gloo). Returns (rank, world, device)."""
     if "RANK" not in os.environ:
         return 0, 1, device
+    # First, before the group exists: torch.distributed.nn's functions take group=group.WORLD as a default,
+    # evaluated when the module is imported, and torch._dynamo imports it (Adam's constructor imports
+    # torch._dynamo). Imported after init_process_group, those ten defaults keep the group alive past
+    # destroy_process_group; its gloo threads then outlive the interpreter's shutdown, and one that
+    # releases a tensor then aborts the process ("terminate called without an active exception").
+    import torch.distributed.nn  # noqa: F401
     cuda = str(device).startswith("cuda")
     dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
