@@ -34,6 +34,7 @@ CPU as on the GPU. The reference is stored in the compute dtype, and a bf16 copy
 every step, samples the rollouts (make_sampler): the same numbers, without casting every decoded token.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
@@ -184,15 +185,25 @@ def check_args(a):
 
 
 # ------------------------------------------------------------------------------- rollouts
+def seed_of(*key):
+    """The seed of one stream of random numbers, named by its key: (the run's --seed, the step, the rank), then
+    the purpose and the chunk. A hash, so no two keys share a stream (seeds such as seed and seed + 1 would:
+    each step's streams would be the next step's). The CPU's generator keeps 32 bits of it: two of a run's
+    streams meet only by chance, about once in 2^32 pairs, never by a pattern."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+
+
 def rollout(policy, ref, tok, problems, args, seed):
     """Two attempts for each of `problems` (k samples each, prompt-major), their rewards, the sampler's
     log-probs of the sampled tokens, and the token layout of each rollout (sample.layout), generated in
-    chunks of at most args.gen_batch rows (whole prompt groups) so that the KV cache stays bounded."""
+    chunks of at most args.gen_batch rows (whole prompt groups) so that the KV cache stays bounded.
+    seed: an int or a tuple, the key of this rollout's randomness; the coin flips of --base-first, the base
+    model's first attempts and the policy's samples each draw from a stream of their own (seed_of)."""
     prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in problems]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])
     R, k = len(problems) * args.k, args.k
     turns = getattr(args, "turns", 2)  # 1: single-turn RL (train_single_turn.py) samples no second attempt
-    from_base = torch.rand(R, generator=torch.Generator().manual_seed(seed)) < args.base_first
+    from_base = torch.rand(R, generator=torch.Generator().manual_seed(seed_of(seed, "base-first"))) < args.base_first
     per = max(1, (getattr(args, "gen_batch", None) or R) // k)  # prompts per chunk
     y1s, y2s, lp1s, lp2s = [], [], [], []
     t0 = time.time()
@@ -202,13 +213,14 @@ def rollout(policy, ref, tok, problems, args, seed):
         base_rows = [r for r in rows if from_base[r]]
         if base_rows:  # paper 5.3: some first attempts come from the base model
             ys = generate(ref, [prompts[r // k] for r in base_rows], args.max_new_tokens, args.temperature,
-                          stop_ids=tok.stop_ids, seed=seed + 1 + 7 * c)
+                          stop_ids=tok.stop_ids, seed=seed_of(seed, "base", c))
             first = [None] * len(rows)
             for r, y in zip(base_rows, ys):
                 first[r - a * k] = y
         ys, lps = generate_turns(
             policy, ps, followup, args.max_new_tokens, turns=turns, k=k, temperature=args.temperature,
-            stop_ids=tok.stop_ids, eot_id=tok.eot_id, seed=seed + 7 * c, first=first, return_logprobs=True)
+            stop_ids=tok.stop_ids, eot_id=tok.eot_id, seed=seed_of(seed, "policy", c), first=first,
+            return_logprobs=True)
         y1s += ys[0]; lp1s += lps[0]
         y2s += ys[-1]; lp2s += lps[-1]  # one turn: the "second" attempt is the first, and is never trained
     t_sample = time.time() - t0
@@ -641,12 +653,13 @@ def run(args, objective, name):
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for step in range(step0 + 1, args.steps + 1):
         t0 = time.time()
-        seed = args.seed * 1_000_003 + step  # everything random in a step follows from (seed, step): resumable
-        batch = [problems[i] for i in random.Random(seed).sample(range(len(problems)), n_prompts)]
+        # everything random in a step follows from (seed, step): resumable; each use has its own stream
+        order = random.Random(seed_of(args.seed, step, "problems"))
+        batch = [problems[i] for i in order.sample(range(len(problems)), n_prompts)]
         with autocast:
             refresh_sampler(sampler, policy)
             sampler.eval()
-            ro = rollout(sampler, ref, tok, batch[rank::world], args, seed + 7919 * rank)
+            ro = rollout(sampler, ref, tok, batch[rank::world], args, (args.seed, step, rank))
             policy.train()
             t1 = time.time()
             try:

@@ -181,6 +181,51 @@ def test_single_turn_rollout_holds_the_first_attempt_only(tiny):
     assert any(p.grad.abs().max() > 0 for p in policy.parameters())
 
 
+def test_first_token_is_independent_of_the_coin_flips(tiny):
+    """A first attempt the policy samples has pi's first-token distribution whatever --base-first's coin
+    flips decided: each purpose draws from a stream of its own. (When the coin flips and the policy's
+    first chunk shared one seed, a row left to pi at --base-first 0.9 never drew a token from the first
+    20% of pi's mass in token order, and at 0.3 drew the first 40% about 36% of the time.) pi's
+    probabilities come from a full forward of the prompt; the sets are prefixes of the vocabulary; fixed
+    seeds, so the outcome is deterministic; the bound is 4 standard errors."""
+    model, tok, _ = tiny
+    problems = data.make_demo(1, seed=5)
+    x = tok.render([{"role": "user", "content": problems[0].prompt}])
+    with torch.no_grad():
+        cdf = torch.softmax(model(torch.tensor([x]))[0, -1].double(), -1).cumsum(0)  # in token-id order
+    a = SimpleNamespace(k=1, max_new_tokens=1, temperature=1.0, p1=data.DEMO_P1, base_first=0.9, gen_batch=None,
+                        turns=1)
+    firsts = []
+    for seed in range(1500):
+        ro = rl.rollout(model, model, tok, problems, a, seed=seed)
+        if ro.first_from_pi[0]:
+            firsts.append(int(ro.tokens[0, len(x)]))
+    assert len(firsts) > 100
+    for c in (0.2, 0.4, 0.6, 0.8):
+        cut = int((cdf < c).sum()) + 1  # tokens [0, cut) hold pi's first `mass` of probability
+        mass = cdf[cut - 1].item()
+        freq = sum(t < cut for t in firsts) / len(firsts)
+        assert abs(freq - mass) < 4 * (mass * (1 - mass) / len(firsts)) ** 0.5, (c, freq, mass, len(firsts))
+
+
+def test_no_two_purposes_or_seeds_share_a_stream(tiny):
+    """The base model's first attempts at one seed are not the policy's at the next seed, and a rollout's
+    second chunk does not replay another seed's first chunk (with seed + 1 and seed + 7 * chunk, both
+    did). The policy and the base are the same model here, so a shared stream gives the same tokens."""
+    model, tok, _ = tiny
+    p = data.make_demo(1, seed=5)[0]
+    a = lambda **kw: SimpleNamespace(**{"k": 4, "max_new_tokens": 6, "temperature": 1.0, "p1": data.DEMO_P1,
+                                        "gen_batch": None, "turns": 1, "base_first": 0.0, **kw})
+    for seed in range(3):
+        from_base = rl.rollout(model, model, tok, [p], a(base_first=1.0), seed=seed)
+        from_pi = rl.rollout(model, model, tok, [p], a(), seed=seed + 1)
+        assert not from_base.first_from_pi.any() and from_pi.first_from_pi.all()
+        assert from_base.y1 != from_pi.y1, seed
+        chunked = rl.rollout(model, model, tok, [p, p], a(gen_batch=4), seed=seed)
+        later = rl.rollout(model, model, tok, [p, p], a(gen_batch=4), seed=seed + 7)
+        assert chunked.y1[4:] != later.y1[:4], seed
+
+
 def naive_gradients(policy, ref, ro, objective, a):
     """The objective through full logits and log_softmax, each row on its own, masks applied by hand."""
     policy.zero_grad(set_to_none=True)
