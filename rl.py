@@ -39,7 +39,10 @@ import json
 import math
 import os
 import random
+import shlex
 import shutil
+import signal
+import sys
 import time
 from types import SimpleNamespace
 
@@ -143,6 +146,7 @@ def get_args(stage, argv=None, run=None):
         p.set_defaults(**preset.get("stage2", {}))
     p.set_defaults(out=f"{preset['root']}/{run or f'stage{stage}'}")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the line that resumes the run repeats
     error = check_args(args)
     if error:  # one line, before anything is read or written
         p.exit(2, f"{p.prog}: error: {error}\n")
@@ -601,6 +605,48 @@ def load_problems(args, tok, max_len, say):
 
 # ------------------------------------------------------------------------------- the loop
 def run(args, objective, name):
+    """A stage's run (train), made safe to start and to stop: a run directory that holds a checkpoint
+    is continued only with --resume, never trained over; Ctrl-C (SIGINT) or SIGTERM stops it with one
+    line that names the last checkpoint and the command that resumes from it. (No checkpoint is written
+    at the interrupt: the weights in the middle of a step belong to no step, and an exact resume needs
+    a step's.)"""
+    ckpt = latest(args.out)
+    if ckpt and not args.resume:
+        raise SystemExit(f"--out {args.out} already holds a run (checkpoint {ckpt}): continue it with --resume, "
+                         f"or start over with a new --out (or delete {args.out} first)")
+    handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(args, objective, name)
+    except KeyboardInterrupt as e:
+        sig = e.args[0] if e.args else "SIGINT"
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if rank == 0:
+            ckpt = latest(args.out)
+            if ckpt:  # mmap: its step without reading the Adam state
+                state = os.path.join(ckpt, "state.pt")
+                step = torch.load(state, map_location="cpu", mmap=True, weights_only=False)["step"]
+                where = (f"the last checkpoint is {ckpt} (step {step}; the steps after it are redone); "
+                         f"resume with: {resume_command(args, world)}")
+            else:
+                where = "no checkpoint was written yet: run the same command to start again"
+            print(f"{args.label or name}: stopped by {sig}; {where}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + getattr(signal, sig))  # the shell's code for a death by that signal
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def resume_command(args, world):
+    """The command line that continues this run: the one that started it, with --resume."""
+    launch = [os.path.basename(sys.executable)] if world == 1 else ["torchrun", f"--nproc_per_node={world}"]
+    return shlex.join(launch + [sys.argv[0]] + [a for a in args.argv if a != "--resume"] + ["--resume"])
+
+
+def train(args, objective, name):
     """The loop both stages share: sample, score, update, log, checkpoint. Under torchrun each rank
     takes its share of every step's prompts; rank 0 alone logs and writes checkpoints."""
     if args.threads:

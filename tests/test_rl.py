@@ -2,7 +2,11 @@
 KL(pi || pi_ref), and the rollout layout at the token level."""
 import os
 import runpy
+import shlex
+import signal
+import subprocess
 import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -351,7 +355,9 @@ def run_args(base, out, steps, stage=2, extra=()):
                                "--save-every", "2", "--lr", "1e-3", "--device", "cpu", *extra])
 
 
-def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch):
+def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch, capsys):
+    """A run stopped by Ctrl-C during step 3 says, in one line, where its last checkpoint is (step 2) and
+    how to resume; resumed, it ends with the weights of the run that was never stopped."""
     _, _, base = tiny
     rl.run(run_args(base, str(tmp_path / "a"), 4), train_stage2.objective, "Stage II")
     calls = {"n": 0}
@@ -360,12 +366,17 @@ def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch):
     def interrupted(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt  # stopped during step 3, after the step-2 checkpoint
+            raise KeyboardInterrupt  # Ctrl-C during step 3, after the step-2 checkpoint
         return real(*a, **kw)
 
     monkeypatch.setattr(rl, "update", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         rl.run(run_args(base, str(tmp_path / "b"), 4), train_stage2.objective, "Stage II")
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.count("\n") == 1, err  # 128 + SIGINT, as a shell reports it
+    assert err.startswith(f"Stage II: stopped by SIGINT; the last checkpoint is {tmp_path / 'b' / 'ckpt'} (step 2;")
+    assert f" --out {tmp_path / 'b'} " in err and err.endswith(" --resume\n"), err
     monkeypatch.setattr(rl, "update", real)
     rl.run(run_args(base, str(tmp_path / "b"), 4, extra=["--resume"]), train_stage2.objective, "Stage II")
     a = GPT.from_pretrained(tmp_path / "a" / "ckpt").state_dict()
@@ -375,6 +386,48 @@ def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch):
     assert not torch.equal(a["embed_tokens.weight"], init["embed_tokens.weight"])  # training did move it
     lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
     assert [__import__("json").loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_a_run_directory_is_never_trained_over(tiny, tmp_path):
+    """The same command again, without --resume, into a directory that holds a checkpoint: refused in one
+    line that names both ways on; the checkpoint and the log are untouched."""
+    _, _, base = tiny
+    out = tmp_path / "r"
+    rl.run(run_args(base, str(out), 2), train_stage2.objective, "Stage II")
+    before = {p: (out / p).read_bytes() for p in ("log.jsonl", "ckpt/model.pt", "ckpt/state.pt")}
+    with pytest.raises(SystemExit) as e:
+        rl.run(run_args(base, str(out), 2), train_stage2.objective, "Stage II")
+    assert e.value.code == (f"--out {out} already holds a run (checkpoint {out / 'ckpt'}): continue it with "
+                            f"--resume, or start over with a new --out (or delete {out} first)")
+    assert before == {p: (out / p).read_bytes() for p in before}
+
+
+def test_sigterm_stops_with_one_line_and_its_command_resumes(tiny, tmp_path):
+    """train_stage1.py in a process of its own, sent SIGTERM once it has saved a checkpoint: exit status
+    143, no traceback, one line naming the checkpoint and the command that resumes; that command (with
+    --steps cut short) continues from the checkpoint's step."""
+    _, _, base = tiny
+    out = tmp_path / "r"
+    cmd = [sys.executable, os.path.join(ROOT, "train_stage1.py"), "--base", base, "--out", str(out), "--steps", "1000",
+           "--batch", "4", "--k", "2", "--micro-batch", "2", "--max-new-tokens", "3", "--n-train", "8",
+           "--save-every", "1", "--device", "cpu", "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "ckpt" / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"Stage I: stopped by SIGTERM; the last checkpoint is {out / 'ckpt'} (step "), line
+    step = int(line.split("(step ")[1].split(";")[0])
+    again = shlex.split(line.split("resume with: ")[1])
+    assert again[1:] == cmd[1:] + ["--resume"], again
+    res = subprocess.run([sys.executable, *again[1:], "--steps", str(step + 1)], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"from step {step}" in res.stdout and f"step {step + 1}/{step + 1}" in res.stdout, res.stdout
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tiny, tmp_path):
