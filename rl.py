@@ -540,8 +540,9 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
 
 # ------------------------------------------------------------------------------- checkpoints
 # Flags that change what a run computes: --resume refuses to continue a run with other values.
+# gen_batch too: the chunks draw from streams of their own, so another chunking samples other rollouts.
 RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "alpha", "beta1", "beta2", "kl",
-             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype")
+             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype", "gen_batch")
 
 
 def save(path, policy, tok, opt, step, args, extra=None):
@@ -665,6 +666,8 @@ def train(args, objective, name):
         if init is None:
             raise SystemExit(f"--resume: no checkpoint in {args.out}/ckpt to resume from")
         state = torch.load(os.path.join(init, "state.pt"), map_location=dev, weights_only=False)  # on this rank's device
+        if args.gen_batch is None:  # the run's own, not what the memory model would choose on this GPU
+            args.gen_batch = state["args"].get("gen_batch")
         check_resume(state["args"], args)
         step0 = state["step"]
     for path, what in ((init, "--init"), (args.base, "--base")):

@@ -388,6 +388,26 @@ def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch, capsys):
     assert [__import__("json").loads(x)["step"] for x in lines] == [1, 2, 3, 4]
 
 
+def test_resume_keeps_the_runs_gen_batch(tiny, tmp_path):
+    """--gen-batch changes which stream samples which rows: a resume keeps the run's (recorded in its
+    checkpoint), refuses another one, and ends with the weights of the run that was never stopped."""
+    _, _, base = tiny
+    gb = ["--gen-batch", "4"]
+    rl.run(run_args(base, str(tmp_path / "a"), 4, extra=gb), train_stage2.objective, "Stage II")
+    rl.run(run_args(base, str(tmp_path / "b"), 2, extra=gb), train_stage2.objective, "Stage II")
+    for other in (["--gen-batch", "2"], ["--gen-batch", "8"]):
+        with pytest.raises(SystemExit) as e:
+            rl.run(run_args(base, str(tmp_path / "b"), 4, extra=["--resume", *other]), train_stage2.objective,
+                   "Stage II")
+        assert str(e.value.code).startswith(f"--resume: --gen-batch is {other[1]} but the run in {tmp_path / 'b'} "
+                                            "was started with 4"), e.value.code
+    rl.run(run_args(base, str(tmp_path / "b"), 4, extra=["--resume"]), train_stage2.objective, "Stage II")
+    assert torch.load(tmp_path / "b" / "ckpt" / "state.pt", weights_only=False)["args"]["gen_batch"] == 4
+    a = GPT.from_pretrained(tmp_path / "a" / "ckpt").state_dict()
+    b = GPT.from_pretrained(tmp_path / "b" / "ckpt").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
 def test_a_run_directory_is_never_trained_over(tiny, tmp_path):
     """The same command again, without --resume, into a directory that holds a checkpoint: refused in one
     line that names both ways on; the checkpoint and the log are untouched."""
