@@ -82,6 +82,23 @@ def test_metrics_math():
     assert (rep["acc_t1"], rep["acc_t2"], rep["delta_i2c"], rep["delta_c2i"]) == (0.5, 1.0, 0.5, 0.0)
 
 
+def test_changed_math_by_equivalence():
+    """An answer written another way is no change: the pairs below, by hand, change in two cases of eight
+    (compared as strings, seven would)."""
+    b = lambda s: f"so \\boxed{{{s}}}"
+    pairs = [(b("0.5"), b("\\frac{1}{2}")),     # the same number: unchanged
+             (b("2"), b("2.0")),                  # unchanged
+             (b("x+1"), b("1+x")),                # the same expression: unchanged
+             (b("\\frac{1}{2}"), b("\\dfrac12")),  # unchanged
+             (b("\\sqrt{8}"), b("2\\sqrt{2}")),   # unchanged
+             (b("4"), b("3")),                    # changed
+             ("no answer", b("3")),               # none -> 3: changed
+             ("no answer", "still none")]         # no answer twice: unchanged
+    p = [data.Problem("q", "3", "math") for _ in pairs]
+    rep = evaluate.metrics(p, [list(t) for t in zip(*pairs)])
+    assert rep["changed"] == pytest.approx(2 / 8)
+
+
 # ----------------------------------------------------------------------------- majority voting
 def test_majority_demo_by_hand():
     groups = [["2+5", "1+9", "9+1", "x"],     # 1+9 and 9+1 are one answer: 2 votes to 1 -> wrong
