@@ -82,6 +82,19 @@ def test_metrics_math():
     assert (rep["acc_t1"], rep["acc_t2"], rep["delta_i2c"], rep["delta_c2i"]) == (0.5, 1.0, 0.5, 0.0)
 
 
+def test_report_counts_the_greedy_attempts(ckpt, tmp_path, monkeypatch, capsys, recount):
+    """evaluate.py's report against a count made here of each problem's two greedy attempts
+    (conftest.recount), with an oracle that any text can pass (an even length is right), so that
+    accuracies and transitions are away from 0 and from each other."""
+    monkeypatch.setattr(data, "rewards", lambda problems, texts, timeout=10.0: [float(len(t) % 2 == 0) for t in texts])
+    evaluate.main(["--ckpt", ckpt, "--task", "demo", "--n", "24", "--max-new-tokens", "6", "--batch", "5",
+                   "--out", str(tmp_path / "r.json")])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    want = recount(ckpt, data.load_task("demo", n=24, seed=data.DEMO_EVAL_SEED, split="eval"), rep["p1"], 6)
+    assert {key: rep[key] for key in want} == pytest.approx(want, abs=1e-12)
+    assert 0 < want["delta_i2c"] != want["delta_c2i"] > 0 and want["acc_t1"] != want["acc_t2"], want
+
+
 def test_changed_math_by_equivalence():
     """An answer written another way is no change: the pairs below, by hand, change in two cases of eight
     (compared as strings, seven would)."""

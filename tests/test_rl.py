@@ -1,5 +1,6 @@
 """The SCoRe objectives against hand-computed values, the KL term's gradient against the exact
 KL(pi || pi_ref), and the rollout layout at the token level."""
+import json
 import os
 import runpy
 import shlex
@@ -385,7 +386,35 @@ def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch, capsys):
     init = GPT.from_pretrained(base + "/init").state_dict()
     assert not torch.equal(a["embed_tokens.weight"], init["embed_tokens.weight"])  # training did move it
     lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
-    assert [__import__("json").loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_logged_accuracies_count_the_steps_rollouts(tiny, tmp_path, monkeypatch):
+    """Each log record's acc_t1, acc_t2, delta_i2c and delta_c2i against a count made here of the texts
+    the step sampled (recorded as rl.rollout returns them). The oracle is replaced by one that any text
+    can pass (an even length is right), so every pattern of rewards occurs."""
+    _, _, base = tiny
+    right = lambda text: float(len(text) % 2 == 0)
+    monkeypatch.setattr(data, "rewards", lambda problems, texts: [right(t) for t in texts])
+    texts, real = [], rl.rollout
+
+    def recording(*a, **kw):
+        ro = real(*a, **kw)
+        texts.append((ro.y1, ro.y2))
+        return ro
+
+    monkeypatch.setattr(rl, "rollout", recording)
+    rl.run(run_args(base, str(tmp_path / "r"), 4), train_stage2.objective, "Stage II")
+    log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == len(texts) == 4
+    for rec, (y1, y2) in zip(log, texts):
+        r1, r2 = [right(t) for t in y1], [right(t) for t in y2]
+        n = len(r1)
+        want = {"acc_t1": sum(r1) / n, "acc_t2": sum(r2) / n,
+                "delta_i2c": sum(a == 0 and b == 1 for a, b in zip(r1, r2)) / n,
+                "delta_c2i": sum(a == 1 and b == 0 for a, b in zip(r1, r2)) / n}
+        assert {k: rec[k] for k in want} == pytest.approx(want, abs=1e-12), rec["step"]
+    assert sum(rec["delta_i2c"] > 0 for rec in log) and sum(rec["delta_c2i"] > 0 for rec in log)
 
 
 def test_resume_keeps_the_runs_gen_batch(tiny, tmp_path):
