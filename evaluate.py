@@ -274,6 +274,8 @@ def main(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.batch < 1 or args.scaling < 0:
         p.error("--batch must be at least 1 and --scaling at least 0")
+    if not 0.0 < args.scaling_temperature < float("inf"):  # also false for nan
+        p.error(f"--scaling-temperature must be positive: --scaling samples (got {args.scaling_temperature})")
     if args.scaling and args.task in ("mbpp", "humaneval"):
         p.error(f"--scaling votes over the answers' equivalence classes; for programs (task {args.task}) "
                 "a vote by their text is meaningless")

@@ -333,6 +333,10 @@ def main(argv=None):
         p.error("--turns must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    if not 0.0 <= args.temperature < float("inf"):  # also false for nan
+        p.error(f"--temperature must be 0 (greedy) or positive (got {args.temperature})")
+    if not 0.0 < args.top_p <= 1.0:
+        p.error(f"--top-p is a fraction in (0, 1] (got {args.top_p})")
     if not is_checkpoint(args.ckpt):
         p.error(f"--ckpt {args.ckpt}: not a checkpoint (no config.json and model.pt there)")
     try:

@@ -315,6 +315,12 @@ def test_bad_task_and_data(ckpt, tmp_path, capsys):
     assert f"{empty}: no problems found" in error_of(capsys, ["--ckpt", ckpt, "--task", "math", "--data", str(empty)])
 
 
+def test_scaling_temperature_must_be_positive(ckpt, capsys):
+    for bad in ("0", "-0.7", "nan"):
+        msg = error_of(capsys, ["--ckpt", ckpt, "--scaling", "2", "--scaling-temperature", bad])
+        assert msg.endswith(f"--scaling-temperature must be positive: --scaling samples (got {float(bad)})"), msg
+
+
 def test_malformed_task_json(tmp_path, capsys):
     d = make_ckpt(tmp_path / "c")
     (tmp_path / "c" / "task.json").write_text("{not json")

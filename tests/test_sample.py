@@ -318,7 +318,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     d = _byte_ckpt(tmp_path / "a", 512)
     for argv, want in [(["--ckpt", str(tmp_path)], "not a checkpoint"),
                        (["--ckpt", d, "--max-new-tokens", "400"], "use --max-new-tokens "),
-                       (["--ckpt", d, "--prompt", "q" * 400], "leave no room")]:
+                       (["--ckpt", d, "--prompt", "q" * 400], "leave no room"),
+                       (["--ckpt", d, "--temperature", "-1"], "--temperature must be 0 (greedy) or positive (got -1.0)"),
+                       (["--ckpt", d, "--temperature", "nan"], "--temperature must be 0 (greedy) or positive (got nan)"),
+                       (["--ckpt", d, "--top-p", "0"], "--top-p is a fraction in (0, 1] (got 0.0)"),
+                       (["--ckpt", d, "--top-p", "1.5"], "--top-p is a fraction in (0, 1] (got 1.5)")]:
         argv = argv + ([] if "--prompt" in argv else ["--prompt", "q"])
         with pytest.raises(SystemExit):
             sample.main(argv + ["--device", "cpu"])
