@@ -249,15 +249,21 @@ def load_task(name, path=None, n=None, seed=0, split="train"):
 
 # ------------------------------------------------------------------------------- oracles
 def program_of(problem, response):
-    """The program to run for a code answer: the last ```python block; for HumanEval, a block that
-    only gives the body's continuation gets the header prepended."""
+    """The program to run for a code answer: the last ```python block. For HumanEval the prompt runs first
+    in any case, as common harnesses run it: a block that only gives the body's continuation gets the
+    whole prompt (the header) prepended; one that defines the entry point gets the prompt's code before
+    that definition (its imports, such as `from typing import List`, and any helper it defines)."""
     code = reward.extract_code(response)
     if code is None:
         return None
     entry = problem.meta.get("entry_point")
-    if entry and f"def {entry}" not in code:
-        code = problem.meta["header"] + code
-    return code
+    if not entry:
+        return code
+    header = problem.meta["header"]
+    if f"def {entry}" not in code:
+        return header + code
+    start = header.find(f"def {entry}(")
+    return (header[:start] if start >= 0 else "") + code
 
 
 def answer_of(problem, response):

@@ -6,7 +6,8 @@ only the instruction p1, and answers again (turn 2).
     delta            acc_t2 - acc_t1
     delta_i2c        fraction of problems wrong at turn 1 and right at turn 2
     delta_c2i        fraction of problems right at turn 1 and wrong at turn 2
-    changed          fraction of problems whose final answer changed between the turns
+    changed          fraction of problems whose final answer changed between the turns (answers compared
+                     by the task's equivalence, as majority voting compares them: 0.5 and 1/2 are one)
     acc_t3, ...      with --turns N, the accuracy after each further round of p1
     scaling          with --scaling K: K samples each corrected once, majority vote, against 2K
                      independent samples, majority vote (the paper's Figure 1, right; temperature 0.7)
@@ -77,7 +78,7 @@ def metrics(problems, texts):
     rep.update(delta=rep["acc_t2"] - rep["acc_t1"],
                delta_i2c=sum(x == 0 and y == 1 for x, y in zip(a1, a2)) / n,
                delta_c2i=sum(x == 1 and y == 0 for x, y in zip(a1, a2)) / n,
-               changed=sum(x != y for x, y in zip(ans1, ans2)) / n, n=n)
+               changed=sum(changed(p, x, y) for p, x, y in zip(problems, ans1, ans2)) / n, n=n)
     return rep
 
 
@@ -85,6 +86,15 @@ def same_answer(problem, a, b):
     """Whether two extracted answers (data.answer_of) are the same answer: math by reward.math_equal
     (so \\frac12, 1/2 and 0.5 agree); the demo's are canonical already (the sorted pair)."""
     return reward.math_equal(a, b) if problem.kind == "math" else a == b
+
+
+def changed(problem, a, b):
+    """Whether the answer changed between two attempts (a, b: data.answer_of's, None for no answer): one
+    gives an answer and the other none, or both give answers that are not the same answer (the
+    equivalence majority voting uses: \\boxed{0.5} then \\boxed{\\frac{1}{2}} is no change)."""
+    if a is None or b is None:
+        return (a is None) != (b is None)
+    return not same_answer(problem, a, b)
 
 
 def majority_correct(problems, texts, k):
@@ -264,6 +274,8 @@ def main(argv=None):
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.batch < 1 or args.scaling < 0:
         p.error("--batch must be at least 1 and --scaling at least 0")
+    if not 0.0 < args.scaling_temperature < float("inf"):  # also false for nan
+        p.error(f"--scaling-temperature must be positive: --scaling samples (got {args.scaling_temperature})")
     if args.scaling and args.task in ("mbpp", "humaneval"):
         p.error(f"--scaling votes over the answers' equivalence classes; for programs (task {args.task}) "
                 "a vote by their text is meaningless")
@@ -317,6 +329,8 @@ def main(argv=None):
                                    temperature=args.scaling_temperature, progress=name))
         reports.append({**rep, "p1": p1, "max_new_tokens": max_new, "dtype": dtype})
         del model
+    if dist.is_initialized():  # every rank has all texts: leave the group now, not at the interpreter's exit
+        dist.destroy_process_group()
     if rank != 0:
         return
     table, result = markdown(reports), reports[0] if len(reports) == 1 else reports

@@ -36,11 +36,15 @@ CPU as on the GPU. The reference is stored in the compute dtype, and a bf16 copy
 every step, samples the rollouts (make_sampler): the same numbers, without casting every decoded token.
 """
 import argparse
+import hashlib
 import json
 import math
 import os
 import random
+import shlex
 import shutil
+import signal
+import sys
 import time
 from types import SimpleNamespace
 
@@ -101,7 +105,8 @@ def get_args(stage, argv=None, run=None):
     p.add_argument("--data", help="training data path (see data.py for the formats)")
     p.add_argument("--n-train", type=int, help="use only the first N training problems")
     p.add_argument("--base", help="the base model's checkpoint: pi_ref, and the tokenizer")
-    p.add_argument("--init", help="policy to start from (Stage I: the base model; Stage II: Stage I's checkpoint)")
+    p.add_argument("--init", help="policy to start from (default: Stage I, --base; Stage II, the preset's Stage I "
+                                  "checkpoint)")
     p.add_argument("--out", help="run directory: ckpt/ (latest checkpoint) and log.jsonl")
     p.add_argument("--steps", type=int, help="optimizer updates")
     p.add_argument("--batch", type=int, help="two-turn rollouts per update (prompts x k)")
@@ -151,38 +156,76 @@ def get_args(stage, argv=None, run=None):
     p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2")})
     if stage == 2:
         p.set_defaults(**preset.get("stage2", {}))
-    p.set_defaults(init=preset["base"] if stage == 1 else f"{preset['root']}/stage1/ckpt",
-                   out=f"{preset['root']}/{run or f'stage{stage}'}")
+    p.set_defaults(out=f"{preset['root']}/{run or f'stage{stage}'}")
     args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the line that resumes the run repeats
+    error = check_args(args)
+    if error:  # one line, before anything is read or written
+        p.exit(2, f"{p.prog}: error: {error}\n")
+    if args.init is None:  # Stage I's policy starts from the base model it is held to, unless told otherwise
+        args.init = args.base if stage == 1 else f"{preset['root']}/stage1/ckpt"
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
     if args.p1 is None:
         args.p1 = data.instruction(args.task)
-    if args.batch % args.k or args.micro_batch % args.k:
-        p.error(f"--batch ({args.batch}) and --micro-batch ({args.micro_batch}) must be multiples of --k ({args.k})")
-    if not 0.0 <= args.base_first <= 1.0:
-        p.error("--base-first is a fraction in [0, 1]")
-    if args.gen_batch is not None and args.gen_batch < args.k:
-        p.error(f"--gen-batch ({args.gen_batch}) must hold at least one prompt's k = {args.k} samples")
-    if args.lora < 0:
-        p.error(f"--lora is a rank, 0 (full fine-tuning) or more, not {args.lora}")
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora
-    if args.lora and not (math.isfinite(args.lora_alpha) and args.lora_alpha > 0):
-        p.error(f"--lora-alpha must be a positive number, not {args.lora_alpha}")
     return args
 
 
+def check_args(a):
+    """The first nonsense among the numeric flags, as a one-line message naming the flag; None if all is well."""
+    for flag in ("steps", "batch", "k", "micro_batch", "max_new_tokens", "save_every"):
+        if getattr(a, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
+    for flag in ("n_train", "gen_batch"):  # None: all problems / all rows at once
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
+    for flag in ("keep_every", "threads"):
+        if getattr(a, flag) < 0:
+            return f"--{flag.replace('_', '-')} must be at least 0 (got {getattr(a, flag)})"
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        return f"--lr must be a positive number (got {a.lr})"
+    if not (math.isfinite(a.temperature) and a.temperature > 0):
+        return f"--temperature must be positive: RL samples its rollouts (got {a.temperature})"
+    for flag in ("alpha", "beta1", "beta2", "grad_clip"):
+        if not (math.isfinite(getattr(a, flag)) and getattr(a, flag) >= 0):
+            return f"--{flag.replace('_', '-')} must be a number at least 0 (got {getattr(a, flag)})"
+    if not 0.0 <= a.base_first <= 1.0:  # also false for nan
+        return f"--base-first is a fraction in [0, 1] (got {a.base_first})"
+    if a.k < 2 and a.baseline == "loo":
+        return "--k 1 leaves the leave-one-out baseline no other sample: use --k 2 or more, or --baseline none"
+    if a.batch % a.k or a.micro_batch % a.k:
+        return f"--batch ({a.batch}) and --micro-batch ({a.micro_batch}) must be multiples of --k ({a.k})"
+    if a.gen_batch is not None and a.gen_batch < a.k:
+        return f"--gen-batch ({a.gen_batch}) must hold at least one prompt's k = {a.k} samples"
+    if a.lora < 0:
+        return f"--lora is a rank, 0 (full fine-tuning) or more (got {a.lora})"
+    if a.lora_alpha is not None and not (math.isfinite(a.lora_alpha) and a.lora_alpha > 0):
+        return f"--lora-alpha must be a positive number (got {a.lora_alpha})"
+    return None
+
+
 # ------------------------------------------------------------------------------- rollouts
+def seed_of(*key):
+    """The seed of one stream of random numbers, named by its key: (the run's --seed, the step, the rank), then
+    the purpose and the chunk. A hash, so no two keys share a stream (seeds such as seed and seed + 1 would:
+    each step's streams would be the next step's). The CPU's generator keeps 32 bits of it: two of a run's
+    streams meet only by chance, about once in 2^32 pairs, never by a pattern."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
+
+
 def rollout(policy, ref, tok, problems, args, seed):
     """Two attempts for each of `problems` (k samples each, prompt-major), their rewards, the sampler's
     log-probs of the sampled tokens, and the token layout of each rollout (sample.layout), generated in
-    chunks of at most args.gen_batch rows (whole prompt groups) so that the KV cache stays bounded."""
+    chunks of at most args.gen_batch rows (whole prompt groups) so that the KV cache stays bounded.
+    seed: an int or a tuple, the key of this rollout's randomness; the coin flips of --base-first, the base
+    model's first attempts and the policy's samples each draw from a stream of their own (seed_of)."""
     prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in problems]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])
     R, k = len(problems) * args.k, args.k
     turns = getattr(args, "turns", 2)  # 1: single-turn RL (train_single_turn.py) samples no second attempt
-    from_base = torch.rand(R, generator=torch.Generator().manual_seed(seed)) < args.base_first
+    from_base = torch.rand(R, generator=torch.Generator().manual_seed(seed_of(seed, "base-first"))) < args.base_first
     per = max(1, (getattr(args, "gen_batch", None) or R) // k)  # prompts per chunk
     y1s, y2s, lp1s, lp2s = [], [], [], []
     t0 = time.time()
@@ -191,15 +234,16 @@ def rollout(policy, ref, tok, problems, args, seed):
         first = None
         base_rows = [r for r in rows if from_base[r]]
         if base_rows:  # paper 5.3: some first attempts come from the base model
-            with adapters_off(ref):
+            with adapters_off(ref):  # with LoRA the base model is the policy with its adapters off
                 ys = generate(ref, [prompts[r // k] for r in base_rows], args.max_new_tokens, args.temperature,
-                              stop_ids=tok.stop_ids, seed=seed + 1 + 7 * c)
+                              stop_ids=tok.stop_ids, seed=seed_of(seed, "base", c))
             first = [None] * len(rows)
             for r, y in zip(base_rows, ys):
                 first[r - a * k] = y
         ys, lps = generate_turns(
             policy, ps, followup, args.max_new_tokens, turns=turns, k=k, temperature=args.temperature,
-            stop_ids=tok.stop_ids, eot_id=tok.eot_id, seed=seed + 7 * c, first=first, return_logprobs=True)
+            stop_ids=tok.stop_ids, eot_id=tok.eot_id, seed=seed_of(seed, "policy", c), first=first,
+            return_logprobs=True)
         y1s += ys[0]; lp1s += lps[0]
         y2s += ys[-1]; lp2s += lps[-1]  # one turn: the "second" attempt is the first, and is never trained
     t_sample = time.time() - t0
@@ -411,6 +455,12 @@ def setup_distributed(device):
     process (nccl) or CPU processes (gloo). Returns (rank, world, device)."""
     if "RANK" not in os.environ:
         return 0, 1, device
+    # First, before the group exists: torch.distributed.nn's functions take group=group.WORLD as a default,
+    # evaluated when the module is imported, and torch._dynamo imports it (Adam's constructor imports
+    # torch._dynamo). Imported after init_process_group, those ten defaults keep the group alive past
+    # destroy_process_group; its gloo threads then outlive the interpreter's shutdown, and one that
+    # releases a tensor then aborts the process ("terminate called without an active exception").
+    import torch.distributed.nn  # noqa: F401
     cuda = str(device).startswith("cuda")
     dist.init_process_group("nccl" if cuda else "gloo")
     if cuda:
@@ -421,9 +471,10 @@ def setup_distributed(device):
 
 # ------------------------------------------------------------------------------- checkpoints
 # Flags that change what a run computes: --resume refuses to continue a run with other values.
+# gen_batch too: the chunks draw from streams of their own, so another chunking samples other rollouts.
 RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "alpha", "beta1", "beta2", "kl",
-             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype", "lora",
-             "lora_alpha")
+             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype", "gen_batch",
+             "lora", "lora_alpha")
 
 
 def save(path, policy, tok, opt, step, args, extra=None):
@@ -487,6 +538,48 @@ def load_problems(args, tok, max_len, say):
 
 # ------------------------------------------------------------------------------- the loop
 def run(args, objective, name):
+    """A stage's run (train), made safe to start and to stop: a run directory that holds a checkpoint
+    is continued only with --resume, never trained over; Ctrl-C (SIGINT) or SIGTERM stops it with one
+    line that names the last checkpoint and the command that resumes from it. (No checkpoint is written
+    at the interrupt: the weights in the middle of a step belong to no step, and an exact resume needs
+    a step's.)"""
+    ckpt = latest(args.out)
+    if ckpt and not args.resume:
+        raise SystemExit(f"--out {args.out} already holds a run (checkpoint {ckpt}): continue it with --resume, "
+                         f"or start over with a new --out (or delete {args.out} first)")
+    handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        train(args, objective, name)
+    except KeyboardInterrupt as e:
+        sig = e.args[0] if e.args else "SIGINT"
+        rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+        if rank == 0:
+            ckpt = latest(args.out)
+            if ckpt:  # mmap: its step without reading the Adam state
+                state = os.path.join(ckpt, "state.pt")
+                step = torch.load(state, map_location="cpu", mmap=True, weights_only=False)["step"]
+                where = (f"the last checkpoint is {ckpt} (step {step}; the steps after it are redone); "
+                         f"resume with: {resume_command(args, world)}")
+            else:
+                where = "no checkpoint was written yet: run the same command to start again"
+            print(f"{args.label or name}: stopped by {sig}; {where}", file=sys.stderr, flush=True)
+        raise SystemExit(128 + getattr(signal, sig))  # the shell's code for a death by that signal
+    finally:
+        for s, h in handlers.items():
+            signal.signal(s, h)
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt(signal.Signals(signum).name)
+
+
+def resume_command(args, world):
+    """The command line that continues this run: the one that started it, with --resume."""
+    launch = [os.path.basename(sys.executable)] if world == 1 else ["torchrun", f"--nproc_per_node={world}"]
+    return shlex.join(launch + [sys.argv[0]] + [a for a in args.argv if a != "--resume"] + ["--resume"])
+
+
+def train(args, objective, name):
     """The loop both stages share: sample, score, update, log, checkpoint. Under torchrun each rank
     takes its share of every step's prompts; rank 0 alone logs and writes checkpoints."""
     if args.threads:
@@ -505,6 +598,8 @@ def run(args, objective, name):
         if init is None:
             raise SystemExit(f"--resume: no checkpoint in {args.out}/ckpt to resume from")
         state = torch.load(os.path.join(init, "state.pt"), map_location=dev, weights_only=False)  # on this rank's device
+        if args.gen_batch is None:  # the run's own, not what the memory model would choose on this GPU
+            args.gen_batch = state["args"].get("gen_batch")
         check_resume(state["args"], args)
         step0 = state["step"]
     for path, what in ((init, "--init"), (args.base, "--base")):
@@ -544,12 +639,13 @@ def run(args, objective, name):
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
     for step in range(step0 + 1, args.steps + 1):
         t0 = time.time()
-        seed = args.seed * 1_000_003 + step  # everything random in a step follows from (seed, step): resumable
-        batch = [problems[i] for i in random.Random(seed).sample(range(len(problems)), n_prompts)]
+        # everything random in a step follows from (seed, step): resumable; each use has its own stream
+        order = random.Random(seed_of(args.seed, step, "problems"))
+        batch = [problems[i] for i in order.sample(range(len(problems)), n_prompts)]
         with autocast:
             refresh_sampler(sampler, policy)
             sampler.eval()
-            ro = rollout(sampler, ref, tok, batch[rank::world], args, seed + 7919 * rank)
+            ro = rollout(sampler, ref, tok, batch[rank::world], args, (args.seed, step, rank))
             policy.train()
             t1 = time.time()
             try:

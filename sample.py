@@ -27,8 +27,9 @@ The token layout of a finished rollout, x + y1 + close + followup + y2 + ..., is
 trainer reads each attempt's span from it, so sampler and trainer cannot disagree on it.
 
 Precision: under torch.autocast the KV cache is allocated in the autocast dtype (bf16), otherwise in
-the weights' dtype. With return_logprobs the log-prob of each sampled token under softmax(logits / T)
-(T = 1 for greedy) is returned too, in fp32: the trainer uses them for the KL in the reward.
+the weights' dtype. With return_logprobs the log-prob of each sampled token under the distribution it was
+drawn from, softmax(logits / T) (T = 1 for greedy) renormalized over the nucleus when top_p < 1, is
+returned too, in fp32: the trainer uses them for the KL in the reward (it samples with top_p = 1).
 
 This file imports only model.py (and torch), so it can be copied with model.py alone.
 """
@@ -50,11 +51,26 @@ def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
     logits = logits.float()
     probs = (logits if temperature == 1.0 else logits / temperature).softmax(-1)
     if top_p < 1.0:
-        probs, order = probs.sort(-1, descending=True)
-        # drop a token when the mass before it already reaches top_p (the first token always stays)
-        probs = probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0)
+        probs, order = nucleus(probs, top_p)
         return order.gather(-1, draw(probs, generator)[:, None]).squeeze(1)
     return draw(probs, generator)
+
+
+def nucleus(probs, top_p):
+    """probs (B, V) sorted in descending order, with the tokens outside the nucleus zeroed, and the order:
+    a token is dropped when the mass before it already reaches top_p (the first token always stays)."""
+    probs, order = probs.sort(-1, descending=True)
+    return probs.masked_fill(probs.cumsum(-1) - probs >= top_p, 0.0), order
+
+
+def token_logprob(logits, tok, temperature=1.0, top_p=1.0):
+    """log p(tok) (B,), in fp32, under the distribution sample_next drew tok from: softmax(logits / T)
+    (T = 1 for greedy), renormalized over the nucleus when top_p < 1."""
+    lf = logits.float() / (temperature or 1.0)
+    lp = lf.gather(1, tok[:, None]).squeeze(1) - lf.logsumexp(-1)
+    if top_p < 1.0 and temperature:
+        lp = lp - nucleus(lf.softmax(-1), top_p)[0].sum(-1).log()  # minus log of the nucleus's mass
+    return lp
 
 
 def draw(weights, generator=None, block=128):
@@ -124,8 +140,9 @@ def generate_turns(model, prompts, followup, max_new_tokens, turns=2, k=1, tempe
     first: None, or one entry per row: None (sample turn 1) or a token list, used as that row's
       first attempt instead of sampling (teacher-forced into the cache; paper 5.3).
     seed: None (torch's global generator), an int, or a torch.Generator on the model's device.
-    return_logprobs: also return, in the same nesting, each returned token's log-prob (fp32 floats;
-      None for a given first attempt): returns (attempts, logprobs).
+    return_logprobs: also return, in the same nesting, each returned token's log-prob under the distribution
+      it was drawn from (token_logprob; fp32 floats; None for a given first attempt): returns (attempts,
+      logprobs).
     """
     cfg = model.config
     W = model.head_weight
@@ -235,9 +252,8 @@ def _decode(model, cache, logits, n, slot, max_new_tokens, valid, pos, order, te
         live = ~done[:m]                                        # rows that get a new token this step
         tok = sample_next(logits, temperature, top_p, gen_rng)  # (m,)
         gen[:m, step] = tok
-        if want_lp:  # log softmax(logits / T) of the drawn token, in fp32 (T = 1 for greedy)
-            lf = logits.float() / (temperature or 1.0)
-            lp[:m, step] = lf.gather(1, tok[:, None]).squeeze(1) - lf.logsumexp(-1)
+        if want_lp:
+            lp[:m, step] = token_logprob(logits, tok, temperature, top_p)
         length[:m] += live
         owed[:m] |= live
         if len(stop_t):
@@ -319,6 +335,10 @@ def main(argv=None):
         p.error("--turns must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
         p.error("--max-new-tokens must be at least 1")
+    if not 0.0 <= args.temperature < float("inf"):  # also false for nan
+        p.error(f"--temperature must be 0 (greedy) or positive (got {args.temperature})")
+    if not 0.0 < args.top_p <= 1.0:
+        p.error(f"--top-p is a fraction in (0, 1] (got {args.top_p})")
     if not is_checkpoint(args.ckpt):
         p.error(f"--ckpt {args.ckpt}: not a checkpoint (no config.json and model.pt, or LoRA adapters, there)")
     try:

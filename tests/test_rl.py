@@ -1,5 +1,13 @@
 """The SCoRe objectives against hand-computed values, the KL term's gradient against the exact
 KL(pi || pi_ref), and the rollout layout at the token level."""
+import json
+import os
+import runpy
+import shlex
+import signal
+import subprocess
+import sys
+import time
 from types import SimpleNamespace
 
 import pytest
@@ -139,6 +147,51 @@ def test_single_turn_rollout_holds_the_first_attempt_only(tiny):
     assert any(p.grad.abs().max() > 0 for p in policy.parameters())
 
 
+def test_first_token_is_independent_of_the_coin_flips(tiny):
+    """A first attempt the policy samples has pi's first-token distribution whatever --base-first's coin
+    flips decided: each purpose draws from a stream of its own. (When the coin flips and the policy's
+    first chunk shared one seed, a row left to pi at --base-first 0.9 never drew a token from the first
+    20% of pi's mass in token order, and at 0.3 drew the first 40% about 36% of the time.) pi's
+    probabilities come from a full forward of the prompt; the sets are prefixes of the vocabulary; fixed
+    seeds, so the outcome is deterministic; the bound is 4 standard errors."""
+    model, tok, _ = tiny
+    problems = data.make_demo(1, seed=5)
+    x = tok.render([{"role": "user", "content": problems[0].prompt}])
+    with torch.no_grad():
+        cdf = torch.softmax(model(torch.tensor([x]))[0, -1].double(), -1).cumsum(0)  # in token-id order
+    a = SimpleNamespace(k=1, max_new_tokens=1, temperature=1.0, p1=data.DEMO_P1, base_first=0.9, gen_batch=None,
+                        turns=1)
+    firsts = []
+    for seed in range(1500):
+        ro = rl.rollout(model, model, tok, problems, a, seed=seed)
+        if ro.first_from_pi[0]:
+            firsts.append(int(ro.tokens[0, len(x)]))
+    assert len(firsts) > 100
+    for c in (0.2, 0.4, 0.6, 0.8):
+        cut = int((cdf < c).sum()) + 1  # tokens [0, cut) hold pi's first `mass` of probability
+        mass = cdf[cut - 1].item()
+        freq = sum(t < cut for t in firsts) / len(firsts)
+        assert abs(freq - mass) < 4 * (mass * (1 - mass) / len(firsts)) ** 0.5, (c, freq, mass, len(firsts))
+
+
+def test_no_two_purposes_or_seeds_share_a_stream(tiny):
+    """The base model's first attempts at one seed are not the policy's at the next seed, and a rollout's
+    second chunk does not replay another seed's first chunk (with seed + 1 and seed + 7 * chunk, both
+    did). The policy and the base are the same model here, so a shared stream gives the same tokens."""
+    model, tok, _ = tiny
+    p = data.make_demo(1, seed=5)[0]
+    a = lambda **kw: SimpleNamespace(**{"k": 4, "max_new_tokens": 6, "temperature": 1.0, "p1": data.DEMO_P1,
+                                        "gen_batch": None, "turns": 1, "base_first": 0.0, **kw})
+    for seed in range(3):
+        from_base = rl.rollout(model, model, tok, [p], a(base_first=1.0), seed=seed)
+        from_pi = rl.rollout(model, model, tok, [p], a(), seed=seed + 1)
+        assert not from_base.first_from_pi.any() and from_pi.first_from_pi.all()
+        assert from_base.y1 != from_pi.y1, seed
+        chunked = rl.rollout(model, model, tok, [p, p], a(gen_batch=4), seed=seed)
+        later = rl.rollout(model, model, tok, [p, p], a(gen_batch=4), seed=seed + 7)
+        assert chunked.y1[4:] != later.y1[:4], seed
+
+
 def naive_gradients(policy, ref, ro, objective, a):
     """The objective through full logits and log_softmax, each row on its own, masks applied by hand."""
     policy.zero_grad(set_to_none=True)
@@ -205,6 +258,73 @@ def test_a_nonlinear_objective_just_works(tiny):
     assert any(p.grad.abs().max() > 0 for p in policy.parameters())
 
 
+# ----------------------------------------------------------------------------- flags checked at parse time
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BAD_FLAGS = [  # (flags, the error line's message): one rule each
+    (["--steps", "0"], "--steps must be at least 1 (got 0)"),
+    (["--steps", "-1"], "--steps must be at least 1 (got -1)"),
+    (["--batch", "0"], "--batch must be at least 1 (got 0)"),
+    (["--k", "0"], "--k must be at least 1 (got 0)"),
+    (["--micro-batch", "0"], "--micro-batch must be at least 1 (got 0)"),
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1 (got 0)"),
+    (["--save-every", "0"], "--save-every must be at least 1 (got 0)"),
+    (["--n-train", "0"], "--n-train must be at least 1 (got 0)"),
+    (["--gen-batch", "0"], "--gen-batch must be at least 1 (got 0)"),
+    (["--keep-every", "-2"], "--keep-every must be at least 0 (got -2)"),
+    (["--threads", "-1"], "--threads must be at least 0 (got -1)"),
+    (["--lr", "-1"], "--lr must be a positive number (got -1.0)"),
+    (["--lr", "0"], "--lr must be a positive number (got 0.0)"),
+    (["--lr", "nan"], "--lr must be a positive number (got nan)"),
+    (["--lr", "inf"], "--lr must be a positive number (got inf)"),
+    (["--temperature", "0"], "--temperature must be positive: RL samples its rollouts (got 0.0)"),
+    (["--temperature", "nan"], "--temperature must be positive: RL samples its rollouts (got nan)"),
+    (["--alpha", "-1"], "--alpha must be a number at least 0 (got -1.0)"),
+    (["--beta1", "nan"], "--beta1 must be a number at least 0 (got nan)"),
+    (["--beta2", "-0.1"], "--beta2 must be a number at least 0 (got -0.1)"),
+    (["--grad-clip", "-1"], "--grad-clip must be a number at least 0 (got -1.0)"),
+    (["--base-first", "1.5"], "--base-first is a fraction in [0, 1] (got 1.5)"),
+    (["--base-first", "nan"], "--base-first is a fraction in [0, 1] (got nan)"),
+    (["--k", "1", "--batch", "4", "--micro-batch", "2"],
+     "--k 1 leaves the leave-one-out baseline no other sample: use --k 2 or more, or --baseline none"),
+    (["--batch", "6", "--k", "4"], "--batch (6) and --micro-batch (2) must be multiples of --k (4)"),
+    (["--gen-batch", "1"], "--gen-batch (1) must hold at least one prompt's k = 2 samples"),
+    (["--lora", "-4"], "--lora is a rank, 0 (full fine-tuning) or more (got -4)"),
+    (["--lora", "4", "--lora-alpha", "0"], "--lora-alpha must be a positive number (got 0.0)"),
+]
+
+
+@pytest.mark.parametrize("flags,message", BAD_FLAGS, ids=[" ".join(f) for f, _ in BAD_FLAGS])
+def test_a_bad_flag_is_one_line_and_writes_nothing(tiny, tmp_path, monkeypatch, capsys, flags, message):
+    """train_stage1.py as a user runs it (its __main__), with a small run's flags and then one bad value:
+    exit status 2, one line on stderr naming the flag, and no file written (the run directory does not
+    exist), before any model is read."""
+    _, _, base = tiny
+    script = os.path.join(ROOT, "train_stage1.py")
+    argv = ["--base", base, "--init", base, "--out", str(tmp_path / "run"), "--steps", "1", "--batch", "4", "--k", "2",
+            "--micro-batch", "2", "--max-new-tokens", "2", "--n-train", "8", "--device", "cpu", *flags]
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_path(script, run_name="__main__")
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err == f"train_stage1.py: error: {message}\n", err
+    assert os.listdir(tmp_path) == []
+
+
+def test_k1_without_the_baseline_and_zero_weights_are_accepted(tiny):
+    _, _, base = tiny
+    a = rl.get_args(1, ["--base", base, "--k", "1", "--batch", "4", "--micro-batch", "2", "--baseline", "none",
+                        "--alpha", "0", "--beta1", "0", "--beta2", "0", "--grad-clip", "0", "--base-first", "1"])
+    assert (a.k, a.alpha, a.beta1, a.beta2, a.base_first) == (1, 0.0, 0.0, 0.0, 1.0)
+
+
+def test_stage1_starts_from_base_unless_init_says_otherwise():
+    """Stage I's policy starts from the model it is held to: --base, whatever the preset's base is."""
+    assert rl.get_args(1, ["--preset", "math", "--base", "my/base"]).init == "my/base"
+    assert rl.get_args(1, ["--preset", "math", "--base", "my/base", "--init", "other"]).init == "other"
+    assert rl.get_args(1, ["--preset", "math"]).init == "out/math/base"
+    assert rl.get_args(2, ["--preset", "math", "--base", "my/base"]).init == "out/math/stage1/ckpt"
+
+
 # ----------------------------------------------------------------------------- the loop: resume, NaN
 def run_args(base, out, steps, stage=2, extra=()):
     return rl.get_args(stage, ["--base", base, "--init", base + "/init", "--out", out, "--steps", str(steps), "--batch", "8",
@@ -212,7 +332,9 @@ def run_args(base, out, steps, stage=2, extra=()):
                                "--save-every", "2", "--lr", "1e-3", "--device", "cpu", *extra])
 
 
-def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch):
+def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch, capsys):
+    """A run stopped by Ctrl-C during step 3 says, in one line, where its last checkpoint is (step 2) and
+    how to resume; resumed, it ends with the weights of the run that was never stopped."""
     _, _, base = tiny
     rl.run(run_args(base, str(tmp_path / "a"), 4), train_stage2.objective, "Stage II")
     calls = {"n": 0}
@@ -221,12 +343,17 @@ def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch):
     def interrupted(*a, **kw):
         calls["n"] += 1
         if calls["n"] == 3:
-            raise KeyboardInterrupt  # stopped during step 3, after the step-2 checkpoint
+            raise KeyboardInterrupt  # Ctrl-C during step 3, after the step-2 checkpoint
         return real(*a, **kw)
 
     monkeypatch.setattr(rl, "update", interrupted)
-    with pytest.raises(KeyboardInterrupt):
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
         rl.run(run_args(base, str(tmp_path / "b"), 4), train_stage2.objective, "Stage II")
+    err = capsys.readouterr().err
+    assert e.value.code == 130 and err.count("\n") == 1, err  # 128 + SIGINT, as a shell reports it
+    assert err.startswith(f"Stage II: stopped by SIGINT; the last checkpoint is {tmp_path / 'b' / 'ckpt'} (step 2;")
+    assert f" --out {tmp_path / 'b'} " in err and err.endswith(" --resume\n"), err
     monkeypatch.setattr(rl, "update", real)
     rl.run(run_args(base, str(tmp_path / "b"), 4, extra=["--resume"]), train_stage2.objective, "Stage II")
     a = GPT.from_pretrained(tmp_path / "a" / "ckpt").state_dict()
@@ -235,7 +362,97 @@ def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch):
     init = GPT.from_pretrained(base + "/init").state_dict()
     assert not torch.equal(a["embed_tokens.weight"], init["embed_tokens.weight"])  # training did move it
     lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
-    assert [__import__("json").loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+
+
+def test_logged_accuracies_count_the_steps_rollouts(tiny, tmp_path, monkeypatch):
+    """Each log record's acc_t1, acc_t2, delta_i2c and delta_c2i against a count made here of the texts
+    the step sampled (recorded as rl.rollout returns them). The oracle is replaced by one that any text
+    can pass (an even length is right), so every pattern of rewards occurs."""
+    _, _, base = tiny
+    right = lambda text: float(len(text) % 2 == 0)
+    monkeypatch.setattr(data, "rewards", lambda problems, texts: [right(t) for t in texts])
+    texts, real = [], rl.rollout
+
+    def recording(*a, **kw):
+        ro = real(*a, **kw)
+        texts.append((ro.y1, ro.y2))
+        return ro
+
+    monkeypatch.setattr(rl, "rollout", recording)
+    rl.run(run_args(base, str(tmp_path / "r"), 4), train_stage2.objective, "Stage II")
+    log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert len(log) == len(texts) == 4
+    for rec, (y1, y2) in zip(log, texts):
+        r1, r2 = [right(t) for t in y1], [right(t) for t in y2]
+        n = len(r1)
+        want = {"acc_t1": sum(r1) / n, "acc_t2": sum(r2) / n,
+                "delta_i2c": sum(a == 0 and b == 1 for a, b in zip(r1, r2)) / n,
+                "delta_c2i": sum(a == 1 and b == 0 for a, b in zip(r1, r2)) / n}
+        assert {k: rec[k] for k in want} == pytest.approx(want, abs=1e-12), rec["step"]
+    assert sum(rec["delta_i2c"] > 0 for rec in log) and sum(rec["delta_c2i"] > 0 for rec in log)
+
+
+def test_resume_keeps_the_runs_gen_batch(tiny, tmp_path):
+    """--gen-batch changes which stream samples which rows: a resume keeps the run's (recorded in its
+    checkpoint), refuses another one, and ends with the weights of the run that was never stopped."""
+    _, _, base = tiny
+    gb = ["--gen-batch", "4"]
+    rl.run(run_args(base, str(tmp_path / "a"), 4, extra=gb), train_stage2.objective, "Stage II")
+    rl.run(run_args(base, str(tmp_path / "b"), 2, extra=gb), train_stage2.objective, "Stage II")
+    for other in (["--gen-batch", "2"], ["--gen-batch", "8"]):
+        with pytest.raises(SystemExit) as e:
+            rl.run(run_args(base, str(tmp_path / "b"), 4, extra=["--resume", *other]), train_stage2.objective,
+                   "Stage II")
+        assert str(e.value.code).startswith(f"--resume: --gen-batch is {other[1]} but the run in {tmp_path / 'b'} "
+                                            "was started with 4"), e.value.code
+    rl.run(run_args(base, str(tmp_path / "b"), 4, extra=["--resume"]), train_stage2.objective, "Stage II")
+    assert torch.load(tmp_path / "b" / "ckpt" / "state.pt", weights_only=False)["args"]["gen_batch"] == 4
+    a = GPT.from_pretrained(tmp_path / "a" / "ckpt").state_dict()
+    b = GPT.from_pretrained(tmp_path / "b" / "ckpt").state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_run_directory_is_never_trained_over(tiny, tmp_path):
+    """The same command again, without --resume, into a directory that holds a checkpoint: refused in one
+    line that names both ways on; the checkpoint and the log are untouched."""
+    _, _, base = tiny
+    out = tmp_path / "r"
+    rl.run(run_args(base, str(out), 2), train_stage2.objective, "Stage II")
+    before = {p: (out / p).read_bytes() for p in ("log.jsonl", "ckpt/model.pt", "ckpt/state.pt")}
+    with pytest.raises(SystemExit) as e:
+        rl.run(run_args(base, str(out), 2), train_stage2.objective, "Stage II")
+    assert e.value.code == (f"--out {out} already holds a run (checkpoint {out / 'ckpt'}): continue it with "
+                            f"--resume, or start over with a new --out (or delete {out} first)")
+    assert before == {p: (out / p).read_bytes() for p in before}
+
+
+def test_sigterm_stops_with_one_line_and_its_command_resumes(tiny, tmp_path):
+    """train_stage1.py in a process of its own, sent SIGTERM once it has saved a checkpoint: exit status
+    143, no traceback, one line naming the checkpoint and the command that resumes; that command (with
+    --steps cut short) continues from the checkpoint's step."""
+    _, _, base = tiny
+    out = tmp_path / "r"
+    cmd = [sys.executable, os.path.join(ROOT, "train_stage1.py"), "--base", base, "--out", str(out), "--steps", "1000",
+           "--batch", "4", "--k", "2", "--micro-batch", "2", "--max-new-tokens", "3", "--n-train", "8",
+           "--save-every", "1", "--device", "cpu", "--threads", "1"]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.time() + 120
+    while not (out / "ckpt" / "state.pt").exists() and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 143 and "Traceback" not in err, err
+    line = err.strip().splitlines()[-1]
+    assert line.startswith(f"Stage I: stopped by SIGTERM; the last checkpoint is {out / 'ckpt'} (step "), line
+    step = int(line.split("(step ")[1].split(";")[0])
+    again = shlex.split(line.split("resume with: ")[1])
+    assert again[1:] == cmd[1:] + ["--resume"], again
+    res = subprocess.run([sys.executable, *again[1:], "--steps", str(step + 1)], cwd=ROOT, capture_output=True,
+                         text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert res.returncode == 0, res.stderr
+    assert f"from step {step}" in res.stdout and f"step {step + 1}/{step + 1}" in res.stdout, res.stdout
 
 
 def test_nan_loss_stops_with_last_good_checkpoint(tiny, tmp_path):

@@ -192,6 +192,29 @@ def test_sampling_distribution(pair):
         assert ((freq - expect).abs() <= 4 * (expect * (1 - expect) / N).sqrt() + 1e-3).all()
 
 
+def test_logprobs_are_of_the_distribution_sampled(pair):
+    """return_logprobs gives each first token's log-prob under the distribution it was drawn from: pi at
+    temperature T, and with top_p < 1 the nucleus renormalized (whose log-probs exceed pi's); the
+    reference is a full forward of the prompt, in float64, with the nucleus chosen here."""
+    _, model = pair
+    p = _prompts([8], seed=13)[0]
+    with torch.no_grad():
+        logits = model(torch.tensor([p]))[0, -1].double()
+    for T, top_p in ((1.0, 1.0), (0.7, 1.0), (0.7, 0.6), (1.3, 0.3)):
+        probs = (logits / T).softmax(-1)
+        sp, idx = probs.sort(descending=True)
+        keep = (sp.cumsum(0) - sp) < top_p  # the smallest prefix whose mass reaches top_p
+        want = torch.full_like(probs, float("-inf"))
+        want[idx[keep]] = (sp[keep] / sp[keep].sum()).log()
+        out, lps = generate_turns(model, [p], [], 1, turns=1, k=200, temperature=T, top_p=top_p, seed=0,
+                                  return_logprobs=True)
+        toks, lps = torch.tensor([o[0] for o in out[0]]), torch.tensor([lp[0] for lp in lps[0]]).double()
+        assert (lps - want[toks]).abs().max() < 1e-5, (T, top_p)
+        assert len(set(toks.tolist())) > 1  # several tokens drawn
+        if top_p < 1:
+            assert keep.sum() < len(keep) and (lps > probs[toks].log() + 1e-3).all()
+
+
 def test_draw_frequencies():
     """draw() against the weights themselves: zero weights never drawn (also at block edges and in
     the padded last block), the others in proportion; unnormalized weights are fine."""
@@ -295,7 +318,11 @@ def test_cli_errors_are_one_line(tmp_path, capsys):
     d = _byte_ckpt(tmp_path / "a", 512)
     for argv, want in [(["--ckpt", str(tmp_path)], "not a checkpoint"),
                        (["--ckpt", d, "--max-new-tokens", "400"], "use --max-new-tokens "),
-                       (["--ckpt", d, "--prompt", "q" * 400], "leave no room")]:
+                       (["--ckpt", d, "--prompt", "q" * 400], "leave no room"),
+                       (["--ckpt", d, "--temperature", "-1"], "--temperature must be 0 (greedy) or positive (got -1.0)"),
+                       (["--ckpt", d, "--temperature", "nan"], "--temperature must be 0 (greedy) or positive (got nan)"),
+                       (["--ckpt", d, "--top-p", "0"], "--top-p is a fraction in (0, 1] (got 0.0)"),
+                       (["--ckpt", d, "--top-p", "1.5"], "--top-p is a fraction in (0, 1] (got 1.5)")]:
         argv = argv + ([] if "--prompt" in argv else ["--prompt", "q"])
         with pytest.raises(SystemExit):
             sample.main(argv + ["--device", "cpu"])
