@@ -57,153 +57,128 @@ from model import GPT, adapters_off, add_lora, auto_dtype, merge_lora, token_log
 from sample import generate, generate_turns, layout, max_new_that_fits
 from tokenizer import Tokenizer
 
-# Presets, in plain sight. Paper defaults (Table 5): Adam, temperature 1.0, alpha 10, beta1 0.01;
-# MATH beta2 0.1, lr 5e-6, batch 512, 3000 steps; MBPP beta2 0.25, lr 1e-5, batch 128, 1500 steps.
-# `batch` counts two-turn rollouts per update (prompts x k); `steps` is per stage.
-# The demo's 0.8M-parameter model moves turn 1 through the weights it shares with turn 2 far more
-# than a 1.5B model does, so its Stage I holds turn 1 with beta2 = 0.5 (0.1 let it collapse, see
-# README.md). Its Stage II runs 80 steps at lr 3e-5 and draws half of its first attempts from the base
-# (paper 5.3): `stage2` holds what a preset changes for Stage II. run.sh passes none of these again.
-# The demo computes in bf16 where the CPU has bf16 matrix units (fp32 masters; 1.6x faster per step at
-# its shapes on an AVX512-BF16 EPYC), in fp32 where it has not (model.auto_dtype).
-PRESETS = {
-    "demo": dict(task="demo", data=None, base="out/demo/base", root="out/demo", n_train=20000,
-                 lr=3e-4, batch=128, k=4, micro_batch=128, steps=100, beta1=0.01, beta2=0.5, alpha=10.0,
-                 max_new_tokens=16, save_every=10, threads=0, dtype="auto",
-                 stage2=dict(steps=60, lr=1e-4, base_first=0.5)),
-    "math": dict(task="math", data="data/math_train.jsonl", base="out/math/base", root="out/math", n_train=None,
-                 lr=5e-6, batch=512, k=4, micro_batch=4, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,
-                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=256),
-    "code": dict(task="mbpp", data="data/mbpp.jsonl", base="out/code/base", root="out/code", n_train=None,
-                 lr=1e-5, batch=128, k=4, micro_batch=4, steps=1500, beta1=0.01, beta2=0.25, alpha=10.0,
-                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=128),
-}
+
+# ------------------------------------------------------------------------------- the estimator
+def baseline(returns, group, args):
+    """Advantage: the return minus the leave-one-out mean of the other samples of the same prompt
+    (unbiased: it does not depend on the row's own sample); --baseline none keeps the raw return."""
+    if args.baseline == "none":
+        return returns
+    n = returns.new_zeros(int(group.max()) + 1).index_add_(0, group, torch.ones_like(returns))
+    total = torch.zeros_like(n).index_add_(0, group, returns)
+    n, total = n[group], total[group]
+    return returns - (total - returns) / (n - 1).clamp(min=1)
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the docstring's layout; shows a default once, where the help does not already state one."""
-    def _get_help_string(self, action):
-        h = action.help or ""
-        if "default" in h or action.default in (None, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
-            return h
-        return h + " (default: %(default)s)"
+def kl_term(lp, lp_ref):
+    """Per-token KL term k2 = 0.5 * (log pi - log pi_ref)^2 on tokens sampled from pi (--kl loss): its
+    gradient (log pi - log pi_ref) * grad log pi has expectation grad KL(pi || pi_ref) of one token's
+    distribution, with the tokens before it held fixed."""
+    return 0.5 * (lp - lp_ref) ** 2
 
 
-def get_args(stage, argv=None, run=None):
-    """Arguments of a stage script: a preset's values as defaults, every knob overridable. `run` names
-    the default run directory under the preset's root (default: stage1 or stage2)."""
-    pre = argparse.ArgumentParser(add_help=False)
-    pre.add_argument("--preset", default="demo", choices=sorted(PRESETS))
-    name = pre.parse_known_args(argv)[0].preset
-    preset = PRESETS[name]
-    doc = (__import__("__main__").__doc__ or "") + (
-        f"\nDefaults below are the {name!r} preset's for Stage {'I' * stage}; --preset changes them all.")
-    p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
-    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
-                   help="demo: the CPU demo; math: MATH train / MATH500 eval; code: MBPP train / HumanEval eval")
-    p.add_argument("--task", choices=data.TASKS, help="the training task")
-    p.add_argument("--data", help="training data path (see data.py for the formats)")
-    p.add_argument("--n-train", type=int, help="use only the first N training problems")
-    p.add_argument("--base", help="the base model's checkpoint: pi_ref, and the tokenizer")
-    p.add_argument("--init", help="policy to start from (default: Stage I, --base; Stage II, the preset's Stage I "
-                                  "checkpoint)")
-    p.add_argument("--out", help="run directory: ckpt/ (latest checkpoint) and log.jsonl")
-    p.add_argument("--steps", type=int, help="optimizer updates")
-    p.add_argument("--batch", type=int, help="two-turn rollouts per update (prompts x k)")
-    p.add_argument("--k", type=int, help="samples per prompt (for the leave-one-out baseline)")
-    p.add_argument("--micro-batch", type=int, help="rollouts per forward/backward (gradient accumulation)")
-    p.add_argument("--lr", type=float, help="Adam learning rate")
-    p.add_argument("--alpha", type=float, help="alpha: weight of the Stage II bonus r(y2) - r(y1)")
-    p.add_argument("--beta1", type=float, help="beta1: KL(pi || pi_ref) weight (turn 2 in Stage I, both turns in Stage II)")
-    p.add_argument("--beta2", type=float, help="beta2: the strong KL weight on turn 1 in Stage I")
-    p.add_argument("--kl", default="reward", choices=["reward", "loss"],
-                   help="reward: the paper's RLOO, -beta * (log pi - log pi_ref) of each attempt in its return; "
-                        "loss: a per-token k2 = 0.5 (log pi - log pi_ref)^2 in the loss (for comparison)")
-    p.add_argument("--baseline", default="loo", choices=["loo", "none"],
-                   help="loo: leave-one-out mean of the k samples of a prompt; none: the paper's plain REINFORCE")
-    p.add_argument("--base-first", type=float, default=0.0,
-                   help="fraction of first attempts y1 drawn from the base model (paper 5.3)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of both turns")
-    p.add_argument("--max-new-tokens", type=int, help="per turn")
-    p.add_argument("--p1", help="the self-correction instruction (default: the paper's; the demo's is shorter)")
-    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
-    p.add_argument("--dtype", choices=["bf16", "fp32", "auto"], default="auto",
-                   help="compute precision of sampling, reference and training (autocast over fp32 master weights); "
-                        "auto: bf16 on a GPU or a CPU with bf16 matrix units, else fp32")
-    p.add_argument("--lora", type=int, default=0, metavar="R",
-                   help="LoRA adapters of rank R on every attention and MLP projection (0: full fine-tuning, the "
-                        "paper's setting): the weights stay frozen in the compute dtype, only the fp32 adapters train, "
-                        "and the reference is the policy with its adapters off (one copy of the weights)")
-    p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the adapters' update is scaled by alpha / R "
-                                                    "(default: 2 R)")
-    p.add_argument("--checkpoint-activations", action="store_true",
-                   help="keep only each block's input in the update and recompute the block in the backward: "
-                        "activations shrink to about one block's, the update costs about a third more")
-    p.add_argument("--gen-batch", type=int,
-                   help="generate each step's rollouts in chunks of at most N rows (whole prompt groups); "
-                        "default: all at once on the CPU, what fits the free memory on a GPU (memory.py)")
-    p.add_argument("--save-every", type=int, help="checkpoint OUT/ckpt every N updates (and at the end)")
-    p.add_argument("--keep-every", type=int, default=0,
-                   help="also keep OUT/step_NNNNNN every N updates (0: only ckpt/ and best/)")
-    p.add_argument("--resume", action="store_true",
-                   help="continue the run in --out from its checkpoint (only --steps may change)")
-    p.add_argument("--seed", type=int, default=0, help="seeds the problems' order and the sampling of every step")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
-                   help="cpu or cuda; with torchrun, each process takes cuda:LOCAL_RANK")
-    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
-    p.add_argument("--label", help="the run's name, at the start of every progress line (default: the stage's, "
-                                   "at the start and end only)")
-    p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2")})
-    if stage == 2:
-        p.set_defaults(**preset.get("stage2", {}))
-    p.set_defaults(out=f"{preset['root']}/{run or f'stage{stage}'}")
-    args = p.parse_args(argv)
-    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the line that resumes the run repeats
-    error = check_args(args)
-    if error:  # one line, before anything is read or written
-        p.exit(2, f"{p.prog}: error: {error}\n")
-    if args.init is None:  # Stage I's policy starts from the base model it is held to, unless told otherwise
-        args.init = args.base if stage == 1 else f"{preset['root']}/stage1/ckpt"
-    if args.dtype == "auto":
-        args.dtype = auto_dtype(args.device)
-    if args.p1 is None:
-        args.p1 = data.instruction(args.task)
-    if args.lora_alpha is None:
-        args.lora_alpha = 2.0 * args.lora
-    return args
+def reinforce(b, args, turn1, turn2):
+    """The per-row REINFORCE loss of a two-turn rollout, each turn credited with its own return (gamma = 0).
+    turn1, turn2: (reward, beta) of each turn: its reward (m,) or a number, and the weight of its KL.
+      --kl reward (RLOO): return R = reward - beta * (log pi(y) - log pi_ref(y)), a constant; loss -A(R) log pi(y)
+      --kl loss:          loss -A(reward) log pi(y) + beta * sum of the per-token k2
+    A(.) is the return minus the leave-one-out mean of the other samples of the prompt (--baseline loo)."""
+    loss = 0.0
+    for logp, kl, (reward, beta) in ((b.logp1, b.kl1, turn1), (b.logp2, b.kl2, turn2)):
+        reward = torch.zeros_like(b.r1) + reward
+        if args.kl == "reward":
+            loss = loss - baseline(reward - beta * kl, b.group, args) * logp
+        else:
+            loss = loss - baseline(reward, b.group, args) * logp + beta * kl
+    return loss
 
 
-def check_args(a):
-    """The first nonsense among the numeric flags, as a one-line message naming the flag; None if all is well."""
-    for flag in ("steps", "batch", "k", "micro_batch", "max_new_tokens", "save_every"):
-        if getattr(a, flag) < 1:
-            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
-    for flag in ("n_train", "gen_batch"):  # None: all problems / all rows at once
-        if getattr(a, flag) is not None and getattr(a, flag) < 1:
-            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
-    for flag in ("keep_every", "threads"):
-        if getattr(a, flag) < 0:
-            return f"--{flag.replace('_', '-')} must be at least 0 (got {getattr(a, flag)})"
-    if not (math.isfinite(a.lr) and a.lr > 0):
-        return f"--lr must be a positive number (got {a.lr})"
-    if not (math.isfinite(a.temperature) and a.temperature > 0):
-        return f"--temperature must be positive: RL samples its rollouts (got {a.temperature})"
-    for flag in ("alpha", "beta1", "beta2", "grad_clip"):
-        if not (math.isfinite(getattr(a, flag)) and getattr(a, flag) >= 0):
-            return f"--{flag.replace('_', '-')} must be a number at least 0 (got {getattr(a, flag)})"
-    if not 0.0 <= a.base_first <= 1.0:  # also false for nan
-        return f"--base-first is a fraction in [0, 1] (got {a.base_first})"
-    if a.k < 2 and a.baseline == "loo":
-        return "--k 1 leaves the leave-one-out baseline no other sample: use --k 2 or more, or --baseline none"
-    if a.batch % a.k or a.micro_batch % a.k:
-        return f"--batch ({a.batch}) and --micro-batch ({a.micro_batch}) must be multiples of --k ({a.k})"
-    if a.gen_batch is not None and a.gen_batch < a.k:
-        return f"--gen-batch ({a.gen_batch}) must hold at least one prompt's k = {a.k} samples"
-    if a.lora < 0:
-        return f"--lora is a rank, 0 (full fine-tuning) or more (got {a.lora})"
-    if a.lora_alpha is not None and not (math.isfinite(a.lora_alpha) and a.lora_alpha > 0):
-        return f"--lora-alpha must be a positive number (got {a.lora_alpha})"
-    return None
+# ------------------------------------------------------------------------------- the update
+def generated_hidden(idx, sel, m1, k):
+    """A function of a model that gives model.hidden(idx[:, :-1])[sel], the hidden states at the target
+    positions sel (m, L - 1), with each prompt run once for its k samples (GPT.hidden_shared); with
+    checkpoint=True each row whole, its blocks recomputed in the backward. idx (m, L): whole groups of k
+    rows, prompt-major; m1 (m, L - 1): turn 1's target positions, the first of which is the prompt's last
+    token: the prompt's other tokens are shared, everything from that token on is not."""
+    shared = m1.float().argmax(1)  # (m,) each row's prompt length - 1
+    width = idx.shape[1] - 1
+    col = shared[:, None] + torch.arange(width - int(shared.min()), device=idx.device)  # suffix columns in idx
+    col, ok = col.clamp(max=width - 1), col < width  # past a row's end: padding, never a target
+    suffix, sel_suffix = idx[:, :-1].gather(1, col), sel.gather(1, col) & ok  # same targets, same order
+    prefix, group = idx[::k, :int(shared.max())], torch.arange(idx.shape[0], device=idx.device) // k
+
+    def hidden(model, checkpoint=False):
+        if checkpoint:  # activation checkpointing: whole rows (hidden_shared writes a KV cache, never recomputed)
+            return model.hidden(idx[:, :-1], checkpoint=True)[sel]
+        return model.hidden_shared(prefix, shared[::k], suffix, group)[sel_suffix]
+    return hidden
+
+
+def micro_batch(policy, ref, ro, rows, args):
+    """What the stage's objective reads, for the rollouts `rows` (whole groups of k): the policy's
+    log-probs of each generated token from the chunked head (model.token_logprobs: the (N, V) logits
+    never exist), differentiable; the frozen reference's, without gradient; both summed per row and turn
+    by turn_sums. Prompt, instruction and padding tokens never count."""
+    m1, m2 = ro.m1[rows], ro.m2[rows]
+    sel = m1 | m2  # the generated tokens' target positions
+    L = int(sel.any(0).nonzero().max()) + 2  # drop the padding columns no row of this micro-batch needs
+    idx, m2, sel = ro.tokens[rows, :L], m2[:, :L - 1], sel[:, :L - 1]
+    tgt, lp_old = idx[:, 1:][sel], ro.lp_old[rows, :L - 1][sel]  # (n,) each generated token, the sampler's log pi
+    row, turn2 = sel.nonzero()[:, 0], m2[sel]  # (n,) each generated token's row and turn
+    hidden = generated_hidden(idx, sel, m1[:, :L - 1], args.k)
+    with torch.no_grad(), adapters_off(ref):  # with LoRA the reference is the policy with its adapters off
+        lp_ref = token_logprobs(hidden(ref), ref.head_weight, tgt, args.temperature)  # (n,) log pi_ref
+    lp = token_logprobs(hidden(policy, getattr(args, "checkpoint_activations", False)), policy.head_weight, tgt,
+                        args.temperature)  # (n,) log pi: the training path
+    return turn_sums(lp, lp_ref, lp_old, row, turn2, ro.first_from_pi[rows], ro.r1[rows], ro.r2[rows],
+                     ro.group[rows] - ro.group[rows].min(), args)
+
+
+def turn_sums(lp, lp_ref, lp_old, row, turn2, first_from_pi, r1, r2, group, args):
+    """The objective's input b (module docstring) from per-token log-probs: lp (n,) the policy's, with
+    gradient; lp_ref (n,) the reference's; lp_old (n,) the sampler's, for the KL in the reward; row (n,)
+    and turn2 (n,) each token's row (of m) and turn; first_from_pi (m,) False where y1 came from the base
+    model: that y1 is not pi's sample, so its tokens enter no turn-1 sum (only turn 2 learns from it).
+    Also, for the logs: the k3 KL estimate exp(-d) - 1 + d >= 0 (d = log pi - log pi_ref) summed over
+    each turn's tokens, and |log pi - sampler log pi| summed over the tokens pi sampled."""
+    t1 = ~turn2 & first_from_pi[row]  # (n,) turn-1 tokens that pi sampled
+    per_row = lambda x, turn: torch.zeros(len(r1), device=x.device, dtype=x.dtype).index_add(0, row, x * turn)
+    # --kl reward: log pi - log pi_ref of each sampled token, a constant (it goes into the return);
+    # --kl loss: the per-token k2 = 0.5 (log pi - log pi_ref)^2, with gradient
+    kl = lp_old - lp_ref if args.kl == "reward" else kl_term(lp, lp_ref)
+    d = lp.detach() - lp_ref
+    k3 = torch.expm1(-d) + d
+    return SimpleNamespace(logp1=per_row(lp, t1), logp2=per_row(lp, turn2), kl1=per_row(kl, t1), kl2=per_row(kl, turn2),
+                           r1=r1, r2=r2, group=group, k3_1=(k3 * t1).sum(), k3_2=(k3 * turn2).sum(),
+                           mismatch=((lp.detach() - lp_old).abs() * (t1 | turn2)).sum(), n_sampled=(t1 | turn2).sum())
+
+
+def update(policy, ref, opt, ro, objective, args, world=1):
+    """One optimizer step over a batch of rollouts, accumulated over micro-batches of whole groups: for
+    each, the stage's objective on the micro-batch's log-probs (micro_batch), summed over rows, divided by
+    the global batch R, backward(). With several processes each holds 1/world of the batch and the summed
+    gradients are all-reduced once, after the last micro-batch, so the update is the one a single process
+    would make on the whole batch. Returns the global (loss, KL turn 1, KL turn 2, gradient norm before
+    clipping, mean |trainer - sampler log-prob| per generated token)."""
+    R = ro.tokens.shape[0] * world  # rollouts in the global batch
+    opt.zero_grad(set_to_none=True)
+    stats = torch.zeros(6, device=ro.tokens.device)  # loss, KL t1, KL t2, non-finite, |lp - lp_old|, tokens
+    for s in range(0, ro.tokens.shape[0], args.micro_batch):
+        rows = torch.arange(s, min(s + args.micro_batch, ro.tokens.shape[0]), device=ro.tokens.device)
+        b = micro_batch(policy, ref, ro, rows, args)
+        loss = objective(b, args).sum() / R  # the stage's objective, as its script writes it
+        if torch.isfinite(loss):
+            loss.backward()
+        stats += torch.stack([loss.detach().float(), b.k3_1 / R, b.k3_2 / R, (~torch.isfinite(loss)).float(),
+                              b.mismatch, b.n_sampled.float()])
+    if world > 1:  # every rank takes part in both collectives, even after a bad loss: no deadlock
+        dist.all_reduce(stats)
+        all_reduce_grads(policy)
+    if stats[3] > 0:
+        raise FloatingPointError(f"loss is {'nan' if stats[0].isnan() else stats[0].item()}")
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
+    opt.step()
+    return stats[0].item(), stats[1].item(), stats[2].item(), norm.item(), (stats[4] / stats[5].clamp(min=1)).item()
 
 
 # ------------------------------------------------------------------------------- rollouts
@@ -314,226 +289,6 @@ def refresh_sampler(sampler, policy):
     if sampler is not policy:
         for a, b in zip(sampler.parameters(), policy.parameters()):
             a.copy_(b)
-
-
-def baseline(returns, group, args):
-    """Advantage: the return minus the leave-one-out mean of the other samples of the same prompt
-    (unbiased: it does not depend on the row's own sample); --baseline none keeps the raw return."""
-    if args.baseline == "none":
-        return returns
-    n = returns.new_zeros(int(group.max()) + 1).index_add_(0, group, torch.ones_like(returns))
-    total = torch.zeros_like(n).index_add_(0, group, returns)
-    n, total = n[group], total[group]
-    return returns - (total - returns) / (n - 1).clamp(min=1)
-
-
-def kl_term(lp, lp_ref):
-    """Per-token KL term k2 = 0.5 * (log pi - log pi_ref)^2 on tokens sampled from pi (--kl loss): its
-    gradient (log pi - log pi_ref) * grad log pi has expectation grad KL(pi || pi_ref) of one token's
-    distribution, with the tokens before it held fixed."""
-    return 0.5 * (lp - lp_ref) ** 2
-
-
-def reinforce(b, args, turn1, turn2):
-    """The per-row REINFORCE loss of a two-turn rollout, each turn credited with its own return (gamma = 0).
-    turn1, turn2: (reward, beta) of each turn: its reward (m,) or a number, and the weight of its KL.
-      --kl reward (RLOO): return R = reward - beta * (log pi(y) - log pi_ref(y)), a constant; loss -A(R) log pi(y)
-      --kl loss:          loss -A(reward) log pi(y) + beta * sum of the per-token k2
-    A(.) is the return minus the leave-one-out mean of the other samples of the prompt (--baseline loo)."""
-    loss = 0.0
-    for logp, kl, (reward, beta) in ((b.logp1, b.kl1, turn1), (b.logp2, b.kl2, turn2)):
-        reward = torch.zeros_like(b.r1) + reward
-        if args.kl == "reward":
-            loss = loss - baseline(reward - beta * kl, b.group, args) * logp
-        else:
-            loss = loss - baseline(reward, b.group, args) * logp + beta * kl
-    return loss
-
-
-def generated_hidden(idx, sel, m1, k):
-    """A function of a model that gives model.hidden(idx[:, :-1])[sel], the hidden states at the target
-    positions sel (m, L - 1), with each prompt run once for its k samples (GPT.hidden_shared); with
-    checkpoint=True each row whole, its blocks recomputed in the backward. idx (m, L): whole groups of k
-    rows, prompt-major; m1 (m, L - 1): turn 1's target positions, the first of which is the prompt's last
-    token: the prompt's other tokens are shared, everything from that token on is not."""
-    shared = m1.float().argmax(1)  # (m,) each row's prompt length - 1
-    width = idx.shape[1] - 1
-    col = shared[:, None] + torch.arange(width - int(shared.min()), device=idx.device)  # suffix columns in idx
-    col, ok = col.clamp(max=width - 1), col < width  # past a row's end: padding, never a target
-    suffix, sel_suffix = idx[:, :-1].gather(1, col), sel.gather(1, col) & ok  # same targets, same order
-    prefix, group = idx[::k, :int(shared.max())], torch.arange(idx.shape[0], device=idx.device) // k
-
-    def hidden(model, checkpoint=False):
-        if checkpoint:  # activation checkpointing: whole rows (hidden_shared writes a KV cache, never recomputed)
-            return model.hidden(idx[:, :-1], checkpoint=True)[sel]
-        return model.hidden_shared(prefix, shared[::k], suffix, group)[sel_suffix]
-    return hidden
-
-
-def micro_batch(policy, ref, ro, rows, args):
-    """What the stage's objective reads, for the rollouts `rows` (whole groups of k): the policy's
-    log-probs of each generated token from the chunked head (model.token_logprobs: the (N, V) logits
-    never exist), differentiable; the frozen reference's, without gradient; both summed per row and turn
-    by turn_sums. Prompt, instruction and padding tokens never count."""
-    m1, m2 = ro.m1[rows], ro.m2[rows]
-    sel = m1 | m2  # the generated tokens' target positions
-    L = int(sel.any(0).nonzero().max()) + 2  # drop the padding columns no row of this micro-batch needs
-    idx, m2, sel = ro.tokens[rows, :L], m2[:, :L - 1], sel[:, :L - 1]
-    tgt, lp_old = idx[:, 1:][sel], ro.lp_old[rows, :L - 1][sel]  # (n,) each generated token, the sampler's log pi
-    row, turn2 = sel.nonzero()[:, 0], m2[sel]  # (n,) each generated token's row and turn
-    hidden = generated_hidden(idx, sel, m1[:, :L - 1], args.k)
-    with torch.no_grad(), adapters_off(ref):  # with LoRA the reference is the policy with its adapters off
-        lp_ref = token_logprobs(hidden(ref), ref.head_weight, tgt, args.temperature)  # (n,) log pi_ref
-    lp = token_logprobs(hidden(policy, getattr(args, "checkpoint_activations", False)), policy.head_weight, tgt,
-                        args.temperature)  # (n,) log pi: the training path
-    return turn_sums(lp, lp_ref, lp_old, row, turn2, ro.first_from_pi[rows], ro.r1[rows], ro.r2[rows],
-                     ro.group[rows] - ro.group[rows].min(), args)
-
-
-def turn_sums(lp, lp_ref, lp_old, row, turn2, first_from_pi, r1, r2, group, args):
-    """The objective's input b (module docstring) from per-token log-probs: lp (n,) the policy's, with
-    gradient; lp_ref (n,) the reference's; lp_old (n,) the sampler's, for the KL in the reward; row (n,)
-    and turn2 (n,) each token's row (of m) and turn; first_from_pi (m,) False where y1 came from the base
-    model: that y1 is not pi's sample, so its tokens enter no turn-1 sum (only turn 2 learns from it).
-    Also, for the logs: the k3 KL estimate exp(-d) - 1 + d >= 0 (d = log pi - log pi_ref) summed over
-    each turn's tokens, and |log pi - sampler log pi| summed over the tokens pi sampled."""
-    t1 = ~turn2 & first_from_pi[row]  # (n,) turn-1 tokens that pi sampled
-    per_row = lambda x, turn: torch.zeros(len(r1), device=x.device, dtype=x.dtype).index_add(0, row, x * turn)
-    # --kl reward: log pi - log pi_ref of each sampled token, a constant (it goes into the return);
-    # --kl loss: the per-token k2 = 0.5 (log pi - log pi_ref)^2, with gradient
-    kl = lp_old - lp_ref if args.kl == "reward" else kl_term(lp, lp_ref)
-    d = lp.detach() - lp_ref
-    k3 = torch.expm1(-d) + d
-    return SimpleNamespace(logp1=per_row(lp, t1), logp2=per_row(lp, turn2), kl1=per_row(kl, t1), kl2=per_row(kl, turn2),
-                           r1=r1, r2=r2, group=group, k3_1=(k3 * t1).sum(), k3_2=(k3 * turn2).sum(),
-                           mismatch=((lp.detach() - lp_old).abs() * (t1 | turn2)).sum(), n_sampled=(t1 | turn2).sum())
-
-
-def update(policy, ref, opt, ro, objective, args, world=1):
-    """One optimizer step over a batch of rollouts, accumulated over micro-batches of whole groups: for
-    each, the stage's objective on the micro-batch's log-probs (micro_batch), summed over rows, divided by
-    the global batch R, backward(). With several processes each holds 1/world of the batch and the summed
-    gradients are all-reduced once, after the last micro-batch, so the update is the one a single process
-    would make on the whole batch. Returns the global (loss, KL turn 1, KL turn 2, gradient norm before
-    clipping, mean |trainer - sampler log-prob| per generated token)."""
-    R = ro.tokens.shape[0] * world  # rollouts in the global batch
-    opt.zero_grad(set_to_none=True)
-    stats = torch.zeros(6, device=ro.tokens.device)  # loss, KL t1, KL t2, non-finite, |lp - lp_old|, tokens
-    for s in range(0, ro.tokens.shape[0], args.micro_batch):
-        rows = torch.arange(s, min(s + args.micro_batch, ro.tokens.shape[0]), device=ro.tokens.device)
-        b = micro_batch(policy, ref, ro, rows, args)
-        loss = objective(b, args).sum() / R  # the stage's objective, as its script writes it
-        if torch.isfinite(loss):
-            loss.backward()
-        stats += torch.stack([loss.detach().float(), b.k3_1 / R, b.k3_2 / R, (~torch.isfinite(loss)).float(),
-                              b.mismatch, b.n_sampled.float()])
-    if world > 1:  # every rank takes part in both collectives, even after a bad loss: no deadlock
-        dist.all_reduce(stats)
-        all_reduce_grads(policy)
-    if stats[3] > 0:
-        raise FloatingPointError(f"loss is {'nan' if stats[0].isnan() else stats[0].item()}")
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
-    opt.step()
-    return stats[0].item(), stats[1].item(), stats[2].item(), norm.item(), (stats[4] / stats[5].clamp(min=1)).item()
-
-
-def all_reduce_grads(model, average=False):
-    """Sum (or average) the gradients of the trained parameters over all processes: one collective on a
-    flat buffer."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    if average:
-        flat /= dist.get_world_size()
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
-
-
-def setup_distributed(device):
-    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the process group, one GPU per
-    process (nccl) or CPU processes (gloo). Returns (rank, world, device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    # First, before the group exists: torch.distributed.nn's functions take group=group.WORLD as a default,
-    # evaluated when the module is imported, and torch._dynamo imports it (Adam's constructor imports
-    # torch._dynamo). Imported after init_process_group, those ten defaults keep the group alive past
-    # destroy_process_group; its gloo threads then outlive the interpreter's shutdown, and one that
-    # releases a tensor then aborts the process ("terminate called without an active exception").
-    import torch.distributed.nn  # noqa: F401
-    cuda = str(device).startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device
-
-
-# ------------------------------------------------------------------------------- checkpoints
-# Flags that change what a run computes: --resume refuses to continue a run with other values.
-# gen_batch too: the chunks draw from streams of their own, so another chunking samples other rollouts.
-RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "alpha", "beta1", "beta2", "kl",
-             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype", "gen_batch",
-             "lora", "lora_alpha")
-
-
-def save(path, policy, tok, opt, step, args, extra=None):
-    """Write a whole checkpoint at `path` (the policy's fp32 masters, the tokenizer, task.json, and
-    state.pt with the Adam state, step and args) into a temporary directory, then swap it in: `path` is
-    always a complete checkpoint (the previous one stays as path.old until the swap is done)."""
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    data.save_task_info(tmp, args.task, args.p1, args.max_new_tokens)  # what evaluate.py and sample.py default to
-    torch.save({"opt": opt.state_dict(), "step": step, "args": vars(args), **(extra or {})},
-               os.path.join(tmp, "state.pt"))
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def latest(out):
-    """The run's latest complete checkpoint directory, or None."""
-    for d in ("ckpt", "ckpt.old"):
-        p = os.path.join(out, d)
-        if os.path.exists(os.path.join(p, "state.pt")):
-            return p
-    return None
-
-
-def check_resume(saved, args):
-    """--resume continues the same run: a flag that changes it is an error naming the flag."""
-    for k in RUN_FLAGS:
-        if k in saved and saved[k] != getattr(args, k):
-            raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r} but the run in {args.out} "
-                             f"was started with {saved[k]!r}; only --steps may change (or start a new --out)")
-
-
-def load_problems(args, tok, max_len, say):
-    """The training problems: the task's, minus MBPP's test split (task ids 11-510) and minus those whose
-    two turns cannot fit the model's context (each with a printed count): never a crash mid-run."""
-    try:
-        problems = data.load_task(args.task, args.data, n=args.n_train, seed=args.seed)
-    except data.DataError as e:
-        raise SystemExit(f"{args.task}: {e}") from None
-    if args.task == "mbpp":
-        lo, hi = data.MBPP_SPLITS["test"]
-        kept = [p for p in problems if not lo <= p.meta.get("task_id", 0) <= hi]
-        if len(kept) < len(problems):
-            say(f"dropped {len(problems) - len(kept)} MBPP test-split problems (task ids {lo}-{hi}): never trained on")
-        problems = kept
-    followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
-    room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup, 2)
-    kept = [p for p in problems if args.max_new_tokens <= room(p)]
-    if len(kept) < len(problems):
-        say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose two turns of "
-            f"{args.max_new_tokens} new tokens do not fit the context of {max_len} positions")
-    if not kept:
-        raise SystemExit(f"{args.task}: no problem left to train on")
-    return kept
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -693,3 +448,253 @@ def train(args, objective, name):
         f"{os.path.join(args.out, 'best')}", flush=True)
     if world > 1:
         dist.destroy_process_group()
+
+
+# ------------------------------------------------------------------------------- checkpoints
+# Flags that change what a run computes: --resume refuses to continue a run with other values.
+# gen_batch too: the chunks draw from streams of their own, so another chunking samples other rollouts.
+RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "alpha", "beta1", "beta2", "kl",
+             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype", "gen_batch",
+             "lora", "lora_alpha")
+
+
+def save(path, policy, tok, opt, step, args, extra=None):
+    """Write a whole checkpoint at `path` (the policy's fp32 masters, the tokenizer, task.json, and
+    state.pt with the Adam state, step and args) into a temporary directory, then swap it in: `path` is
+    always a complete checkpoint (the previous one stays as path.old until the swap is done)."""
+    tmp, old = path + ".tmp", path + ".old"
+    shutil.rmtree(tmp, ignore_errors=True)
+    policy.save_pretrained(tmp)
+    tok.save_pretrained(tmp)
+    data.save_task_info(tmp, args.task, args.p1, args.max_new_tokens)  # what evaluate.py and sample.py default to
+    torch.save({"opt": opt.state_dict(), "step": step, "args": vars(args), **(extra or {})},
+               os.path.join(tmp, "state.pt"))
+    if os.path.exists(path):
+        shutil.rmtree(old, ignore_errors=True)
+        os.replace(path, old)
+    os.replace(tmp, path)
+    shutil.rmtree(old, ignore_errors=True)
+
+
+def latest(out):
+    """The run's latest complete checkpoint directory, or None."""
+    for d in ("ckpt", "ckpt.old"):
+        p = os.path.join(out, d)
+        if os.path.exists(os.path.join(p, "state.pt")):
+            return p
+    return None
+
+
+def check_resume(saved, args):
+    """--resume continues the same run: a flag that changes it is an error naming the flag."""
+    for k in RUN_FLAGS:
+        if k in saved and saved[k] != getattr(args, k):
+            raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r} but the run in {args.out} "
+                             f"was started with {saved[k]!r}; only --steps may change (or start a new --out)")
+
+
+def load_problems(args, tok, max_len, say):
+    """The training problems: the task's, minus MBPP's test split (task ids 11-510) and minus those whose
+    two turns cannot fit the model's context (each with a printed count): never a crash mid-run."""
+    try:
+        problems = data.load_task(args.task, args.data, n=args.n_train, seed=args.seed)
+    except data.DataError as e:
+        raise SystemExit(f"{args.task}: {e}") from None
+    if args.task == "mbpp":
+        lo, hi = data.MBPP_SPLITS["test"]
+        kept = [p for p in problems if not lo <= p.meta.get("task_id", 0) <= hi]
+        if len(kept) < len(problems):
+            say(f"dropped {len(problems) - len(kept)} MBPP test-split problems (task ids {lo}-{hi}): never trained on")
+        problems = kept
+    followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
+    room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup, 2)
+    kept = [p for p in problems if args.max_new_tokens <= room(p)]
+    if len(kept) < len(problems):
+        say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose two turns of "
+            f"{args.max_new_tokens} new tokens do not fit the context of {max_len} positions")
+    if not kept:
+        raise SystemExit(f"{args.task}: no problem left to train on")
+    return kept
+
+
+# ------------------------------------------------------------------------------- presets and arguments
+# Presets, in plain sight. Paper defaults (Table 5): Adam, temperature 1.0, alpha 10, beta1 0.01;
+# MATH beta2 0.1, lr 5e-6, batch 512, 3000 steps; MBPP beta2 0.25, lr 1e-5, batch 128, 1500 steps.
+# `batch` counts two-turn rollouts per update (prompts x k); `steps` is per stage.
+# The demo's 0.8M-parameter model moves turn 1 through the weights it shares with turn 2 far more
+# than a 1.5B model does, so its Stage I holds turn 1 with beta2 = 0.5 (0.1 let it collapse, see
+# README.md). Its Stage II runs 80 steps at lr 3e-5 and draws half of its first attempts from the base
+# (paper 5.3): `stage2` holds what a preset changes for Stage II. run.sh passes none of these again.
+# The demo computes in bf16 where the CPU has bf16 matrix units (fp32 masters; 1.6x faster per step at
+# its shapes on an AVX512-BF16 EPYC), in fp32 where it has not (model.auto_dtype).
+PRESETS = {
+    "demo": dict(task="demo", data=None, base="out/demo/base", root="out/demo", n_train=20000,
+                 lr=3e-4, batch=128, k=4, micro_batch=128, steps=100, beta1=0.01, beta2=0.5, alpha=10.0,
+                 max_new_tokens=16, save_every=10, threads=0, dtype="auto",
+                 stage2=dict(steps=60, lr=1e-4, base_first=0.5)),
+    "math": dict(task="math", data="data/math_train.jsonl", base="out/math/base", root="out/math", n_train=None,
+                 lr=5e-6, batch=512, k=4, micro_batch=4, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,
+                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=256),
+    "code": dict(task="mbpp", data="data/mbpp.jsonl", base="out/code/base", root="out/code", n_train=None,
+                 lr=1e-5, batch=128, k=4, micro_batch=4, steps=1500, beta1=0.01, beta2=0.25, alpha=10.0,
+                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=128),
+}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the docstring's layout; shows a default once, where the help does not already state one."""
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+            return h
+        return h + " (default: %(default)s)"
+
+
+def get_args(stage, argv=None, run=None):
+    """Arguments of a stage script: a preset's values as defaults, every knob overridable. `run` names
+    the default run directory under the preset's root (default: stage1 or stage2)."""
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--preset", default="demo", choices=sorted(PRESETS))
+    name = pre.parse_known_args(argv)[0].preset
+    preset = PRESETS[name]
+    doc = (__import__("__main__").__doc__ or "") + (
+        f"\nDefaults below are the {name!r} preset's for Stage {'I' * stage}; --preset changes them all.")
+    p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+    p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
+                   help="demo: the CPU demo; math: MATH train / MATH500 eval; code: MBPP train / HumanEval eval")
+    p.add_argument("--task", choices=data.TASKS, help="the training task")
+    p.add_argument("--data", help="training data path (see data.py for the formats)")
+    p.add_argument("--n-train", type=int, help="use only the first N training problems")
+    p.add_argument("--base", help="the base model's checkpoint: pi_ref, and the tokenizer")
+    p.add_argument("--init", help="policy to start from (default: Stage I, --base; Stage II, the preset's Stage I "
+                                  "checkpoint)")
+    p.add_argument("--out", help="run directory: ckpt/ (latest checkpoint) and log.jsonl")
+    p.add_argument("--steps", type=int, help="optimizer updates")
+    p.add_argument("--batch", type=int, help="two-turn rollouts per update (prompts x k)")
+    p.add_argument("--k", type=int, help="samples per prompt (for the leave-one-out baseline)")
+    p.add_argument("--micro-batch", type=int, help="rollouts per forward/backward (gradient accumulation)")
+    p.add_argument("--lr", type=float, help="Adam learning rate")
+    p.add_argument("--alpha", type=float, help="alpha: weight of the Stage II bonus r(y2) - r(y1)")
+    p.add_argument("--beta1", type=float, help="beta1: KL(pi || pi_ref) weight (turn 2 in Stage I, both turns in Stage II)")
+    p.add_argument("--beta2", type=float, help="beta2: the strong KL weight on turn 1 in Stage I")
+    p.add_argument("--kl", default="reward", choices=["reward", "loss"],
+                   help="reward: the paper's RLOO, -beta * (log pi - log pi_ref) of each attempt in its return; "
+                        "loss: a per-token k2 = 0.5 (log pi - log pi_ref)^2 in the loss (for comparison)")
+    p.add_argument("--baseline", default="loo", choices=["loo", "none"],
+                   help="loo: leave-one-out mean of the k samples of a prompt; none: the paper's plain REINFORCE")
+    p.add_argument("--base-first", type=float, default=0.0,
+                   help="fraction of first attempts y1 drawn from the base model (paper 5.3)")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of both turns")
+    p.add_argument("--max-new-tokens", type=int, help="per turn")
+    p.add_argument("--p1", help="the self-correction instruction (default: the paper's; the demo's is shorter)")
+    p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "auto"], default="auto",
+                   help="compute precision of sampling, reference and training (autocast over fp32 master weights); "
+                        "auto: bf16 on a GPU or a CPU with bf16 matrix units, else fp32")
+    p.add_argument("--lora", type=int, default=0, metavar="R",
+                   help="LoRA adapters of rank R on every attention and MLP projection (0: full fine-tuning, the "
+                        "paper's setting): the weights stay frozen in the compute dtype, only the fp32 adapters train, "
+                        "and the reference is the policy with its adapters off (one copy of the weights)")
+    p.add_argument("--lora-alpha", type=float, help="LoRA's alpha: the adapters' update is scaled by alpha / R "
+                                                    "(default: 2 R)")
+    p.add_argument("--checkpoint-activations", action="store_true",
+                   help="keep only each block's input in the update and recompute the block in the backward: "
+                        "activations shrink to about one block's, the update costs about a third more")
+    p.add_argument("--gen-batch", type=int,
+                   help="generate each step's rollouts in chunks of at most N rows (whole prompt groups); "
+                        "default: all at once on the CPU, what fits the free memory on a GPU (memory.py)")
+    p.add_argument("--save-every", type=int, help="checkpoint OUT/ckpt every N updates (and at the end)")
+    p.add_argument("--keep-every", type=int, default=0,
+                   help="also keep OUT/step_NNNNNN every N updates (0: only ckpt/ and best/)")
+    p.add_argument("--resume", action="store_true",
+                   help="continue the run in --out from its checkpoint (only --steps may change)")
+    p.add_argument("--seed", type=int, default=0, help="seeds the problems' order and the sampling of every step")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda; with torchrun, each process takes cuda:LOCAL_RANK")
+    p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--label", help="the run's name, at the start of every progress line (default: the stage's, "
+                                   "at the start and end only)")
+    p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2")})
+    if stage == 2:
+        p.set_defaults(**preset.get("stage2", {}))
+    p.set_defaults(out=f"{preset['root']}/{run or f'stage{stage}'}")
+    args = p.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)  # what the line that resumes the run repeats
+    error = check_args(args)
+    if error:  # one line, before anything is read or written
+        p.exit(2, f"{p.prog}: error: {error}\n")
+    if args.init is None:  # Stage I's policy starts from the base model it is held to, unless told otherwise
+        args.init = args.base if stage == 1 else f"{preset['root']}/stage1/ckpt"
+    if args.dtype == "auto":
+        args.dtype = auto_dtype(args.device)
+    if args.p1 is None:
+        args.p1 = data.instruction(args.task)
+    if args.lora_alpha is None:
+        args.lora_alpha = 2.0 * args.lora
+    return args
+
+
+def check_args(a):
+    """The first nonsense among the numeric flags, as a one-line message naming the flag; None if all is well."""
+    for flag in ("steps", "batch", "k", "micro_batch", "max_new_tokens", "save_every"):
+        if getattr(a, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
+    for flag in ("n_train", "gen_batch"):  # None: all problems / all rows at once
+        if getattr(a, flag) is not None and getattr(a, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
+    for flag in ("keep_every", "threads"):
+        if getattr(a, flag) < 0:
+            return f"--{flag.replace('_', '-')} must be at least 0 (got {getattr(a, flag)})"
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        return f"--lr must be a positive number (got {a.lr})"
+    if not (math.isfinite(a.temperature) and a.temperature > 0):
+        return f"--temperature must be positive: RL samples its rollouts (got {a.temperature})"
+    for flag in ("alpha", "beta1", "beta2", "grad_clip"):
+        if not (math.isfinite(getattr(a, flag)) and getattr(a, flag) >= 0):
+            return f"--{flag.replace('_', '-')} must be a number at least 0 (got {getattr(a, flag)})"
+    if not 0.0 <= a.base_first <= 1.0:  # also false for nan
+        return f"--base-first is a fraction in [0, 1] (got {a.base_first})"
+    if a.k < 2 and a.baseline == "loo":
+        return "--k 1 leaves the leave-one-out baseline no other sample: use --k 2 or more, or --baseline none"
+    if a.batch % a.k or a.micro_batch % a.k:
+        return f"--batch ({a.batch}) and --micro-batch ({a.micro_batch}) must be multiples of --k ({a.k})"
+    if a.gen_batch is not None and a.gen_batch < a.k:
+        return f"--gen-batch ({a.gen_batch}) must hold at least one prompt's k = {a.k} samples"
+    if a.lora < 0:
+        return f"--lora is a rank, 0 (full fine-tuning) or more (got {a.lora})"
+    if a.lora_alpha is not None and not (math.isfinite(a.lora_alpha) and a.lora_alpha > 0):
+        return f"--lora-alpha must be a positive number (got {a.lora_alpha})"
+    return None
+
+
+# ------------------------------------------------------------------------------- several processes
+def all_reduce_grads(model, average=False):
+    """Sum (or average) the gradients of the trained parameters over all processes: one collective on a
+    flat buffer."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    if average:
+        flat /= dist.get_world_size()
+    for p, g in zip(params, flat.split([g.numel() for g in grads])):
+        p.grad = g.view_as(p)
+
+
+def setup_distributed(device):
+    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the process group, one GPU per
+    process (nccl) or CPU processes (gloo). Returns (rank, world, device)."""
+    if "RANK" not in os.environ:
+        return 0, 1, device
+    # First, before the group exists: torch.distributed.nn's functions take group=group.WORLD as a default,
+    # evaluated when the module is imported, and torch._dynamo imports it (Adam's constructor imports
+    # torch._dynamo). Imported after init_process_group, those ten defaults keep the group alive past
+    # destroy_process_group; its gloo threads then outlive the interpreter's shutdown, and one that
+    # releases a tensor then aborts the process ("terminate called without an active exception").
+    import torch.distributed.nn  # noqa: F401
+    cuda = str(device).startswith("cuda")
+    dist.init_process_group("nccl" if cuda else "gloo")
+    if cuda:
+        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+        torch.cuda.set_device(device)
+    return dist.get_rank(), dist.get_world_size(), device
