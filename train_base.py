@@ -77,6 +77,35 @@ def example(tok, prob, rng, two_turn, change=0.0):
     return ids, mask
 
 
+def sft_step(model, opt, batch, dtype, micro_batch=None, world=1):
+    """One supervised step, shared with train_sft.py: batch is a list of (ids, mask), mask marking the
+    positions whose next token is trained on; the mean negative log-likelihood of those tokens over the
+    batch, through the chunked head, accumulated over micro-batches of rows; under torchrun the ranks'
+    gradients averaged; clipped to norm 1; one optimizer step. Returns the loss."""
+    n_tok = sum(sum(mask) for _, mask in batch)
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for s in range(0, len(batch), micro_batch or len(batch)):
+        part = batch[s:s + (micro_batch or len(batch))]
+        T = max(len(ids) for ids, _ in part)
+        idx = torch.zeros(len(part), T, dtype=torch.long, device=model.head_weight.device)
+        loss_mask = torch.zeros(len(part), T - 1, dtype=torch.bool, device=idx.device)
+        for i, (ids, mask) in enumerate(part):
+            idx[i, :len(ids)] = torch.tensor(ids)
+            loss_mask[i, :len(mask)] = torch.tensor(mask)
+        with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):  # fp32 masters
+            h = model.hidden(idx[:, :-1])  # (B, T-1, d)
+            logp = token_logprobs(h[loss_mask], model.head_weight, idx[:, 1:][loss_mask])
+        loss = -logp.sum() / n_tok
+        loss.backward()
+        total += loss.item()
+    if world > 1:
+        rl.all_reduce_grads(model, average=True)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return total
+
+
 def greedy_accuracy(model, tok, problems):
     """Greedy first-attempt accuracy (under torchrun the ranks share the problems)."""
     model.eval()
@@ -109,22 +138,7 @@ def main(argv=None):
         problems = data.make_demo(args.batch * world, seed=train_seed + step)[rank::world]  # training split; this rank's share
         rng = random.Random(train_seed + step)
         batch = [example(tok, p, rng, args.two_turn, args.change) for p in problems]
-        T = max(len(ids) for ids, _ in batch)
-        idx = torch.zeros(len(batch), T, dtype=torch.long)
-        loss_mask = torch.zeros(len(batch), T - 1, dtype=torch.bool)
-        for i, (ids, mask) in enumerate(batch):  # predict the answers and their end of turn only
-            idx[i, :len(ids)] = torch.tensor(ids)
-            loss_mask[i, :len(mask)] = torch.tensor(mask)
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16"):  # fp32 masters
-            h = model.hidden(idx[:, :-1])  # (B, T-1, d)
-            logp = token_logprobs(h[loss_mask], model.head_weight, idx[:, 1:][loss_mask])
-        loss = -logp.mean()
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if world > 1:
-            rl.all_reduce_grads(model, average=True)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+        loss = sft_step(model, opt, batch, args.dtype, world=world)
         if step % args.eval_every == 0 or step == args.max_steps:
             prev, acc = acc, greedy_accuracy(model, tok, held_out)  # every rank: the same weights, the same verdict
             rate = step / (time.time() - t0)
@@ -132,7 +146,7 @@ def main(argv=None):
             left = 0 if acc >= args.stop_acc else args.max_steps - step
             if prev < acc < args.stop_acc:
                 left = min(left, math.ceil((args.stop_acc - acc) / (acc - prev)) * args.eval_every)
-            say(f"step {step:5d} | loss {loss.item():.3f} | greedy acc {acc:.1%} (stops at {args.stop_acc:.0%}) | "
+            say(f"step {step:5d} | loss {loss:.3f} | greedy acc {acc:.1%} (stops at {args.stop_acc:.0%}) | "
                 f"{rate:.1f} steps/s | ETA {left / rate / 60:.1f} min at the last gain in accuracy "
                 f"(at most {(args.max_steps - step) / rate / 60:.0f} min)", flush=True)
             if rank == 0:
