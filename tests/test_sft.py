@@ -12,6 +12,7 @@ import data
 import reward
 import train_sft
 from model import GPT, GPTConfig
+from test_real_path import qwen  # noqa: F401 (a fixture)
 from train_base import sft_step
 
 
@@ -72,3 +73,18 @@ def test_the_loss_is_on_the_second_attempt_only():
     naive = -torch.log_softmax(model(torch.tensor([ids[:-1]]))[0], -1)[[7, 8, 9], [10, 11, 9]].mean()
     opt = torch.optim.SGD(model.parameters(), lr=0.0)
     assert abs(sft_step(model, opt, [(ids, mask)], "fp32") - naive.item()) < 1e-6
+
+
+def test_the_math_preset_from_a_bf16_qwen2(qwen, tmp_path, monkeypatch):
+    """--preset math on the tiny bf16 Qwen2 of tests/test_real_path.py, with an oracle it can pass (an even
+    length is right: its math earns nothing): MATH's chat layout and p1, a checkpoint that evaluate.py reads."""
+    monkeypatch.setattr(data, "rewards", lambda problems, texts, timeout=10.0: [float(len(t) % 2 == 0) for t in texts])
+    out = tmp_path / "pair"
+    train_sft.main(["--preset", "math", "--method", "pair", "--plus", "--base", str(qwen["base"]), "--data",
+                    str(qwen["math"]), "--out", str(out), "--problems", "8", "--max-new-tokens", "8", "--batch", "4",
+                    "--device", "cpu", "--threads", "1", "--dtype", "bf16"])
+    traces = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
+    assert traces and all(len(t["y2"]) % 2 == 0 for t in traces)
+    assert data.task_info(out / "ckpt") == {"task": "math", "p1": data.P1, "max_new_tokens": 8}
+    state = torch.load(out / "ckpt" / "model.pt", weights_only=True)
+    assert {t.dtype for t in state.values()} == {torch.float32}  # fp32 masters from a bf16 checkpoint
