@@ -8,6 +8,8 @@ only the instruction p1, and answers again (turn 2).
     delta_c2i        fraction of problems right at turn 1 and wrong at turn 2
     changed          fraction of problems whose final answer changed between the turns (answers compared
                      by the task's equivalence, as majority voting compares them: 0.5 and 1/2 are one)
+    verbatim         fraction of problems whose second attempt is the first one's text again (whitespace
+                     at the ends aside): the edit that SFT on corrections collapses into (paper Section 4)
     acc_t3, ...      with --turns N, the accuracy after each further round of p1
     scaling          with --scaling K: K samples each corrected once, majority vote, against 2K
                      independent samples, majority vote (the paper's Figure 1, right; temperature 0.7)
@@ -78,7 +80,8 @@ def metrics(problems, texts):
     rep.update(delta=rep["acc_t2"] - rep["acc_t1"],
                delta_i2c=sum(x == 0 and y == 1 for x, y in zip(a1, a2)) / n,
                delta_c2i=sum(x == 1 and y == 0 for x, y in zip(a1, a2)) / n,
-               changed=sum(changed(p, x, y) for p, x, y in zip(problems, ans1, ans2)) / n, n=n)
+               changed=sum(changed(p, x, y) for p, x, y in zip(problems, ans1, ans2)) / n,
+               verbatim=sum(x.strip() == y.strip() for x, y in zip(texts[0], texts[1])) / n, n=n)
     return rep
 
 
@@ -163,7 +166,7 @@ def markdown(reports):
     return "\n".join(lines) + f"\n\n(percent of {reports[0]['n']} problems)"
 
 
-METRICS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed")
+METRICS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed", "verbatim")
 
 
 def mean_se(xs):
@@ -199,28 +202,65 @@ def over_seeds(reports, reference):
     return out
 
 
-def targets(rows, reference, base="base"):
+# The paper's Table 4 ablations, each held to SCoRe's Delta; its Section 4 baselines (train_sft.py), held to
+# their two failure modes. Stage I only is the demo's extra row: held to acc_t2 alone (it keeps turn 1 at
+# the base, so its Delta can be large while its final accuracy is not).
+ABLATIONS = ("w/o multi-turn training", "w/o Stage I", "w/o reward shaping")
+SFT_ROWS = ("STaR", "Pair-SFT")
+
+
+def targets(rows, reference, base="base", ablations=ABLATIONS, sft=SFT_ROWS):
     """The paper's signature as checks on the table over seeds: (what, the measured value, met). met is
-    None where a check needs a standard error and there is one seed: it can be neither met nor missed."""
+    None where a check needs a standard error and there is one seed: it can be neither met nor missed.
+      the base does not self-correct: Delta <= 0 and c->i above i->c;
+      the reference does: Delta above 0 by more than 2 standard errors, i->c at least twice c->i, c->i at
+        most 2 points, Delta at least 5 points above the base's (paired);
+      its Delta above each ablation's and each SFT row's by more than 2 paired standard errors, and its
+        acc_t2 at least every other row's;
+      each SFT row's Delta within 3 points of 0, and its "changed" below the reference's or its i->c no
+        better than the base's (the paper's two failure modes of SFT on self-generated corrections)."""
     by = {r["row"]: r for r in rows}
     ref, checks = by[reference], []
     pct = lambda x: f"{100 * x:+.1f}"
+    mean = lambda row, m: by[row][m]["mean"]
+
+    def above(what, s):  # a paired difference, met when above 0 by more than 2 standard errors
+        if s["se"] is None:
+            checks.append((what, f"{pct(s['mean'])} (one seed: no standard error)", None))
+        else:
+            checks.append((what, f"{pct(s['mean'])} +- {100 * s['se']:.1f}", s["mean"] > 2 * s["se"]))
+    if base in by:
+        d, i2c, c2i = (mean(base, m) for m in ("delta", "delta_i2c", "delta_c2i"))
+        checks.append(("the base does not self-correct: Delta <= 0 and c->i above i->c",
+                       f"{pct(d)} (i->c {100 * i2c:.1f}, c->i {100 * c2i:.1f})", d <= 0 and c2i > i2c))
+    above(f"{reference} Delta above 0 by more than 2 standard errors", ref["delta"])
+    i2c, c2i = mean(reference, "delta_i2c"), mean(reference, "delta_c2i")
+    checks.append((f"{reference} Delta_i->c at least twice its Delta_c->i", f"{100 * i2c:.1f} vs {100 * c2i:.1f}",
+                   i2c >= 2 * c2i))
+    checks.append((f"{reference} Delta_c->i at most 2 points", f"{100 * c2i:.1f}", c2i <= 0.02))
     if base in by:
         d = by[base]["paired"]["delta"]["mean"]
         checks.append((f"{reference} Delta at least 5 points above the base's", pct(d), d >= 0.05))
     for r in rows:
-        if r["row"] in (reference, base):
+        if r["row"] in ablations or r["row"] in sft:
+            above(f"{reference} Delta above {r['row']}'s by more than 2 standard errors (paired)", r["paired"]["delta"])
+    for r in rows:
+        if r["row"] != reference:
+            a = r["paired"]["acc_t2"]["mean"]  # the table's paired column (the same mean, rounded alike)
+            checks.append((f"{reference} acc_t2 at least {r['row']}'s", pct(a), a >= 0))
+    for row in sft:
+        if row not in by:
             continue
-        p = r["paired"]["delta"]
-        what = f"{reference} Delta above {r['row']}'s by more than 2 standard errors (paired)"
-        if p["se"] is None:
-            checks.append((what, f"{pct(p['mean'])} (one seed: no standard error)", None))
-        else:
-            checks.append((what, f"{pct(p['mean'])} +- {100 * p['se']:.1f}", p["mean"] > 2 * p["se"]))
-        a = r["paired"]["acc_t2"]["mean"]  # the table's paired column (the same mean, rounded alike)
-        checks.append((f"{reference} acc_t2 at least {r['row']}'s", pct(a), a >= 0))
-    c = ref["delta_c2i"]["mean"]
-    checks.append((f"{reference} Delta_c->i at most 2 points", f"{100 * c:.1f}", c <= 0.02))
+        d = mean(row, "delta")
+        checks.append((f"{row} Delta within 3 points of 0", pct(d), abs(d) <= 0.03))
+        ch, i2c = mean(row, "changed"), mean(row, "delta_i2c")
+        what = f"{row} changes less than {reference} or corrects no more than the base"
+        value = f"changed {100 * ch:.1f} vs {100 * mean(reference, 'changed'):.1f}"
+        ok = ch < mean(reference, "changed")
+        if base in by:
+            value += f"; i->c {100 * i2c:.1f} vs {100 * mean(base, 'delta_i2c'):.1f}"
+            ok = ok or i2c <= mean(base, "delta_i2c")
+        checks.append((what, value, ok))
     return checks
 
 

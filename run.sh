@@ -1,16 +1,16 @@
 #!/usr/bin/env bash
 # The whole SCoRe pipeline in one command.
 #
-#   bash run.sh                 # the CPU demo: the paper's Table 4 (SCoRe and its ablations) over 3 training seeds
+#   bash run.sh                 # the CPU demo: the paper's Table 4 (SCoRe, its ablations, STaR, Pair-SFT) over 3 seeds
 #   bash run.sh demo1           # the same with one training seed (an anecdote, for a reader in a hurry)
 #   bash run.sh math            # preset math: a converted model in out/math/base, MATH in data/ (see README.md)
 #   bash run.sh code            # preset code: MBPP for training, HumanEval for evaluation
 #
 # Environment: OUT (default out) is where runs go. Demo: QUICK=1 runs a few steps of everything (CI's smoke
-# run). Math and code: RL_ARGS and EVAL_ARGS add flags to the training scripts and to evaluate.py, EVAL_DATA
+# run); DTYPE=fp32 (or bf16) overrides --dtype auto (bf16 on a CPU with bf16 units). Math and code: RL_ARGS and EVAL_ARGS add flags to the training scripts and to evaluate.py, EVAL_DATA
 # replaces the evaluation file. An interrupted run.sh, run again, picks up where it stopped: a finished
-# base is kept and each RL run continues from its last checkpoint (--resume: exactly the weights of an
-# uninterrupted run; a finished run does no more steps). FRESH=1 starts over (the converted base stays).
+# base or SFT run is kept and each RL run continues from its last checkpoint (--resume: exactly the weights
+# of an uninterrupted run; a finished run does no more steps). FRESH=1 starts over (a converted base stays).
 set -euo pipefail
 case "${1:-}" in -h|--help|help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")"
@@ -18,7 +18,7 @@ preset=${1:-demo}
 OUT=${OUT:-out}/$preset
 QUICK=${QUICK:-0}
 t_run=$SECONDS
-if [ "${FRESH:-0}" = 1 ]; then rm -rf "$OUT/base.done" "$OUT/stage1" "$OUT/stage2"; fi  # the demo's runs go with its base
+if [ "${FRESH:-0}" = 1 ]; then rm -rf "$OUT/settings" "$OUT"/seed* "$OUT/stage1" "$OUT/stage2"; fi  # the demo's bases too
 train() {  # train SCRIPT OUT ARGS...: python SCRIPT --out OUT ARGS, with --resume where OUT has a checkpoint
   local script=$1 out=$2 resume=""; shift 2
   if [ -f "$out/ckpt/state.pt" ] || [ -f "$out/ckpt.old/state.pt" ]; then resume=--resume; fi
@@ -31,62 +31,98 @@ stage() {  # stage N of M: what, the time since run.sh started, and ($4, seconds
 }
 
 if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
-  # The paper's Table 4 on the demo. Every RL row starts from the same base and runs the same budget of
-  # RL steps (s1 + s2), once per training seed; all are evaluated greedily on 2,000 held-out problems.
+  # The paper's Table 4 on the demo, and its Section 4 baselines. Each training seed trains its own base
+  # (so the spread includes the base's draw), then from it, each with the same budget of s1 + s2 RL steps
+  # (of 32 problems each) or, for the SFT rows, as many problems:
   #   Stage I only               Stage I for s1 + s2 steps (its step s1 is SCoRe's Stage I)
   #   SCoRe                      Stage I (s1 steps), then Stage II (s2 steps)
   #   w/o multi-turn training    single-turn RL on the first attempt (train_single_turn.py), evaluated with two turns
   #   w/o Stage I                Stage II from the base for s1 + s2 steps
   #   w/o reward shaping         Stage I (s1 steps), then Stage II with alpha = 0 (s2 steps)
+  #   STaR, Pair-SFT             supervised fine-tuning on the base's own corrections (train_sft.py)
+  # All are evaluated greedily on 2,000 held-out problems. DTYPE (default auto: bf16 on a CPU with bf16
+  # units, else fp32) sets every script's --dtype.
   seeds="0 1 2"; [ "$preset" = demo1 ] && seeds="0"
+  dtype=${DTYPE:-auto}
   if [ "$QUICK" = 1 ]; then
-    base_args="--max-steps 3 --eval-every 3 --eval-n 8"
+    base_args="--max-steps 150 --eval-every 50 --eval-n 50"
     rl_args="--batch 8 --k 2 --micro-batch 8 --n-train 50 --save-every 1"
-    s1=2; s2=2; eval_n=8; seeds="0"
+    s1=2; s2=2; eval_n=50; seeds="0"; sft_args="--problems 16 --epochs 1"
   else
     base_args=""
     rl_args=""
-    s1=100; s2=60; eval_n=2000  # rl.PRESETS['demo']: Stage I's steps, Stage II's steps
+    s1=300; s2=300; eval_n=2000  # rl.PRESETS['demo']: Stage I's steps, Stage II's steps
+    sft_args="--problems $(( (s1 + s2) * 32 ))"  # as many problems as an RL row sees (32 per step)
   fi
   trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed run stops the one beside it too
-  set -- $seeds; n_seeds=$#; M=$(( 2 + n_seeds ))
-  stage 1 $M "the base model (train_base.py)"
-  settings="base: $base_args; runs: $rl_args, s1 $s1, s2 $s2"  # what a run in $OUT may continue with
-  if [ -f "$OUT/base.done" ] && [ "$(cat "$OUT/base.done")" = "$settings" ]; then
-    echo "run.sh: continuing in $OUT: its base and finished runs are kept (FRESH=1 bash run.sh starts over)" >&2
-  else  # a new base (or other settings): runs trained from an earlier one would not match it
-    rm -rf "$OUT/base" "$OUT/base.done" "$OUT"/seed*
-    python train_base.py --out "$OUT/base" $base_args
-    echo "$settings" > "$OUT/base.done"
+  settings="base: $base_args; runs: $rl_args, s1 $s1, s2 $s2; sft: $sft_args; dtype $dtype"  # what $OUT may continue
+  if [ -f "$OUT/settings" ] && [ "$(cat "$OUT/settings")" = "$settings" ]; then
+    echo "run.sh: continuing in $OUT: its bases and finished runs are kept (FRESH=1 bash run.sh starts over)" >&2
+  else  # other settings: runs trained with them would not match
+    rm -rf "$OUT"/seed* "$OUT/settings" "$OUT/base" "$OUT/base.done" "$OUT/report.json" "$OUT/table.md"
+    mkdir -p "$OUT"; echo "$settings" > "$OUT/settings"
   fi
-  evals=(--ckpt "$OUT/base" --name base)
-  i=0; t_rl=$SECONDS
+  # The jobs, longest first where they may (each one thread, two at a time: 1.3x the throughput of one
+  # run on two threads at the demo's size, and each run stays deterministic): NAME|DEPENDENCIES|COMMAND
+  jobs=()
   for seed in $seeds; do
-    d=$OUT/seed$seed; i=$(( i + 1 )); left=""
-    [ $i -gt 1 ] && left=$(( (SECONDS - t_rl) * (n_seeds - i + 1) / (i - 1) + 60 ))
-    stage $(( i + 1 )) $M "training seed $seed: Stage I, SCoRe and the three ablations, two runs at a time" $left
-    # two runs at a time on one thread each: 1.3x the throughput of one run on two threads at the demo's
-    # size (small operations do not split well over threads); each run stays deterministic
-    common=(--preset demo --base "$OUT/base" --seed $seed --threads 1 $rl_args)
-    s1ckpt=$d/stage1/step_$(printf %06d $s1)
-    (
-      train train_stage1.py "$d/stage1" "${common[@]}" --init "$OUT/base" --steps $(( s1 + s2 )) --keep-every $s1 \
-        --label "Stage I (seed $seed)"
-      # the demo preset's Stage II (rl.PRESETS) draws half of its first attempts from the base (paper 5.3)
-      train train_stage2.py "$d/score" "${common[@]}" --init "$s1ckpt" --steps $s2 --label "SCoRe (seed $seed)"
-      train train_stage2.py "$d/no_shaping" "${common[@]}" --init "$s1ckpt" --steps $s2 --alpha 0 \
-        --label "w/o reward shaping (seed $seed)"
-    ) & lane=$!
-    train train_stage2.py "$d/no_stage1" "${common[@]}" --init "$OUT/base" --steps $(( s1 + s2 )) \
-      --label "w/o Stage I (seed $seed)"
-    train train_single_turn.py "$d/single_turn" "${common[@]}" --init "$OUT/base" --steps $(( s1 + s2 )) \
-      --label "w/o multi-turn training (seed $seed)"
-    wait $lane || { echo "run.sh: a run of seed $seed failed (its lines above say which)" >&2; exit 1; }
-    evals+=(--ckpt "$d/stage1/ckpt" --name "Stage I only@$seed" --ckpt "$d/score/ckpt" --name "SCoRe@$seed"
-            --ckpt "$d/single_turn/ckpt" --name "w/o multi-turn training@$seed"
-            --ckpt "$d/no_stage1/ckpt" --name "w/o Stage I@$seed" --ckpt "$d/no_shaping/ckpt" --name "w/o reward shaping@$seed")
+    jobs+=("base@$seed||[ -f $OUT/seed$seed/base.done ] || { rm -rf $OUT/seed$seed/base; python train_base.py \
+--out $OUT/seed$seed/base --seed $seed --threads 1 --dtype $dtype $base_args && touch $OUT/seed$seed/base.done; }")
   done
-  stage $M $M "greedy evaluation on $eval_n held-out problems"
+  for what in stage1 no_stage1 single_turn score no_shaping star pair; do
+    for seed in $seeds; do
+      d=$OUT/seed$seed
+      common="--preset demo --base $d/base --seed $seed --threads 1 --dtype $dtype $rl_args"
+      s1ckpt=$d/stage1/step_$(printf %06d $s1)
+      case $what in
+        stage1) jobs+=("stage1@$seed|base@$seed|train train_stage1.py $d/stage1 $common --init $d/base \
+--steps $(( s1 + s2 )) --keep-every $s1 --label 'Stage I (seed $seed)'") ;;
+        no_stage1) jobs+=("no_stage1@$seed|base@$seed|train train_stage2.py $d/no_stage1 $common --init $d/base \
+--steps $(( s1 + s2 )) --label 'w/o Stage I (seed $seed)'") ;;
+        single_turn) jobs+=("single_turn@$seed|base@$seed|train train_single_turn.py $d/single_turn $common \
+--init $d/base --steps $(( s1 + s2 )) --label 'w/o multi-turn training (seed $seed)'") ;;
+        score) jobs+=("score@$seed|stage1@$seed|train train_stage2.py $d/score $common --init $s1ckpt --steps $s2 \
+--label 'SCoRe (seed $seed)'") ;;
+        no_shaping) jobs+=("no_shaping@$seed|stage1@$seed|train train_stage2.py $d/no_shaping $common --init $s1ckpt \
+--steps $s2 --alpha 0 --label 'w/o reward shaping (seed $seed)'") ;;
+        star|pair) jobs+=("$what@$seed|base@$seed|[ -f $d/$what/ckpt/model.pt ] || { rm -rf $d/$what; python train_sft.py \
+--method $what --base $d/base --out $d/$what --seed $seed --threads 1 --dtype $dtype $sft_args; }") ;;
+      esac
+    done
+  done
+  Q=$OUT/.jobs; rm -rf "$Q"; mkdir -p "$Q"; n_jobs=${#jobs[@]}
+  worker() {  # take the first job not taken whose dependencies are done, until none is left
+    while true; do
+      [ -n "$(ls "$Q" | grep '\.failed$')" ] && return 1
+      local pick="" left=0 j name deps cmd
+      for j in "${jobs[@]}"; do
+        IFS='|' read -r name deps cmd <<< "$j"
+        [ -e "$Q/$name.done" ] || left=1
+        [ -e "$Q/$name.taken" ] && continue
+        [ -z "$deps" ] || [ -e "$Q/$deps.done" ] || continue
+        mkdir "$Q/$name.taken" 2>/dev/null && { pick=$j; break; }
+      done
+      if [ -z "$pick" ]; then [ $left = 0 ] && return 0; sleep 1; continue; fi
+      IFS='|' read -r name deps cmd <<< "$pick"
+      local started=$(ls -d "$Q"/*.taken | wc -l) elapsed=$(( SECONDS - t_run )) eta=""
+      local done=$(ls "$Q" | grep -c '\.done$' || true)
+      [ "$done" -gt 0 ] && eta=", about $(( (elapsed * (n_jobs - done) / done + 30) / 60 )) min left"
+      echo "===== run.sh: job $started of $n_jobs: $name ($(( elapsed / 60 )) min $(( elapsed % 60 )) s so far$eta) =====" >&2
+      if eval "$cmd"; then touch "$Q/$name.done"; else touch "$Q/$name.failed"; echo "run.sh: $name failed (its lines above say why)" >&2; return 1; fi
+    done
+  }
+  worker & lane=$!
+  worker || { kill $lane 2>/dev/null; wait; exit 1; }
+  wait $lane || exit 1
+  evals=()
+  for seed in $seeds; do
+    d=$OUT/seed$seed
+    evals+=(--ckpt "$d/base" --name "base@$seed" --ckpt "$d/stage1/ckpt" --name "Stage I only@$seed"
+            --ckpt "$d/score/ckpt" --name "SCoRe@$seed" --ckpt "$d/single_turn/ckpt" --name "w/o multi-turn training@$seed"
+            --ckpt "$d/no_stage1/ckpt" --name "w/o Stage I@$seed" --ckpt "$d/no_shaping/ckpt" --name "w/o reward shaping@$seed"
+            --ckpt "$d/star/ckpt" --name "STaR@$seed" --ckpt "$d/pair/ckpt" --name "Pair-SFT@$seed")
+  done
+  echo "===== run.sh: greedy evaluation on $eval_n held-out problems ($(( (SECONDS - t_run) / 60 )) min so far) =====" >&2
   python evaluate.py --task demo --n $eval_n "${evals[@]}" --seeds SCoRe --out "$OUT/report.json" --markdown "$OUT/table.md"
   # a picture of each run of the first seed (matplotlib is optional: without it plot.py says so in one line)
   set -- $seeds

@@ -4,13 +4,19 @@ The demo only: train the small base model from scratch on solved examples of the
 errs, so that there is something for self-correction to fix.
 
 Its second turn behaves as the models the paper starts from do (Gemini 1.5 Flash on MATH: Delta
--11.2, c->i 15.8%): told "there might be an error", it often gives up its answer. Half of the
-examples (--two-turn) add p1 and a second answer: half of those (--change) another pair of the
-numbers, which is wrong, the rest the same right answer again. The base never sees a wrong first
-attempt, let alone a correction (that would be Pair-SFT, one of the paper's baselines): what it
-does after a wrong first attempt is its own. A base that only repeated its answer (--change 0)
-copied it at turn 2 so faithfully that Stage I found nothing to learn (Delta 0.0 at every stage, on
-the tuning problems; docs/RESULTS.md).
+-11.2, i->c 4.6%, c->i 15.8%): told "there might be an error", it often gives up its answer. Half of
+the examples (--two-turn) add p1 and a second answer: half of those (--change) another pair of the
+numbers, which is wrong, the rest the same right answer again. A changed answer is a near miss
+(--change-to near): a wrong pair drawn with weight exp(-|a + b - target|), the move of a model that
+doubts itself, so that when the base changes a wrong answer, its knowledge of the task shapes where
+it goes. The base never sees a wrong first attempt, let alone a correction (that would be Pair-SFT,
+one of the paper's baselines): what it does after a wrong first attempt is its own.
+
+Measured on the tuning problems (docs/RESULTS.md): a base that only repeated its answer (--change 0)
+copied it at turn 2 so faithfully that Stage I found nothing to learn; one whose changes went to any
+wrong pair alike (--change-to random) changed to the right pair 1 time in 9 after a wrong first attempt,
+too rarely for RL to build on, and no RL row learned to correct. Answers name their numbers as the
+prompt does, one token each (" 15+ 3"; --numbers digits spells "15+3" digit by digit, as before).
 
     python train_base.py --out out/demo/base
 """
@@ -46,6 +52,12 @@ def get_args(argv=None):
                    help="stop at the first evaluation whose greedy accuracy reaches this (the base must still err)")
     p.add_argument("--change", type=float, default=0.5,
                    help="fraction of the two-turn examples whose second answer is another (wrong) pair")
+    p.add_argument("--change-to", choices=["near", "random"], default="near",
+                   help="where a changed answer goes: a near miss (a wrong pair, weight exp(-|a + b - target|)) "
+                        "or any wrong pair alike")
+    p.add_argument("--numbers", choices=["tokens", "digits"], default="tokens",
+                   help='how an answer writes its numbers: as the prompt does, one token each (" 15+ 3"), or '
+                        'digit by digit ("15+3")')
     p.add_argument("--two-turn", type=float, default=0.5,
                    help="fraction of examples with a second turn (p1, then the same right answer)")
     p.add_argument("--seed", type=int, default=0)
@@ -59,19 +71,29 @@ def get_args(argv=None):
     return args
 
 
-def example(tok, prob, rng, two_turn, change=0.0):
-    """(ids, loss mask over the predicted positions): chat(x), the answer, the end of the turn; with
-    probability two_turn, then p1 and a second answer: with probability `change` another pair of the
-    numbers (the base gives up a right answer when told it may be wrong), else the same answer again."""
+def answer(a, b, numbers="tokens"):
+    """The text of an answer naming the pair a, b: " 15+ 3" (each number one token, as in the prompt)
+    or "15+3" (digits)."""
+    return f" {a}+ {b}" if numbers == "tokens" else f"{a}+{b}"
+
+
+def example(tok, prob, rng, two_turn, change=0.0, change_to="near", numbers="tokens"):
+    """(ids, loss mask over the predicted positions): chat(x), the right answer, the end of the turn;
+    with probability two_turn, then p1 and a second answer: with probability `change` another pair of
+    the numbers, always wrong (the base gives up a right answer when told it may be wrong: a near miss,
+    or any wrong pair alike), else the same answer again."""
     prompt = tok.render([{"role": "user", "content": prob.prompt}])
-    y = tok.encode(prob.reference) + [tok.eot_id]
+    right = tuple(map(int, prob.reference.split("+")))
+    y = tok.encode(answer(*right, numbers)) + [tok.eot_id]
     ids, mask = prompt + y, [False] * (len(prompt) - 1) + [True] * len(y)  # train the answers, not x or p1
     if rng.random() < two_turn:
+        pair = right
         if rng.random() < change:
-            right = sorted(map(int, prob.reference.split("+")))
-            pairs = [(a, b) for i, a in enumerate(prob.meta["numbers"]) for b in prob.meta["numbers"][i + 1:]
-                     if sorted((a, b)) != right]
-            y = tok.encode("%d+%d" % rng.choice(pairs)) + [tok.eot_id]
+            nums, target = prob.meta["numbers"], prob.meta["target"]
+            wrong = [(a, b) for i, a in enumerate(nums) for b in nums[i + 1:] if a + b != target]
+            weights = [math.exp(-abs(a + b - target)) if change_to == "near" else 1.0 for a, b in wrong]
+            pair = rng.choices(wrong, weights)[0]
+        y = tok.encode(answer(*pair, numbers)) + [tok.eot_id]
         followup = tok.render_followup([{"role": "user", "content": data.DEMO_P1}])
         ids, mask = ids + followup + y, mask + [False] * len(followup) + [True] * len(y)
     return ids, mask
@@ -137,7 +159,7 @@ def main(argv=None):
             g["lr"] = lr
         problems = data.make_demo(args.batch * world, seed=train_seed + step)[rank::world]  # training split; this rank's share
         rng = random.Random(train_seed + step)
-        batch = [example(tok, p, rng, args.two_turn, args.change) for p in problems]
+        batch = [example(tok, p, rng, args.two_turn, args.change, args.change_to, args.numbers) for p in problems]
         loss = sft_step(model, opt, batch, args.dtype, world=world)
         if step % args.eval_every == 0 or step == args.max_steps:
             prev, acc = acc, greedy_accuracy(model, tok, held_out)  # every rank: the same weights, the same verdict

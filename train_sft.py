@@ -49,8 +49,8 @@ def get_args(argv=None):
     p.add_argument("--base", default=preset["base"], help="the base model: it samples the traces and is fine-tuned")
     p.add_argument("--data", default=preset["data"], help="training data path (see data.py)")
     p.add_argument("--out", help="run directory (default: the preset's root / star, star_plus, pair or pair_plus)")
-    p.add_argument("--problems", type=int, default=3200,
-                   help="training problems sampled from (the demo's RL rows see 160 steps x 32 prompts = 5,120)")
+    p.add_argument("--problems", type=int, default=19_200,
+                   help="training problems sampled from (the demo's RL rows see 600 steps x 32 prompts = 19,200)")
     p.add_argument("--k", type=int, default=preset["k"], help="two-turn samples per problem")
     p.add_argument("--gen-batch", type=int, default=preset.get("gen_batch") or 1024, help="rows sampled at once")
     p.add_argument("--epochs", type=int, default=2, help="passes over the kept traces")

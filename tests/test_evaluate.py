@@ -63,12 +63,12 @@ def test_metrics_three_turns_by_hand():
     texts = [["2+5", "5+2", "1+4"],        # 1 1 0, same pair written backwards: unchanged
              ["1+9", "2+5", "2+5"],        # 0 1 1, changed
              ["5+2", "4+1", "5+2"],        # 1 0 1, changed
-             ["none", "no idea", "2+5"],   # 0 0 1, no answer twice: unchanged
+             ["none", " none\n", "2+5"],  # 0 0 1, no answer twice: unchanged; the same text again: verbatim
              ["1+9", "9+1", "4+1"],        # 0 0 0, unchanged
              ["x", "so 5+2", "9+4"]]       # 0 1 0, changed (none -> 2+5)
     rep = evaluate.metrics(demo(6), [list(t) for t in zip(*texts)])
     want = dict(acc_t1=2 / 6, acc_t2=3 / 6, acc_t3=3 / 6, delta=1 / 6, delta_i2c=2 / 6, delta_c2i=1 / 6,
-                changed=3 / 6, n=6)
+                changed=3 / 6, verbatim=1 / 6, n=6)
     assert rep.keys() == want.keys()
     for key, v in want.items():
         assert rep[key] == pytest.approx(v, abs=1e-12), key
@@ -233,46 +233,91 @@ def test_bf16_run_end_to_end_and_outputs(ckpt, tmp_path, capsys):
 
 
 # ----------------------------------------------------------------------------- the table over seeds
-def rep(name, delta, acc_t2=0.5, c2i=0.01):
+def rep(name, delta, acc_t2=0.5, c2i=0.01, changed=0.1):
     return dict(name=name, acc_t1=acc_t2 - delta, acc_t2=acc_t2, delta=delta, delta_i2c=delta + c2i, delta_c2i=c2i,
-                changed=0.1, n=2000)
+                changed=changed, verbatim=0.5, n=2000)
 
 
 def test_over_seeds_by_hand():
     reports = [rep("SCoRe@0", 0.05, 0.60), rep("SCoRe@1", 0.07, 0.62), rep("SCoRe@2", 0.09, 0.64),
-               rep("abl@0", 0.01, 0.55), rep("abl@1", 0.04, 0.57), rep("abl@2", 0.04, 0.66),
+               rep("w/o Stage I@0", 0.01, 0.55), rep("w/o Stage I@1", 0.04, 0.57), rep("w/o Stage I@2", 0.04, 0.66),
                rep("base", -0.20, 0.40, c2i=0.25)]
     rows = {r["row"]: r for r in evaluate.over_seeds(reports, "SCoRe")}
-    assert list(rows) == ["SCoRe", "abl", "base"] and rows["SCoRe"]["seeds"] == ["0", "1", "2"]
+    assert list(rows) == ["SCoRe", "w/o Stage I", "base"] and rows["SCoRe"]["seeds"] == ["0", "1", "2"]
     # SCoRe's Delta 5, 7, 9: mean 7, sample sd 2, standard error 2 / sqrt 3
     assert rows["SCoRe"]["delta"]["mean"] == pytest.approx(0.07)
     assert rows["SCoRe"]["delta"]["se"] == pytest.approx(0.02 / 3 ** 0.5)
     assert "paired" not in rows["SCoRe"]
     # paired SCoRe - abl, seed by seed: 4, 3, 5 -> mean 4, sd 1; acc_t2: 5, 5, -2 -> mean 8/3
-    assert rows["abl"]["paired"]["delta"]["mean"] == pytest.approx(0.04)
-    assert rows["abl"]["paired"]["delta"]["se"] == pytest.approx(0.01 / 3 ** 0.5)
-    assert rows["abl"]["paired"]["acc_t2"]["mean"] == pytest.approx(0.08 / 3)
+    assert rows["w/o Stage I"]["paired"]["delta"]["mean"] == pytest.approx(0.04)
+    assert rows["w/o Stage I"]["paired"]["delta"]["se"] == pytest.approx(0.01 / 3 ** 0.5)
+    assert rows["w/o Stage I"]["paired"]["acc_t2"]["mean"] == pytest.approx(0.08 / 3)
     # unpaired the ablation's spread (sd of 1, 4, 4 = sqrt 3) would give a different standard error
-    assert rows["abl"]["delta"]["se"] == pytest.approx(3 ** 0.5 / 100 / 3 ** 0.5)
+    assert rows["w/o Stage I"]["delta"]["se"] == pytest.approx(3 ** 0.5 / 100 / 3 ** 0.5)
     # the base, trained once, pairs with every seed: 25, 27, 29; its own standard error is undefined
     assert rows["base"]["seeds"] == [] and rows["base"]["delta"]["se"] is None
     assert rows["base"]["paired"]["delta"]["mean"] == pytest.approx(0.27)
     assert rows["base"]["paired"]["delta"]["se"] == pytest.approx(0.02 / 3 ** 0.5)
     checks = {w: (v, ok) for w, v, ok in evaluate.targets(list(rows.values()), "SCoRe")}
     assert checks["SCoRe Delta at least 5 points above the base's"] == ("+27.0", True)
-    assert checks["SCoRe Delta above abl's by more than 2 standard errors (paired)"] == ("+4.0 +- 0.6", True)
-    assert checks["SCoRe acc_t2 at least abl's"] == ("+2.7", True)
+    assert checks["SCoRe Delta above w/o Stage I's by more than 2 standard errors (paired)"] == ("+4.0 +- 0.6", True)
+    assert checks["SCoRe acc_t2 at least w/o Stage I's"] == ("+2.7", True)
     assert checks["SCoRe Delta_c->i at most 2 points"] == ("1.0", True)
-    # an ablation within 2 standard errors, one with a higher acc_t2, and a c->i of 3 points: missed
-    reports[3:6] = [rep("abl@0", 0.04, 0.70), rep("abl@1", 0.04, 0.70), rep("abl@2", 0.09, 0.70)]
+    # an ablation within 2 standard errors and with a higher acc_t2, and a c->i of 3 points: missed
+    reports[3:6] = [rep("w/o Stage I@0", 0.04, 0.70), rep("w/o Stage I@1", 0.04, 0.70), rep("w/o Stage I@2", 0.09, 0.70)]
     reports[:3] = [rep(f"SCoRe@{s}", d, c2i=0.03) for s, d in enumerate((0.05, 0.07, 0.09))]
-    rows = evaluate.over_seeds(reports, "SCoRe")
-    assert [ok for _, _, ok in evaluate.targets(rows, "SCoRe")] == [True, False, False, False]
+    checks = {w: ok for w, _, ok in evaluate.targets(evaluate.over_seeds(reports, "SCoRe"), "SCoRe")}
+    assert not checks["SCoRe Delta_c->i at most 2 points"] and checks["SCoRe Delta_i->c at least twice its Delta_c->i"]
+    assert not checks["SCoRe Delta above w/o Stage I's by more than 2 standard errors (paired)"]
+    assert not checks["SCoRe acc_t2 at least w/o Stage I's"] and checks["SCoRe acc_t2 at least base's"]
     # one seed: a paired difference has no standard error, so its check is neither met nor missed
-    one = evaluate.over_seeds([rep("SCoRe@0", 0.05), rep("abl@0", -0.30), rep("base", -0.2)], "SCoRe")
+    one = evaluate.over_seeds([rep("SCoRe@0", 0.05), rep("w/o Stage I@0", -0.30), rep("base", -0.2)], "SCoRe")
     checks = {w: (v, ok) for w, v, ok in evaluate.targets(one, "SCoRe")}
-    assert checks["SCoRe Delta above abl's by more than 2 standard errors (paired)"] == ("+35.0 (one seed: no standard error)", None)
+    assert checks["SCoRe Delta above w/o Stage I's by more than 2 standard errors (paired)"] == ("+35.0 (one seed: no standard error)", None)
     assert "| not measured |" in evaluate.markdown_seeds(one, list(evaluate.targets(one, "SCoRe")), "SCoRe")
+
+
+def test_targets_by_hand():
+    # every target of the demo's table on numbers chosen by hand, each verdict worked out below
+    reports = [rep("base", -0.05, 0.40, c2i=0.07),                                       # i->c 0.02 < c->i 0.07
+               *(rep(f"SCoRe@{s}", d, 0.60, c2i=0.015, changed=0.15) for s, d in enumerate((0.04, 0.05, 0.06))),
+               *(rep(f"Stage I only@{s}", 0.08, 0.61) for s in range(3)),              # acc_t2 above SCoRe's
+               *(rep(f"w/o reward shaping@{s}", d, 0.58) for s, d in enumerate((0.01, 0.02, 0.06))),
+               *(rep(f"STaR@{s}", 0.01, 0.50, c2i=0.0, changed=0.05) for s in range(3)),  # changes less than SCoRe
+               *(rep(f"Pair-SFT@{s}", -0.04, 0.50, c2i=0.0, changed=0.2) for s in range(3))]  # -4 points; i->c -4
+    checks = {w: (v, ok) for w, v, ok in evaluate.targets(evaluate.over_seeds(reports, "SCoRe"), "SCoRe")}
+    want = {
+        "the base does not self-correct: Delta <= 0 and c->i above i->c": ("-5.0 (i->c 2.0, c->i 7.0)", True),
+        "SCoRe Delta above 0 by more than 2 standard errors": ("+5.0 +- 0.6", True),          # se 0.01 / sqrt 3
+        "SCoRe Delta_i->c at least twice its Delta_c->i": ("6.5 vs 1.5", True),
+        "SCoRe Delta_c->i at most 2 points": ("1.5", True),
+        "SCoRe Delta at least 5 points above the base's": ("+10.0", True),
+        # paired 3, 3, 0: mean 2, sd sqrt 3, se 1 -> not above 2 se
+        "SCoRe Delta above w/o reward shaping's by more than 2 standard errors (paired)": ("+2.0 +- 1.0", False),
+        "SCoRe Delta above STaR's by more than 2 standard errors (paired)": ("+4.0 +- 0.6", True),
+        "SCoRe Delta above Pair-SFT's by more than 2 standard errors (paired)": ("+9.0 +- 0.6", True),
+        "SCoRe acc_t2 at least base's": ("+20.0", True),
+        "SCoRe acc_t2 at least Stage I only's": ("-1.0", False),
+        "SCoRe acc_t2 at least w/o reward shaping's": ("+2.0", True),
+        "SCoRe acc_t2 at least STaR's": ("+10.0", True),
+        "SCoRe acc_t2 at least Pair-SFT's": ("+10.0", True),
+        "STaR Delta within 3 points of 0": ("+1.0", True),
+        "STaR changes less than SCoRe or corrects no more than the base": ("changed 5.0 vs 15.0; i->c 1.0 vs 2.0", True),
+        "Pair-SFT Delta within 3 points of 0": ("-4.0", False),
+        # changed 20 > 15, but i->c (delta + c2i = -4) is no better than the base's 2
+        "Pair-SFT changes less than SCoRe or corrects no more than the base": ("changed 20.0 vs 15.0; i->c -4.0 vs 2.0",
+                                                                               True),
+    }
+    assert checks == want  # no Delta check for Stage I only: it is held to acc_t2 alone
+    # Pair-SFT changing more than SCoRe and correcting more than the base: both failure modes absent
+    reports[-3:] = [rep(f"Pair-SFT@{s}", 0.02, 0.50, c2i=0.01, changed=0.2) for s in range(3)]
+    checks = {w: ok for w, _, ok in evaluate.targets(evaluate.over_seeds(reports, "SCoRe"), "SCoRe")}
+    assert checks["Pair-SFT Delta within 3 points of 0"] is True
+    assert checks["Pair-SFT changes less than SCoRe or corrects no more than the base"] is False
+    # a base that changes as often to right as to wrong answers (Delta 0): it does not break more than it fixes
+    reports[0] = rep("base", 0.0, 0.40, c2i=0.03)
+    checks = {w: ok for w, _, ok in evaluate.targets(evaluate.over_seeds(reports, "SCoRe"), "SCoRe")}
+    assert checks["the base does not self-correct: Delta <= 0 and c->i above i->c"] is False
 
 
 def test_over_seeds_refuses_bad_names():
@@ -281,16 +326,16 @@ def test_over_seeds_refuses_bad_names():
     with pytest.raises(ValueError, match="two checkpoints"):
         evaluate.over_seeds([rep("SCoRe@0", 0.1), rep("SCoRe@0", 0.1)], "SCoRe")
     with pytest.raises(ValueError, match="no seed"):
-        evaluate.over_seeds([rep("SCoRe@0", 0.1), rep("abl@1", 0.1)], "SCoRe")
+        evaluate.over_seeds([rep("SCoRe@0", 0.1), rep("w/o Stage I@1", 0.1)], "SCoRe")
 
 
 def test_seeds_cli_writes_the_table_and_json(ckpt, tmp_path, capsys):
     out, md = tmp_path / "r.json", tmp_path / "t.md"
-    names = ["SCoRe@0", "SCoRe@1", "abl@0", "abl@1", "base"]
+    names = ["SCoRe@0", "SCoRe@1", "w/o Stage I@0", "w/o Stage I@1", "base"]
     argv = [a for n in names for a in ("--ckpt", ckpt, "--name", n)]
     evaluate.main(argv + ["--n", "4", "--seeds", "SCoRe", "--out", str(out), "--markdown", str(md)])
     result = json.loads(out.read_text())
-    assert [r["row"] for r in result["rows"]] == ["SCoRe", "abl", "base"]
+    assert [r["row"] for r in result["rows"]] == ["SCoRe", "w/o Stage I", "base"]
     assert [c["name"] for c in result["checkpoints"]] == names
     assert [t["met"] for t in result["targets"]][0] is False  # the same model everywhere: no gain over the base
     lines = md.read_text().splitlines()

@@ -2,6 +2,7 @@
 scripts cannot rot."""
 import json
 import os
+import signal
 import subprocess
 
 import pytest
@@ -9,7 +10,8 @@ import torch
 
 import data
 
-ROWS = ["base", "Stage I only", "SCoRe", "w/o multi-turn training", "w/o Stage I", "w/o reward shaping"]
+ROWS = ["base", "Stage I only", "SCoRe", "w/o multi-turn training", "w/o Stage I", "w/o reward shaping", "STaR",
+        "Pair-SFT"]
 RUNS = {"stage1": 4, "score": 2, "no_shaping": 2, "no_stage1": 4, "single_turn": 4}  # steps: s1 + s2 or s2
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -21,33 +23,46 @@ def test_run_sh_quick(tmp_path, recount):
     out = tmp_path / "demo"
     result = json.loads((out / "report.json").read_text())
     assert [r["row"] for r in result["rows"]] == ROWS
-    assert [r["seeds"] for r in result["rows"]] == [[]] + [["0"]] * 5
-    assert [c["name"] for c in result["checkpoints"]] == ["base"] + [f"{r}@0" for r in ROWS[1:]]
-    # each checkpoint's numbers against its greedy attempts on the same 8 held-out problems, counted here
-    problems = data.load_task("demo", n=8, seed=data.DEMO_EVAL_SEED, split="eval")
+    assert [r["seeds"] for r in result["rows"]] == [["0"]] * 8  # each seed trains its own base
+    assert [c["name"] for c in result["checkpoints"]] == [f"{r}@0" for r in ROWS]
+    # each checkpoint's numbers against its greedy attempts on the same 50 held-out problems, counted here
+    problems = data.load_task("demo", n=50, seed=data.DEMO_EVAL_SEED, split="eval")
     for r in result["checkpoints"]:
         want = recount(r["ckpt"], problems, r["p1"], r["max_new_tokens"])
         assert {key: r[key] for key in want} == pytest.approx(want, abs=1e-12), r["name"]
         assert 0.0 <= r["changed"] <= 1.0
+    # the table's rows are the checkpoints' numbers (one seed: the mean is the number), and they are not all 0
+    by_row = {r["row"]: r for r in result["rows"]}
+    for c in result["checkpoints"]:
+        row = by_row[c["name"].rpartition("@")[0]]
+        assert {m: row[m]["mean"] for m in ("acc_t1", "acc_t2", "delta", "changed")} == \
+            {m: c[m] for m in ("acc_t1", "acc_t2", "delta", "changed")}
+        if row["row"] != "SCoRe":
+            assert row["paired"]["acc_t2"]["mean"] == pytest.approx(by_row["SCoRe"]["acc_t2"]["mean"] - c["acc_t2"])
+    assert all(c["acc_t1"] > 0 for c in result["checkpoints"])  # after 150 steps the base answers some
     # one seed has no standard error, so no paired difference can be told from noise: neither met nor missed
-    assert len(result["targets"]) == 10 and [t["met"] for t in result["targets"][1:-1:2]] == [None] * 4
+    met = {t["target"]: t["met"] for t in result["targets"]}
+    unmeasured = [t for t, ok in met.items() if ok is None]
+    assert len(unmeasured) == 6 and all("standard error" in t for t in unmeasured), unmeasured
     table = (out / "table.md").read_text()
     assert table.startswith("| row | seeds |") and "| target | measured |" in table and "Each checkpoint:" in table
-    assert table.count("| not measured |") == 4
+    assert table.count("| not measured |") == 6
     # each run wrote a whole checkpoint: fp32 masters, and the task and p1 that evaluate.py defaults to
-    for ckpt in [f"seed0/{run}/ckpt" for run in RUNS] + ["seed0/stage1/step_000002", "seed0/score/best"]:
+    for ckpt in [f"seed0/{run}/ckpt" for run in (*RUNS, "star", "pair")] + ["seed0/stage1/step_000002",
+                                                                          "seed0/score/best"]:
         state = torch.load(out / ckpt / "model.pt", weights_only=True)
         assert {t.dtype for t in state.values()} == {torch.float32}, ckpt
         assert data.task_info(out / ckpt) == {"task": "demo", "p1": data.DEMO_P1, "max_new_tokens": 16}
     # SCoRe and the run without reward shaping start from Stage I's step s1, which Stage I only runs past
     inits = {run: torch.load(out / "seed0" / run / "ckpt" / "state.pt", weights_only=False)["args"]["init"]
              for run in RUNS}
-    assert inits == {"stage1": f"{out}/base", "score": f"{out}/seed0/stage1/step_000002",
-                     "no_shaping": f"{out}/seed0/stage1/step_000002", "no_stage1": f"{out}/base",
-                     "single_turn": f"{out}/base"}
+    base = f"{out}/seed0/base"
+    assert inits == {"stage1": base, "score": f"{out}/seed0/stage1/step_000002",
+                     "no_shaping": f"{out}/seed0/stage1/step_000002", "no_stage1": base, "single_turn": base}
     assert torch.load(out / "seed0" / "no_shaping" / "ckpt" / "state.pt", weights_only=False)["args"]["alpha"] == 0
-    stages = [line for line in res.stderr.splitlines() if line.startswith("===== run.sh: stage")]
-    assert [line.split()[3:6] for line in stages] == [["1", "of", "3:"], ["2", "of", "3:"], ["3", "of", "3:"]], stages
+    jobs = [line.split()[3:7] for line in res.stderr.splitlines() if line.startswith("===== run.sh: job")]
+    assert sorted(j[3] for j in jobs) == sorted(f"{r}@0" for r in ("base", *RUNS, "star", "pair")), jobs
+    assert [j[:3] for j in jobs] == [[str(i), "of", "8:"] for i in range(1, 9)] and jobs[0][3] == "base@0"
     for label in ("Stage I (seed 0)", "SCoRe (seed 0)", "w/o reward shaping (seed 0)", "w/o Stage I (seed 0)",
                   "w/o multi-turn training (seed 0)"):
         assert f"{label}: done" in res.stdout, label
@@ -57,7 +72,8 @@ def test_run_sh_quick(tmp_path, recount):
     # kept (no step is redone), the missing run is trained, and the table is the same to the last digit
     first = json.loads((out / "report.json").read_text())
     kept = {p: (out / p).stat().st_mtime_ns
-            for p in ["base/model.pt"] + [f"seed0/{r}/ckpt/model.pt" for r in RUNS if r != "no_shaping"]}
+            for p in ["seed0/base/model.pt", "seed0/star/ckpt/model.pt"]
+            + [f"seed0/{r}/ckpt/model.pt" for r in RUNS if r != "no_shaping"]}
     subprocess.run(["rm", "-r", str(out / "seed0" / "no_shaping")], check=True)
     again = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
@@ -66,12 +82,23 @@ def test_run_sh_quick(tmp_path, recount):
     assert steps == ["w/o reward shaping (seed 0): step 1/2", "w/o reward shaping (seed 0): step 2/2"], steps
     assert kept == {p: (out / p).stat().st_mtime_ns for p in kept}
     assert json.loads((out / "report.json").read_text()) == first
-    # a base made with other settings (here: written by hand) is not continued from: FRESH=1 and a changed
-    # setting start over
-    (out / "base.done").write_text("base: --max-steps 1; runs: other\n")
-    moved = subprocess.run(["bash", "run.sh"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
-    assert moved.returncode == 0 and "continuing in" not in moved.stderr
-    assert "Stage I (seed 0): step 1/4" in moved.stdout and json.loads((out / "report.json").read_text()) == first
+    # runs made with other settings (here: written by hand) are not continued from: they are deleted and the
+    # base trained again (stopped once the base is done: the rest would repeat the first run)
+    (out / "settings").write_text("base: --max-steps 1; runs: other\n")
+    base_mtime = (out / "seed0" / "base" / "model.pt").stat().st_mtime_ns
+    moved = subprocess.Popen(["bash", "run.sh"], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             text=True, start_new_session=True)
+    seen = []
+    for line in moved.stderr:
+        seen.append(line)
+        if line.startswith("===== run.sh: job 2 of"):
+            break
+    os.killpg(moved.pid, signal.SIGTERM)
+    moved.wait(timeout=60)
+    assert not any("continuing in" in line for line in seen), seen
+    assert not (out / "seed0" / "score").exists() and not (out / "report.json").exists()
+    assert (out / "seed0" / "base" / "model.pt").stat().st_mtime_ns != base_mtime
+    assert (out / "settings").read_text() != "base: --max-steps 1; runs: other\n"
 
 
 def test_run_sh_help_and_a_bad_preset():
