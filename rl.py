@@ -478,11 +478,11 @@ RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "a
 
 def save(path, policy, tok, opt, step, args, extra=None):
     """Write a whole checkpoint at `path` (the policy's fp32 masters, the tokenizer, task.json, and
-    state.pt with the Adam state keyed by parameter name, step and args) into a temporary directory, then
+    state.pt with the Adam state (opt.state_dict()), step and args) into a temporary directory, then
     swap it in: `path` is always a complete checkpoint (the previous one stays as path.old until the swap
     is done). Every rank calls it; rank 0 writes. The same files whatever the number of processes (a sharded
     policy and its Adam state are gathered whole: shard.full_state), so a run resumes on any number."""
-    weights, adam = shard.full_state(policy, opt)
+    weights, adam = shard.full_state(policy, opt)  # whole, on rank 0 (sharded: gathered)
     if dist.is_initialized() and dist.get_rank() != 0:
         return
     tmp, old = path + ".tmp", path + ".old"

@@ -13,10 +13,11 @@ copy of the frozen weights that every rank needs whole at every decoded token, a
 adapters and their Adam state) is small. Its adapters' gradients are summed by one all-reduce
 (all_reduce_grads), as are the demo base's (train_base.py).
 
-Checkpoints stay those of one process (rl.save): the weights and Adam's state, whole and keyed by
-parameter name (torch.distributed.checkpoint.state_dict), so a run written by N processes resumes on M.
-FSDP2, DTensor and the checkpoint utilities are imported only when the policy is sharded: their import
-takes half a second, which every run on one process would pay.
+Checkpoints stay those of one process (rl.save): the weights and Adam's state whole, in the layout of
+model.state_dict() and opt.state_dict(), gathered to rank 0 one tensor at a time (full_state); at a
+resume each rank slices its shard from the whole state (load_optimizer), so a run written by N processes
+resumes on M. FSDP2 and DTensor are imported only when the policy is sharded: their import takes half a
+second, which every run on one process would pay.
 """
 import functools
 import gc
@@ -90,19 +91,33 @@ def full(t, sharded):
 
 
 def full_state(model, opt):
-    """(weights, Adam's state), whole and keyed by parameter name, whatever the number of processes: where the
-    model is sharded, gathered one tensor at a time to rank 0's CPU (every rank calls this; the others get empty
-    dicts); else the tensors themselves."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict, get_optimizer_state_dict
-    options = StateDictOptions(full_state_dict=True, cpu_offload=is_sharded(model))
-    return get_model_state_dict(model, options=options), get_optimizer_state_dict(model, opt, options=options)
+    """(weights, Adam's state) whole, in the layout of one process's model.state_dict() and opt.state_dict()
+    (Adam's state keyed by the parameter's index), whatever the number of processes: where the model is
+    sharded, gathered one tensor at a time (a collective: every rank calls it) to rank 0's CPU; the other
+    ranks get None."""
+    if not is_sharded(model):
+        return model.state_dict(), opt.state_dict()
+    rank0 = dist.get_rank() == 0
+
+    def whole(t):  # every rank gathers; rank 0 keeps a CPU copy
+        t = full(t, hasattr(t, "full_tensor"))
+        return t.cpu() if rank0 else None
+    weights = {n: whole(t) for n, t in model.state_dict().items()}
+    saved = opt.state_dict()
+    saved["state"] = {i: {k: whole(v) for k, v in s.items()} for i, s in saved["state"].items()}
+    return (weights, saved) if rank0 else (None, None)
 
 
 def load_optimizer(model, opt, saved):
-    """Load Adam's state from a checkpoint's whole, name-keyed state (full_state) into `opt`: each rank keeps its
-    shard of it where the model is sharded."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(model, opt, saved, options=StateDictOptions(full_state_dict=True))
+    """Load Adam's state from a checkpoint (full_state's layout, whole tensors) into `opt`; where the model is
+    sharded, each rank keeps its shard of each tensor (sliced from the whole one, no communication)."""
+    if is_sharded(model):
+        from torch.distributed.tensor import distribute_tensor
+        params = [p for group in opt.param_groups for p in group["params"]]
+        saved = {**saved, "state": {i: {k: distribute_tensor(v, params[i].device_mesh, params[i].placements,
+                                                             src_data_rank=None) if v.shape == params[i].shape else v
+                                        for k, v in s.items()} for i, s in saved["state"].items()}}
+    opt.load_state_dict(saved)
 
 
 def all_reduce_grads(model, average=False):

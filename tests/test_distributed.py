@@ -42,7 +42,7 @@ CASES = [(f"stage{s} {d}", o, d) for s, o in ((1, train_stage1.objective), (2, t
 
 
 def setup(seed, lora=False):
-    """A policy, its reference (with LoRA: itself, adapters off) and two batches of rollouts of 4 prompts x 2."""
+    """A policy, its reference (with LoRA: itself, adapters off) and three batches of rollouts of 4 prompts x 2."""
     torch.manual_seed(seed)
     tok = Tokenizer.byte_level()
     policy, ref = GPT(CFG).init_weights(std=0.3), GPT(CFG).init_weights(std=0.3)
@@ -52,7 +52,7 @@ def setup(seed, lora=False):
             if name.endswith("lora_B"):
                 torch.nn.init.normal_(p, std=0.3)  # adapters that change the model: both A and B get gradients
     ros = []
-    for i in range(2):
+    for i in range(3):
         ro = rl.rollout(policy, ref, tok, data.make_demo(4, seed=3 + i), ARGS, seed=5 + i)
         ro.r1 = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 0]).roll(i)  # varied rewards, so every term has a gradient
         ro.r2 = torch.tensor([1.0, 1, 0, 0, 1, 0, 1, 0]).roll(i)
@@ -67,10 +67,11 @@ def rows_of(ro, rows):
     return out
 
 
-def steps(policy, ref, ros, objective, dtype, world=1, rank=0):
-    """Two updates as rl.train makes them (a fresh autocast each step; sharded, without its weight cache), on
-    the whole batches or, with world 2, on rank's share: prompts rank, rank + 2 (rl.train's batch[rank::world])."""
-    opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+def steps(policy, ref, ros, objective, dtype, world=1, rank=0, opt=None):
+    """An update per batch of rollouts as rl.train makes them (a fresh autocast each step; sharded, without its
+    weight cache), on the whole batches or, with world 2, on rank's share: prompts rank, rank + 2 (rl.train's
+    batch[rank::world]). opt: a fresh Adam (as rl.train builds it) unless given."""
+    opt = opt or adam(policy)
     args = SimpleNamespace(**{**vars(ARGS), "checkpoint_activations": dtype == "bf16"})
     rows = torch.tensor([p * 2 + j for p in range(rank, 4, world) for j in range(2)])
     stats = []
@@ -81,8 +82,32 @@ def steps(policy, ref, ros, objective, dtype, world=1, rank=0):
     return opt, stats
 
 
+def adam(policy):
+    return torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=1e-3)
+
+
+def save(out, policy, opt):
+    """rl.save's checkpoint of the Stage II fp32 case after its first two batches (step 2)."""
+    args = SimpleNamespace(task="demo", p1=data.DEMO_P1, max_new_tokens=ARGS.max_new_tokens)
+    rl.save(out, policy, Tokenizer.byte_level(), opt, 2, args)
+
+
+def resume(ckpt, world=1, rank=0):
+    """What rl.train does at --resume (the policy from the checkpoint, sharded over world > 1 processes, Adam's
+    state loaded into a fresh Adam), then the Stage II fp32 case's third batch."""
+    policy = GPT.from_pretrained(ckpt, dtype=torch.float32)
+    if world > 1:
+        shard.shard(policy)
+    opt = adam(policy)
+    shard.load_optimizer(policy, opt, torch.load(os.path.join(ckpt, "state.pt"), mmap=True, weights_only=False)["opt"])
+    _, ref, ros = setup(0)
+    steps(policy, ref, ros[2:], train_stage2.objective, "fp32", world, rank, opt)
+    return policy
+
+
 def worker(rank, port, out_dir):
-    """Each FSDP2 case, then the LoRA case, on rank's half of each batch."""
+    """Each FSDP2 case (two batches), then the LoRA case, on rank's half of each batch. Stage II fp32 writes its
+    checkpoint (2 processes -> 1) and resumes from the one that one process wrote (1 -> 2) for the third batch."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
@@ -93,27 +118,36 @@ def worker(rank, port, out_dir):
         policy, ref, ros = setup(0)
         shard.shard(policy)
         sampler = rl.make_sampler(policy, {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype])
-        opt, stats = steps(policy, ref, ros, objective, dtype, world=2, rank=rank)
+        opt, stats = steps(policy, ref, ros[:2], objective, dtype, world=2, rank=rank)
         rl.refresh_sampler(sampler, policy)
+        if name == "stage2 fp32":
+            save(os.path.join(out_dir, "ckpt2"), policy, opt)
         got[name] = {"stats": stats, "weights": {n: p.full_tensor() for n, p in policy.named_parameters()},
                      "grads": {n: p.grad.full_tensor() for n, p in policy.named_parameters()},
                      "sampler": {n: p.clone() for n, p in sampler.named_parameters()}, "separate": sampler is not policy,
                      "local": sum(p.to_local().numel() for p in policy.parameters()),
                      "adam": sum(t.to_local().numel() for s in opt.state.values() for k, t in s.items() if k != "step")}
+    policy = resume(os.path.join(out_dir, "ckpt1"), world=2, rank=rank)
+    got["resumed"] = {n: p.full_tensor() for n, p in policy.named_parameters()}
     policy, _, ros = setup(0, lora=True)
-    opt, stats = steps(policy, policy, ros, train_stage2.objective, "fp32", world=2, rank=rank)
+    opt, stats = steps(policy, policy, ros[:2], train_stage2.objective, "fp32", world=2, rank=rank)
     got["lora"] = {"stats": stats, "weights": {n: p.detach().clone() for n, p in policy.named_parameters()},
                    "grads": {n: p.grad for n, p in policy.named_parameters() if p.requires_grad}}
     torch.save(got, os.path.join(out_dir, f"rank{rank}.pt"))
-    torch.distributed.destroy_process_group()
+    del policy, opt
+    shard.teardown()
 
 
 @pytest.fixture(scope="module")
 def two_processes(tmp_path_factory):
-    """What each rank of a two-process run made of every case (one spawn for all of them)."""
+    """What each rank of a two-process run made of every case (one spawn for all of them), and the directory of
+    the checkpoints: ckpt1 (written by one process before the spawn) and ckpt2 (by the two processes)."""
     out = tmp_path_factory.mktemp("fsdp")
+    policy, ref, ros = setup(0)
+    opt, _ = steps(policy, ref, ros[:2], train_stage2.objective, "fp32")
+    save(str(out / "ckpt1"), policy, opt)
     mp.spawn(worker, args=(free_port(), str(out)), nprocs=2, join=True)
-    return [torch.load(out / f"rank{r}.pt") for r in range(2)]
+    return [torch.load(out / f"rank{r}.pt") for r in range(2)] + [out]
 
 
 def same_update(got, stats, policy):
@@ -130,11 +164,11 @@ def test_fsdp_two_processes_make_the_single_process_update(two_processes, case):
     name, objective, dtype = case
     policy, ref, ros = setup(0)
     before = {n: p.detach().clone() for n, p in policy.named_parameters()}
-    _, stats = steps(policy, ref, ros, objective, dtype)
+    _, stats = steps(policy, ref, ros[:2], objective, dtype)
     same_update(two_processes[0][name], stats, policy)
     assert all(not torch.equal(before[n], p) for n, p in policy.named_parameters())  # every weight moved
     compute = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
-    for got in two_processes:  # each rank's sampler: a whole copy of the updated policy, in the compute dtype
+    for got in two_processes[:2]:  # each rank's sampler: a whole copy of the updated policy, in the compute dtype
         assert got[name]["separate"]  # in fp32 too: sampling with the sharded policy would gather it at every token
         assert all(torch.equal(got[name]["sampler"][n], got[name]["weights"][n].to(compute)) for n in before)
     assert all(torch.equal(two_processes[0][name]["weights"][n], two_processes[1][name]["weights"][n]) for n in before)
@@ -145,7 +179,7 @@ def test_each_rank_holds_the_shard_memory_counts(two_processes):
     splits each parameter's first dimension in world chunks, the first ones rounded up)."""
     knobs = SimpleNamespace(batch=8, k=2, micro_batch=2, max_new_tokens=5, gen_batch=None, dtype="fp32", device="cpu")
     m = memory.memory_model(CFG, knobs, world=2)
-    local = max(got["stage1 fp32"]["local"] for got in two_processes)
+    local = max(got["stage1 fp32"]["local"] for got in two_processes[:2])
     assert two_processes[0]["stage1 fp32"]["local"] == local  # rank 0 holds the rounded-up chunks
     with torch.device("meta"):
         P = sum(p.numel() for p in GPT(CFG).parameters())
@@ -155,10 +189,33 @@ def test_each_rank_holds_the_shard_memory_counts(two_processes):
 
 def test_lora_two_processes_make_the_single_process_update(two_processes):
     policy, _, ros = setup(0, lora=True)
-    _, stats = steps(policy, policy, ros, train_stage2.objective, "fp32")
+    _, stats = steps(policy, policy, ros[:2], train_stage2.objective, "fp32")
     same_update(two_processes[0]["lora"], stats, policy)
     assert all(torch.equal(two_processes[0]["lora"]["weights"][n], two_processes[1]["lora"]["weights"][n])
                for n, _ in policy.named_parameters())
+
+
+def test_checkpoints_resume_on_another_number_of_processes(two_processes):
+    """A checkpoint written by two processes resumes on one, and one written by one process resumes on two: after
+    the third batch, the weights of one process that never stopped (1e-5). The two processes write the files one
+    process writes: the same names, shapes and layout (Adam's state keyed by the parameter's index), the same
+    values to the update's tolerance."""
+    policy, ref, ros = setup(0)
+    opt, _ = steps(policy, ref, ros, train_stage2.objective, "fp32")  # three batches, no checkpoint
+    out = two_processes[2]
+    for name, got in (("2 -> 1", dict(resume(str(out / "ckpt2")).named_parameters())),
+                      ("1 -> 2", two_processes[0]["resumed"])):
+        for n, p in policy.named_parameters():
+            assert (got[n] - p).abs().max() <= 1e-5, (name, n)
+    one, two = ({f: torch.load(out / c / f, weights_only=False) for f in ("model.pt", "state.pt")} for c in ("ckpt1", "ckpt2"))
+    assert one["model.pt"].keys() == two["model.pt"].keys()
+    assert all((one["model.pt"][k] - v).abs().max() <= 1e-5 for k, v in two["model.pt"].items())
+    a, b = one["state.pt"]["opt"], two["state.pt"]["opt"]
+    assert a["param_groups"] == b["param_groups"] and a["state"].keys() == b["state"].keys() == set(range(len(a["state"])))
+    for i, s in a["state"].items():
+        assert s.keys() == b["state"][i].keys() and all(s[k].shape == b["state"][i][k].shape for k in s)
+        assert torch.equal(s["step"], b["state"][i]["step"]) and (s["exp_avg"] - b["state"][i]["exp_avg"]).abs().max() <= 1e-5
+    assert {k: v for k, v in one["state.pt"].items() if k != "opt"} == {k: v for k, v in two["state.pt"].items() if k != "opt"}
 
 
 def run_worker(rank, port, base, out_dir):
