@@ -176,7 +176,8 @@ def test_fsdp_two_processes_make_the_single_process_update(two_processes, case):
 
 def test_each_rank_holds_the_shard_memory_counts(two_processes):
     """memory.py's per-rank weights and Adam state: 4 and 8 bytes per element of the largest rank's shard (FSDP2
-    splits each parameter's first dimension in world chunks, the first ones rounded up)."""
+    splits each parameter's first dimension in world chunks, the first ones rounded up); its sampler: the bytes
+    of the copy each rank samples with."""
     knobs = SimpleNamespace(batch=8, k=2, micro_batch=2, max_new_tokens=5, gen_batch=None, dtype="fp32", device="cpu")
     m = memory.memory_model(CFG, knobs, world=2)
     local = max(got["stage1 fp32"]["local"] for got in two_processes[:2])
@@ -185,6 +186,10 @@ def test_each_rank_holds_the_shard_memory_counts(two_processes):
         P = sum(p.numel() for p in GPT(CFG).parameters())
     assert P // 2 < local < P and (m["weights"], m["grads"], m["adam"]) == (4 * local, 4 * local, 8 * local)
     assert two_processes[0]["stage1 fp32"]["adam"] == 2 * local
+    for dtype in ("fp32", "bf16"):  # the sampler: a whole copy in the compute dtype on every rank
+        sampler = two_processes[1][f"stage1 {dtype}"]["sampler"]
+        m = memory.memory_model(CFG, SimpleNamespace(**{**vars(knobs), "dtype": dtype}), world=2)
+        assert m["sampler"] == sum(t.numel() * t.element_size() for t in sampler.values())
 
 
 def test_lora_two_processes_make_the_single_process_update(two_processes):
