@@ -223,10 +223,13 @@ def test_checkpoints_resume_on_another_number_of_processes(two_processes):
     assert {k: v for k, v in one["state.pt"].items() if k != "opt"} == {k: v for k, v in two["state.pt"].items() if k != "opt"}
 
 
-def run_worker(rank, port, base, out_dir):
-    """rl.run's two-process run, then evaluate.py's; after each, the names of this process's threads."""
+def run_worker(rank, ports, base, out_dir):
+    """rl.run's two-process run, then evaluate.py's; after each, the names of this process's threads. Each joins
+    its group on a port of its own: on the same one, a rank that left rl.run first could reach the store that the
+    other rank still holds from rl.run, closed under it ("Connection reset by peer"; torchrun starts each in a
+    process of its own)."""
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=str(port))
+                      MASTER_PORT=str(ports[0]))
     torch.set_num_threads(1)
     threads = lambda: " ".join(open(f"/proc/self/task/{t}/comm").read().strip() for t in os.listdir("/proc/self/task"))
     run = os.path.join(out_dir, "run")
@@ -234,6 +237,7 @@ def run_worker(rank, port, base, out_dir):
                            "--micro-batch", "2", "--max-new-tokens", "3", "--n-train", "8", "--device", "cpu",
                            "--threads", "1"]), train_stage2.objective, "Stage II")
     after_run = threads()
+    os.environ["MASTER_PORT"] = str(ports[1])
     evaluate.main(["--ckpt", os.path.join(run, "ckpt"), "--task", "demo", "--n", "4", "--batch", "2", "--device", "cpu"])
     with open(os.path.join(out_dir, f"threads{rank}"), "w") as f:
         f.write(after_run + "\n" + threads())
@@ -251,7 +255,7 @@ def test_run_and_evaluate_leave_no_process_group_behind(tmp_path):
                     max_seq_len=512, tie_embeddings=True)
     GPT(cfg).init_weights().save_pretrained(tmp_path / "base")
     tok.save_pretrained(tmp_path / "base")
-    mp.spawn(run_worker, args=(free_port(), str(tmp_path / "base"), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(run_worker, args=((free_port(), free_port()), str(tmp_path / "base"), str(tmp_path)), nprocs=2, join=True)
     for rank in range(2):
         for what, threads in zip(("rl.run", "evaluate.main"), (tmp_path / f"threads{rank}").read_text().split("\n")):
             assert "gloo" not in threads, (rank, what, threads)
