@@ -550,26 +550,29 @@ def _memory_step(shape, knobs, dtype, threads):
             "pred": pred, "params": sum(p.numel() for p in models[0].parameters())}
 
 
-def memory_table(name, shape, settings, gpu_gb=80, margin=0.10):
+def memory_table(name, shape, settings, gpu_gb=80, margin=0.10, world=1):
     """The memory model's terms (GiB) for a real model: one row per setting (preset, lora, checkpointing,
-    gen-batch, micro-batch), bf16 compute on a GPU of gpu_gb GB, which a step fits with `margin` to spare."""
+    gen-batch, micro-batch), bf16 compute on a GPU of gpu_gb GB, which a step fits with `margin` to spare;
+    with world > 1, on each of `world` GPUs under torchrun (full fine-tuning sharded by FSDP2, gen-batch per
+    rank; "gath": the root and blocks gathered whole during the update)."""
     import memory
     import rl
     from model import GPTConfig
     cfg, GiB, fit = GPTConfig(**shape), 2**30, (1 - margin) * gpu_gb * 1e9
-    print(f"\n{name} on a {gpu_gb} GB GPU: predicted memory of a Stage II step, bf16 compute, GiB. "
+    where = f"{world} x {gpu_gb} GB GPUs (torchrun, per rank)" if world > 1 else f"a {gpu_gb} GB GPU"
+    print(f"\n{name} on {where}: predicted memory of a Stage II step, bf16 compute, GiB. "
           f"fits: total <= {fit / GiB:.1f} GiB ({gpu_gb} GB less {margin:.0%})")
     print(f"{'preset':<7}{'lora':>5}{'ckpt':>5}{'gen':>5}{'micro':>6}{'weights':>8}{'grads':>6}{'adam':>6}{'ref':>5}"
-          f"{'smplr':>6}{'cast':>5}{'KV':>6}{'s.work':>7}{'acts':>6}{'head':>5}{'sampling':>9}{'update':>7}{'total':>7}  fits")
+          f"{'smplr':>6}{'cast':>5}{'KV':>6}{'s.work':>7}{'acts':>6}{'head':>5}{'gath':>5}{'sampling':>9}{'update':>7}{'total':>7}  fits")
     for preset, lora, ckpt, gb, mb in settings:
         p = rl.PRESETS[preset]
         a = SimpleNamespace(batch=p["batch"], k=p["k"], micro_batch=mb, max_new_tokens=p["max_new_tokens"],
                             gen_batch=gb, dtype="bf16", device="cuda", lora=lora, checkpoint_activations=ckpt)
-        m = {k: v / GiB for k, v in memory.memory_model(cfg, a).items()}
+        m = {k: v / GiB for k, v in memory.memory_model(cfg, a, world=world).items()}
         print(f"{preset:<7}{lora:>5}{'yes' if ckpt else 'no':>5}{gb:>5}{mb:>6}{m['weights']:>8.1f}{m['grads']:>6.1f}"
               f"{m['adam']:>6.1f}{m['ref']:>5.1f}{m['sampler']:>6.1f}"
               f"{m['autocast']:>5.1f}{m['kv_cache']:>6.1f}{m['sample_work']:>7.1f}{m['activations']:>6.1f}"
-              f"{m['head']:>5.1f}{m['sampling']:>9.1f}{m['update']:>7.1f}{m['total']:>7.1f}  "
+              f"{m['head']:>5.1f}{m['gathered']:>5.1f}{m['sampling']:>9.1f}{m['update']:>7.1f}{m['total']:>7.1f}  "
               f"{'yes' if m['total'] * GiB <= fit else 'no'}")
 
 
@@ -584,6 +587,12 @@ TABLES = [
     ("Llama-3.1-8B", 80, [("math", 16, False, 64, 2), ("math", 16, True, 128, 4), ("math", 16, True, 256, 4),
                           ("code", 16, True, 128, 4)]),
 ]
+# (model, GPU GB, processes, settings): full fine-tuning under torchrun, sharded by FSDP2 (README); the math
+# preset's 512 rollouts are 64 per rank on 8 GPUs
+SHARDED_TABLES = [
+    ("Qwen2.5-7B", 80, 8, [("math", 0, False, 64, 1), ("math", 0, True, 64, 4), ("math", 0, True, 64, 8)]),
+    ("Llama-3.1-8B", 80, 8, [("math", 0, False, 64, 1), ("math", 0, True, 32, 4), ("math", 0, True, 64, 4)]),
+]
 
 
 def bench_memory(args):
@@ -592,7 +601,10 @@ def bench_memory(args):
     resident memory against the prediction of the same terms. The children run with glibc's mmap threshold
     fixed at 64 KiB, so that a freed tensor leaves the resident set (the default threshold grows, and freed
     heap memory stays resident: allocator slack, not counted; --mem-glibc-default shows it). (b) The
-    model's tables for Qwen2.5-1.5B, Qwen2.5-7B and Llama-3.1-8B (README)."""
+    model's tables for Qwen2.5-1.5B, Qwen2.5-7B and Llama-3.1-8B on one GPU and full fine-tuning on 8 GPUs
+    (README); --mem-tables prints only these."""
+    if args.mem_tables:
+        return memory_tables()
     if not args.mem_glibc_default:
         os.environ["MALLOC_MMAP_THRESHOLD_"] = "65536"  # read by each child's C library at its start
     print(f"\nmemory model vs the CPU: one Stage II step (rl.rollout + rl.update), {args.threads} thread(s), "
@@ -617,8 +629,14 @@ def bench_memory(args):
     if not args.mem_glibc_default:
         del os.environ["MALLOC_MMAP_THRESHOLD_"]
     print("target: measured peak within 25% of the prediction (ratio 0.75 - 1.25); diff: measured - predicted, MiB")
+    memory_tables()
+
+
+def memory_tables():
     for name, gpu_gb, settings in TABLES:
         memory_table(name, MODELS[name], settings, gpu_gb)
+    for name, gpu_gb, world, settings in SHARDED_TABLES:
+        memory_table(name, MODELS[name], settings, gpu_gb, world=world)
 
 
 BENCHES = {
@@ -641,6 +659,7 @@ def main():
     p.add_argument("--threads", type=int, default=2, help="demo, memory: torch threads")
     p.add_argument("--mem-dtype", default="both", choices=["fp32", "bf16", "both"], help="memory: the CPU check's --dtype")
     p.add_argument("--mem-mode", default="all", choices=["all", *MODES], help="memory: the CPU check's modes")
+    p.add_argument("--mem-tables", action="store_true", help="memory: only the memory model's tables (no CPU check)")
     p.add_argument("--mem-glibc-default", action="store_true",
                    help="memory: keep glibc's growing mmap threshold (freed heap memory stays resident)")
     p.add_argument("--demo-base", default="out/demo/base", help="demo: the base checkpoint Stage I starts from")

@@ -53,8 +53,10 @@ import torch.distributed as dist
 
 import data
 import memory
-from model import GPT, adapters_off, add_lora, auto_dtype, merge_lora, token_logprobs
+import shard
+from model import GPT, adapters_off, add_lora, auto_dtype, merge_lora, save_checkpoint, token_logprobs
 from sample import generate, generate_turns, layout, max_new_that_fits
+from shard import all_reduce_grads, setup_distributed
 from tokenizer import Tokenizer
 
 
@@ -108,8 +110,11 @@ def generated_hidden(idx, sel, m1, k):
     prefix, group = idx[::k, :int(shared.max())], torch.arange(idx.shape[0], device=idx.device) // k
 
     def hidden(model, checkpoint=False):
-        if checkpoint:  # activation checkpointing: whole rows (hidden_shared writes a KV cache, never recomputed)
-            return model.hidden(idx[:, :-1], checkpoint=True)[sel]
+        # whole rows: with activation checkpointing (hidden_shared writes a KV cache, never recomputed), and for a
+        # policy sharded by FSDP2 (the prompt's pass reaches the loss only through the cache, not through the
+        # blocks' outputs, where FSDP2 hooks the gathering of a block's weights for its backward)
+        if checkpoint or shard.is_sharded(model):
+            return model.hidden(idx[:, :-1], checkpoint=checkpoint)[sel]
         return model.hidden_shared(prefix, shared[::k], suffix, group)[sel_suffix]
     return hidden
 
@@ -156,10 +161,11 @@ def turn_sums(lp, lp_ref, lp_old, row, turn2, first_from_pi, r1, r2, group, args
 def update(policy, ref, opt, ro, objective, args, world=1):
     """One optimizer step over a batch of rollouts, accumulated over micro-batches of whole groups: for
     each, the stage's objective on the micro-batch's log-probs (micro_batch), summed over rows, divided by
-    the global batch R, backward(). With several processes each holds 1/world of the batch and the summed
-    gradients are all-reduced once, after the last micro-batch, so the update is the one a single process
-    would make on the whole batch. Returns the global (loss, KL turn 1, KL turn 2, gradient norm before
-    clipping, mean |trainer - sampler log-prob| per generated token)."""
+    the global batch R, backward(). With several processes each holds 1/world of the batch and the ranks'
+    gradients are summed (FSDP2's reduce-scatter after each backward where the policy is sharded, else one
+    all-reduce after the last micro-batch), so the update is the one a single process would make on the whole
+    batch. Returns the global (loss, KL turn 1, KL turn 2, gradient norm before clipping, mean |trainer -
+    sampler log-prob| per generated token)."""
     R = ro.tokens.shape[0] * world  # rollouts in the global batch
     opt.zero_grad(set_to_none=True)
     stats = torch.zeros(6, device=ro.tokens.device)  # loss, KL t1, KL t2, non-finite, |lp - lp_old|, tokens
@@ -167,13 +173,13 @@ def update(policy, ref, opt, ro, objective, args, world=1):
         rows = torch.arange(s, min(s + args.micro_batch, ro.tokens.shape[0]), device=ro.tokens.device)
         b = micro_batch(policy, ref, ro, rows, args)
         loss = objective(b, args).sum() / R  # the stage's objective, as its script writes it
-        if torch.isfinite(loss):
-            loss.backward()
+        loss.backward()  # even if not finite (the step is refused below): FSDP2's backward is a collective
         stats += torch.stack([loss.detach().float(), b.k3_1 / R, b.k3_2 / R, (~torch.isfinite(loss)).float(),
                               b.mismatch, b.n_sampled.float()])
-    if world > 1:  # every rank takes part in both collectives, even after a bad loss: no deadlock
+    if world > 1:  # every rank takes part in every collective, even after a bad loss: no deadlock
         dist.all_reduce(stats)
-        all_reduce_grads(policy)
+        if not shard.is_sharded(policy):
+            all_reduce_grads(policy)
     if stats[3] > 0:
         raise FloatingPointError(f"loss is {'nan' if stats[0].isnan() else stats[0].item()}")
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
@@ -272,10 +278,12 @@ def lora_policy(init, args, dev, compute):
 
 
 def make_sampler(policy, dtype):
-    """The model that samples the rollouts: the policy itself in fp32; in bf16 a bf16 copy of it, refreshed
-    before every step (refresh_sampler), so that decoding does not cast the fp32 masters at every token.
-    It computes exactly what autocast over the masters computes (the residual stream is bf16 in both)."""
-    if dtype == torch.float32:
+    """The model that samples the rollouts: the policy itself in fp32 on one process; else a whole copy of it in
+    the compute dtype, refreshed before every step (refresh_sampler): in bf16 so that decoding does not cast
+    the fp32 masters at every token (it computes exactly what autocast over the masters computes: the residual
+    stream is bf16 in both); under FSDP2, in fp32 too, so that decoding does not gather every block of the
+    sharded policy at every token: the copy is gathered once per step."""
+    if dtype == torch.float32 and not shard.is_sharded(policy):
         return policy
     with torch.device("meta"):
         sampler = GPT(policy.config)
@@ -287,8 +295,9 @@ def make_sampler(policy, dtype):
 @torch.no_grad()
 def refresh_sampler(sampler, policy):
     if sampler is not policy:
+        sharded = shard.is_sharded(policy)
         for a, b in zip(sampler.parameters(), policy.parameters()):
-            a.copy_(b)
+            a.copy_(shard.full(b, sharded))  # sharded: gathered from the ranks, one parameter at a time
 
 
 # ------------------------------------------------------------------------------- the loop
@@ -352,7 +361,8 @@ def train(args, objective, name):
         init = latest(args.out)
         if init is None:
             raise SystemExit(f"--resume: no checkpoint in {args.out}/ckpt to resume from")
-        state = torch.load(os.path.join(init, "state.pt"), map_location=dev, weights_only=False)  # on this rank's device
+        # memory-mapped: under torchrun every rank reads the whole Adam state, and keeps its shard
+        state = torch.load(os.path.join(init, "state.pt"), map_location="cpu", mmap=True, weights_only=False)
         if args.gen_batch is None:  # the run's own, not what the memory model would choose on this GPU
             args.gen_batch = state["args"].get("gen_batch")
         check_resume(state["args"], args)
@@ -368,12 +378,15 @@ def train(args, objective, name):
         policy = GPT.from_pretrained(init, device=dev, dtype=torch.float32)  # fp32 masters, whatever the checkpoint's dtype
         if policy.lora:  # a LoRA checkpoint, fully fine-tuned from here on
             merge_lora(policy).requires_grad_(True)
-        ref = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval()  # frozen, in the compute dtype
+        if world > 1:  # each rank keeps 1/world of the masters (and of their gradients and Adam state): shard.py
+            shard.shard(policy)
+        # frozen, in the compute dtype; whole on every rank (memory.py: it fits, and base-first attempts sample it)
+        ref = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval()
         ref.requires_grad_(False)
         sampler = make_sampler(policy, compute)
     opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.lr)  # fp32 state, as the masters
     if args.resume:
-        opt.load_state_dict(state["opt"])
+        shard.load_optimizer(policy, opt, state["opt"])
     problems = load_problems(args, tok, ref.config.max_seq_len, say)
     if args.gen_batch is None and dev.type == "cuda":  # the memory model's choice for this GPU
         args.gen_batch = memory.default_gen_batch(policy.config, args, world, torch.cuda.get_device_properties(dev).total_memory)
@@ -391,7 +404,10 @@ def train(args, objective, name):
         f"{n_prompts} prompts x {args.k} samples on {world} process(es), {args.dtype}, from step {step0}", flush=True)
     t_start, tokens_done = time.time(), 0
     best, window = state.get("best_reward", -math.inf), []  # the training reward of the steps since the last save
-    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16")
+    # Sharded, autocast's cache of the weights' bf16 casts is off: it would keep every block's cast, gathered, until
+    # the step ends (the whole model in bf16 on every rank); each use casts again (the same values).
+    autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16",
+                              cache_enabled=not shard.is_sharded(policy))
     for step in range(step0 + 1, args.steps + 1):
         t0 = time.time()
         # everything random in a step follows from (seed, step): resumable; each use has its own stream
@@ -432,22 +448,24 @@ def train(args, objective, name):
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
-            if step % args.save_every == 0 or step == args.steps:
-                reward = sum(window) / len(window)  # the final attempt's training reward since the last save
-                if reward > best:
-                    best = reward
-                save(os.path.join(args.out, "ckpt"), policy, tok, opt, step, args, {"best_reward": best})
-                if best == reward:  # the paper evaluates the checkpoints with the highest training reward
-                    save(os.path.join(args.out, "best"), policy, tok, opt, step, args, {"best_reward": best})
-                window = []
-            if args.keep_every and step % args.keep_every == 0:
-                save(os.path.join(args.out, f"step_{step:06d}"), policy, tok, opt, step, args, {"best_reward": best})
+        # every rank saves (a sharded policy is gathered to rank 0, which writes) and keeps the same best
+        if step % args.save_every == 0 or step == args.steps:
+            reward = sum(window) / len(window)  # the final attempt's training reward since the last save
+            if reward > best:
+                best = reward
+            save(os.path.join(args.out, "ckpt"), policy, tok, opt, step, args, {"best_reward": best})
+            if best == reward:  # the paper evaluates the checkpoints with the highest training reward
+                save(os.path.join(args.out, "best"), policy, tok, opt, step, args, {"best_reward": best})
+            window = []
+        if args.keep_every and step % args.keep_every == 0:
+            save(os.path.join(args.out, f"step_{step:06d}"), policy, tok, opt, step, args, {"best_reward": best})
         if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
     say(f"{name}: done; checkpoint {os.path.join(args.out, 'ckpt')}, best training reward {best:.1%} in "
         f"{os.path.join(args.out, 'best')}", flush=True)
     if world > 1:
-        dist.destroy_process_group()
+        del policy, sampler, opt  # a sharded policy holds the group (shard.teardown)
+        shard.teardown()
 
 
 # ------------------------------------------------------------------------------- checkpoints
@@ -460,15 +478,22 @@ RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "a
 
 def save(path, policy, tok, opt, step, args, extra=None):
     """Write a whole checkpoint at `path` (the policy's fp32 masters, the tokenizer, task.json, and
-    state.pt with the Adam state, step and args) into a temporary directory, then swap it in: `path` is
-    always a complete checkpoint (the previous one stays as path.old until the swap is done)."""
+    state.pt with the Adam state (opt.state_dict()), step and args) into a temporary directory, then
+    swap it in: `path` is always a complete checkpoint (the previous one stays as path.old until the swap
+    is done). Every rank calls it; rank 0 writes. The same files whatever the number of processes (a sharded
+    policy and its Adam state are gathered whole: shard.full_state), so a run resumes on any number."""
+    weights, adam = shard.full_state(policy, opt)  # whole, on rank 0 (sharded: gathered)
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
     tmp, old = path + ".tmp", path + ".old"
     shutil.rmtree(tmp, ignore_errors=True)
-    policy.save_pretrained(tmp)
+    if shard.is_sharded(policy):
+        save_checkpoint(tmp, policy.config, weights)  # what save_pretrained writes of the whole model
+    else:
+        policy.save_pretrained(tmp)
     tok.save_pretrained(tmp)
     data.save_task_info(tmp, args.task, args.p1, args.max_new_tokens)  # what evaluate.py and sample.py default to
-    torch.save({"opt": opt.state_dict(), "step": step, "args": vars(args), **(extra or {})},
-               os.path.join(tmp, "state.pt"))
+    torch.save({"opt": adam, "step": step, "args": vars(args), **(extra or {})}, os.path.join(tmp, "state.pt"))
     if os.path.exists(path):
         shutil.rmtree(old, ignore_errors=True)
         os.replace(path, old)
@@ -668,35 +693,3 @@ def check_args(a):
         return f"--lora-alpha must be a positive number (got {a.lora_alpha})"
     return None
 
-
-# ------------------------------------------------------------------------------- several processes
-def all_reduce_grads(model, average=False):
-    """Sum (or average) the gradients of the trained parameters over all processes: one collective on a
-    flat buffer."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    grads = [p.grad if p.grad is not None else torch.zeros_like(p) for p in params]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    if average:
-        flat /= dist.get_world_size()
-    for p, g in zip(params, flat.split([g.numel() for g in grads])):
-        p.grad = g.view_as(p)
-
-
-def setup_distributed(device):
-    """Under torchrun (RANK, WORLD_SIZE, LOCAL_RANK set): join the process group, one GPU per
-    process (nccl) or CPU processes (gloo). Returns (rank, world, device)."""
-    if "RANK" not in os.environ:
-        return 0, 1, device
-    # First, before the group exists: torch.distributed.nn's functions take group=group.WORLD as a default,
-    # evaluated when the module is imported, and torch._dynamo imports it (Adam's constructor imports
-    # torch._dynamo). Imported after init_process_group, those ten defaults keep the group alive past
-    # destroy_process_group; its gloo threads then outlive the interpreter's shutdown, and one that
-    # releases a tensor then aborts the process ("terminate called without an active exception").
-    import torch.distributed.nn  # noqa: F401
-    cuda = str(device).startswith("cuda")
-    dist.init_process_group("nccl" if cuda else "gloo")
-    if cuda:
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
-        torch.cuda.set_device(device)
-    return dist.get_rank(), dist.get_world_size(), device

@@ -1,6 +1,7 @@
 """memory.memory_model against independent counts: parameters of a GPT built on the meta device, the KV
 cache generate_turns actually allocates, and the bytes autograd actually saves for backward (read with
 saved_tensors_hooks). No timing or resident-memory assertions here: bench.py --only memory measures."""
+import math
 from types import SimpleNamespace
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 import memory
 import rl
+import shard
 from model import GPT, GPTConfig, add_lora
 from sample import generate_turns
 import sample
@@ -97,15 +99,17 @@ def saved_bytes(model, dtype, fn):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("ckpt", [False, True], ids=["whole", "checkpointed"])
-@pytest.mark.parametrize("lora", [0, 4])
+@pytest.mark.parametrize("lora, mode", [(0, "shared"), (0, "sharded"), (0, "checkpointed"), (4, "shared"),
+                                        (4, "checkpointed")])  # a LoRA policy is never sharded
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("cfg", CONFIGS)
-def test_activations_are_what_autograd_saves(cfg, dtype, lora, ckpt):
-    """The policy's pass of rl.micro_batch (rl.generated_hidden: each prompt once for its k rows, or with
-    activation checkpointing each row whole), full fine-tuning and LoRA (its weights frozen in the compute
-    dtype). With checkpointing the term adds, to what the forward keeps, one block's recomputation: what
-    autograd saves in a block's forward over the whole rows."""
+def test_activations_are_what_autograd_saves(cfg, dtype, lora, mode, monkeypatch):
+    """The policy's pass of rl.micro_batch (rl.generated_hidden: each prompt once for its k rows; each row whole
+    where FSDP2 shards the policy (world 2, full fine-tuning only) or with activation checkpointing), full
+    fine-tuning and LoRA (its weights frozen in the compute dtype). With checkpointing the term adds, to what
+    the forward keeps, one block's recomputation: what autograd saves in a block's forward over the whole rows."""
+    ckpt, world = mode == "checkpointed", 2 if mode == "sharded" else 1
+    monkeypatch.setattr(shard, "is_sharded", lambda model: mode == "sharded")  # what generated_hidden asks
     prompt_len, followup_len, micro, k, mnt = 10, 6, 4, 2, 8
     T = prompt_len + 2 * mnt + followup_len + 2  # the model's worst-case positions of a row
     torch.manual_seed(0)
@@ -126,7 +130,8 @@ def test_activations_are_what_autograd_saves(cfg, dtype, lora, ckpt):
         cos, sin = (f(torch.cat((angles, angles), -1))[None, None].to(x.dtype) for f in (torch.cos, torch.sin))
         got += saved_bytes(model, dtype, lambda: model.layers[0](x, cos, sin, None, 0, None))
     m = memory.memory_model(cfg, knobs(micro_batch=micro, k=k, max_new_tokens=mnt, dtype=dtype, lora=lora,
-                                       checkpoint_activations=ckpt), prompt_len=prompt_len, followup_len=followup_len)
+                                       checkpoint_activations=ckpt), world=world, prompt_len=prompt_len,
+                            followup_len=followup_len)
     assert abs(m["activations"] - got) <= 0.01 * got, (m["activations"], got)
 
 
@@ -150,17 +155,34 @@ def test_monotonic_in_gen_batch_and_micro_batch():
         assert m["total"] == max(m["sampling"], m["update"])
 
 
-def test_world_adds_the_flat_all_reduce_buffer():
-    cfg = CONFIGS[1]
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_world_shards_full_fine_tuning_and_all_reduces_lora(dtype):
+    """world > 1, full fine-tuning (FSDP2): the masters, gradients and Adam state are the largest rank's shard
+    (each parameter's first dimension split in world chunks, rounded up; tests/test_distributed.py counts
+    real shards), the reference and the sampler copy whole on every rank (the sampler in fp32 too), no flat
+    buffer, the root and two blocks gathered whole in the update, the whole fp32 policy at load. A LoRA
+    policy stays whole and all-reduces its adapters' gradients through one flat buffer."""
+    cfg = CONFIGS[0]
     with torch.device("meta"):
-        P = sum(p.numel() for p in GPT(cfg).parameters())
-    # a micro-batch small enough that the flat buffer is the update's largest transient
-    a = knobs(batch=8, micro_batch=2, max_new_tokens=2, device="cpu")
-    one, two = memory.memory_model(cfg, a, world=1, prompt_len=4, followup_len=4), \
-        memory.memory_model(cfg, a, world=2, prompt_len=4, followup_len=4)
-    assert one["allreduce"] == 0 and two["allreduce"] == 4 * P
-    assert two["update"] > one["update"] and two["total"] > one["total"]
-    assert two["kv_cache"] * 2 == one["kv_cache"]  # without --gen-batch each rank samples its batch // world rows
+        model = GPT(cfg)
+    P = sum(p.numel() for p in model.parameters())
+    block = sum(p.numel() for p in model.layers[0].parameters())
+    root = P - cfg.n_layer * block  # the embedding (tied head) and the final norm
+    cb = 2 if dtype == "bf16" else 4
+    a = knobs(batch=16, micro_batch=2, max_new_tokens=2, device="cpu", dtype=dtype)
+    one, eight = (memory.memory_model(cfg, a, world=w, prompt_len=4, followup_len=4) for w in (1, 8))
+    local = sum(math.ceil(p.shape[0] / 8) * p[0].numel() for p in model.parameters())
+    assert P / 8 < local < P / 4
+    assert (eight["weights"], eight["grads"], eight["adam"]) == (4 * local, 4 * local, 8 * local)
+    assert (eight["ref"], eight["sampler"]) == (cb * P, cb * P) and one["sampler"] == (2 * P if dtype == "bf16" else 0)
+    assert eight["allreduce"] == 0 and eight["gathered"] == 4 * (root + 4 * block) and one["gathered"] == 0
+    assert (eight["load"], one["load"]) == (4 * P, 0)
+    assert eight["kv_cache"] * 8 == one["kv_cache"]  # without --gen-batch each rank samples its batch // world rows
+    lora = add_lora(model, 8, 16.0, "unused")
+    adapters = sum(p.numel() for p in lora.parameters() if p.requires_grad)
+    one, two = (memory.memory_model(cfg, knobs(**{**vars(a), "lora": 8}), world=w, prompt_len=4, followup_len=4)
+                for w in (1, 2))
+    assert (one["allreduce"], two["allreduce"]) == (0, 4 * adapters) and two["weights"] == one["weights"]
 
 
 def test_bad_dtype_is_refused():
