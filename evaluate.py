@@ -32,7 +32,7 @@ import torch.distributed as dist
 
 import data
 import reward
-import rl
+import shard
 from model import GPT, load_config, merge_lora
 from sample import generate_turns, is_checkpoint, max_new_that_fits
 from tokenizer import Tokenizer
@@ -340,7 +340,7 @@ def main(argv=None):
         problems = data.load_task(args.task, args.data, n=args.n, seed=args.seed, split=args.split)
     except data.DataError as e:
         p.error(str(e))
-    rank, _, device = rl.setup_distributed(args.device)  # under torchrun: problems split over the ranks
+    rank, _, device = shard.setup_distributed(args.device)  # under torchrun: problems split over the ranks
     dtype = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
     # each checkpoint's p1 and max_new_tokens, and whether every problem fits, before any model runs
     plans = []

@@ -63,52 +63,61 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
     mkdir -p "$OUT"; echo "$settings" > "$OUT/settings"
   fi
   # The jobs, longest first where they may (each one thread, two at a time: 1.3x the throughput of one
-  # run on two threads at the demo's size, and each run stays deterministic): NAME|DEPENDENCIES|COMMAND
+  # run on two threads at the demo's size, and each run stays deterministic): NAME|DEPENDENCY|COST|COMMAND,
+  # the cost in steps of Stage I (measured shares), for the ETA.
+  # Stage I runs s1 steps, which SCoRe and w/o reward shaping start from, then continues to s1 + s2
+  # (--resume: the weights of an uninterrupted run) as Stage I only.
   jobs=()
   for seed in $seeds; do
-    jobs+=("base@$seed||[ -f $OUT/seed$seed/base.done ] || { rm -rf $OUT/seed$seed/base; python train_base.py \
+    jobs+=("base@$seed||200|[ -f $OUT/seed$seed/base.done ] || { rm -rf $OUT/seed$seed/base; python train_base.py \
 --out $OUT/seed$seed/base --seed $seed --threads 1 --dtype $dtype $base_args && touch $OUT/seed$seed/base.done; }")
   done
-  for what in stage1 no_stage1 single_turn score no_shaping star pair; do
+  for what in stage1 no_stage1 single_turn stage1_only score no_shaping star pair; do
     for seed in $seeds; do
       d=$OUT/seed$seed
       common="--preset demo --base $d/base --seed $seed --threads 1 --dtype $dtype $rl_args"
       s1ckpt=$d/stage1/step_$(printf %06d $s1)
       case $what in
-        stage1) jobs+=("stage1@$seed|base@$seed|train train_stage1.py $d/stage1 $common --init $d/base \
+        stage1) jobs+=("stage1@$seed|base@$seed|$s1|train train_stage1.py $d/stage1 $common --init $d/base \
+--steps $s1 --keep-every $s1 --label 'Stage I (seed $seed)'") ;;
+        stage1_only) jobs+=("stage1_only@$seed|stage1@$seed|$s2|train train_stage1.py $d/stage1 $common --init $d/base \
 --steps $(( s1 + s2 )) --keep-every $s1 --label 'Stage I (seed $seed)'") ;;
-        no_stage1) jobs+=("no_stage1@$seed|base@$seed|train train_stage2.py $d/no_stage1 $common --init $d/base \
+        no_stage1) jobs+=("no_stage1@$seed|base@$seed|$(( s1 + s2 ))|train train_stage2.py $d/no_stage1 $common --init $d/base \
 --steps $(( s1 + s2 )) --label 'w/o Stage I (seed $seed)'") ;;
-        single_turn) jobs+=("single_turn@$seed|base@$seed|train train_single_turn.py $d/single_turn $common \
+        single_turn) jobs+=("single_turn@$seed|base@$seed|$(( (s1 + s2) * 2 / 3 ))|train train_single_turn.py $d/single_turn $common \
 --init $d/base --steps $(( s1 + s2 )) --label 'w/o multi-turn training (seed $seed)'") ;;
-        score) jobs+=("score@$seed|stage1@$seed|train train_stage2.py $d/score $common --init $s1ckpt --steps $s2 \
+        score) jobs+=("score@$seed|stage1@$seed|$s2|train train_stage2.py $d/score $common --init $s1ckpt --steps $s2 \
 --label 'SCoRe (seed $seed)'") ;;
-        no_shaping) jobs+=("no_shaping@$seed|stage1@$seed|train train_stage2.py $d/no_shaping $common --init $s1ckpt \
+        no_shaping) jobs+=("no_shaping@$seed|stage1@$seed|$s2|train train_stage2.py $d/no_shaping $common --init $s1ckpt \
 --steps $s2 --alpha 0 --label 'w/o reward shaping (seed $seed)'") ;;
-        star|pair) jobs+=("$what@$seed|base@$seed|[ -f $d/$what/ckpt/model.pt ] || { rm -rf $d/$what; python train_sft.py \
+        star|pair) jobs+=("$what@$seed|base@$seed|$(( (s1 + s2) / 3 ))|[ -f $d/$what/ckpt/model.pt ] || { rm -rf $d/$what; python train_sft.py \
 --method $what --base $d/base --out $d/$what --seed $seed --threads 1 --dtype $dtype $sft_args; }") ;;
       esac
     done
   done
   Q=$OUT/.jobs; rm -rf "$Q"; mkdir -p "$Q"; n_jobs=${#jobs[@]}
-  worker() {  # take the first job not taken whose dependencies are done, until none is left
+  worker() {  # take the first job not taken whose dependency is done, until none is left
     while true; do
       [ -n "$(ls "$Q" | grep '\.failed$')" ] && return 1
-      local pick="" left=0 j name deps cmd
+      local pick="" left=0 j name dep cost cmd total=0 done_cost=0
       for j in "${jobs[@]}"; do
-        IFS='|' read -r name deps cmd <<< "$j"
+        IFS='|' read -r name dep cost cmd <<< "$j"
+        total=$(( total + cost ))
+        [ -e "$Q/$name.done" ] && done_cost=$(( done_cost + cost ))
         [ -e "$Q/$name.done" ] || left=1
+        [ -z "$pick" ] || continue
         [ -e "$Q/$name.taken" ] && continue
-        [ -z "$deps" ] || [ -e "$Q/$deps.done" ] || continue
-        mkdir "$Q/$name.taken" 2>/dev/null && { pick=$j; break; }
+        [ -z "$dep" ] || [ -e "$Q/$dep.done" ] || continue
+        mkdir "$Q/$name.taken" 2>/dev/null && pick=$j
       done
       if [ -z "$pick" ]; then [ $left = 0 ] && return 0; sleep 1; continue; fi
-      IFS='|' read -r name deps cmd <<< "$pick"
+      IFS='|' read -r name dep cost cmd <<< "$pick"
       local started=$(ls -d "$Q"/*.taken | wc -l) elapsed=$(( SECONDS - t_run )) eta=""
-      local done=$(ls "$Q" | grep -c '\.done$' || true)
-      [ "$done" -gt 0 ] && eta=", about $(( (elapsed * (n_jobs - done) / done + 30) / 60 )) min left"
+      [ "$done_cost" -gt 0 ] && [ "$elapsed" -gt 0 ] && \
+        eta=", about $(( (elapsed * (total - done_cost) / done_cost + 30) / 60 )) min left"
       echo "===== run.sh: job $started of $n_jobs: $name ($(( elapsed / 60 )) min $(( elapsed % 60 )) s so far$eta) =====" >&2
-      if eval "$cmd"; then touch "$Q/$name.done"; else touch "$Q/$name.failed"; echo "run.sh: $name failed (its lines above say why)" >&2; return 1; fi
+      if eval "$cmd"; then touch "$Q/$name.done"
+      else touch "$Q/$name.failed"; echo "run.sh: $name failed (its lines above say why)" >&2; return 1; fi
     done
   }
   worker & lane=$!

@@ -31,7 +31,7 @@ import torch.distributed as dist
 
 import data
 import evaluate
-import rl
+import shard
 from model import GPT, GPTConfig, auto_dtype, token_logprobs
 from tokenizer import Tokenizer
 
@@ -122,7 +122,7 @@ def sft_step(model, opt, batch, dtype, micro_batch=None, world=1):
         loss.backward()
         total += loss.item()
     if world > 1:
-        rl.all_reduce_grads(model, average=True)
+        shard.all_reduce_grads(model, average=True)
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     opt.step()
     return total
@@ -140,7 +140,7 @@ def main(argv=None):
     args = get_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    rank, world, _ = rl.setup_distributed("cpu")  # under torchrun: gloo processes, gradients averaged
+    rank, world, _ = shard.setup_distributed("cpu")  # under torchrun: gloo processes, gradients averaged
     torch.manual_seed(args.seed)
     tok = Tokenizer.byte_level(data.DEMO_WORDS)
     config = GPTConfig(vocab_size=tok.vocab_size, n_layer=args.n_layer, n_head=args.n_head, n_kv_head=args.n_kv_head,

@@ -111,7 +111,7 @@ def worker(rank, port, out_dir):
     os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
                       MASTER_PORT=str(port))
     torch.set_num_threads(1)
-    rank_, world, _ = rl.setup_distributed("cpu")
+    rank_, world, _ = shard.setup_distributed("cpu")
     assert (rank_, world) == (rank, 2)
     got = {}
     for name, objective, dtype in CASES:

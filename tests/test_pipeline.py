@@ -61,8 +61,11 @@ def test_run_sh_quick(tmp_path, recount):
                      "no_shaping": f"{out}/seed0/stage1/step_000002", "no_stage1": base, "single_turn": base}
     assert torch.load(out / "seed0" / "no_shaping" / "ckpt" / "state.pt", weights_only=False)["args"]["alpha"] == 0
     jobs = [line.split()[3:7] for line in res.stderr.splitlines() if line.startswith("===== run.sh: job")]
-    assert sorted(j[3] for j in jobs) == sorted(f"{r}@0" for r in ("base", *RUNS, "star", "pair")), jobs
-    assert [j[:3] for j in jobs] == [[str(i), "of", "8:"] for i in range(1, 9)] and jobs[0][3] == "base@0"
+    assert sorted(j[3] for j in jobs) == sorted(f"{r}@0" for r in ("base", *RUNS, "stage1_only", "star", "pair")), jobs
+    assert [j[:3] for j in jobs] == [[str(i), "of", "9:"] for i in range(1, 10)] and jobs[0][3] == "base@0"
+    # Stage I's steps 1 to s1, then (Stage I only) the same run continued; SCoRe starts after the first
+    order = [j[3] for j in jobs]
+    assert order.index("stage1@0") < min(order.index("score@0"), order.index("stage1_only@0"))
     for label in ("Stage I (seed 0)", "SCoRe (seed 0)", "w/o reward shaping (seed 0)", "w/o Stage I (seed 0)",
                   "w/o multi-turn training (seed 0)"):
         assert f"{label}: done" in res.stdout, label
