@@ -4,7 +4,7 @@ rank under torchrun), term by term, from the model's shapes and the run's flags,
 fits a GPU (rl.run's default on a GPU). bench.py --only memory prints its tables and checks it against the
 CPU's measured peak; tests/test_memory.py checks its terms against independent counts (a meta model's
 parameters, the KV cache the sampler allocates, the bytes autograd saves), tests/test_distributed.py the
-shards that FSDP2 gives each rank.
+shards that FSDP2 gives each rank and each rank's peak in an update, counted op by op.
 """
 import math
 from types import SimpleNamespace
@@ -46,8 +46,9 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
     compute dtype, fp32 included); the policy's pass runs whole rows; autocast caches no casts (each
     linear's bf16 weight lives while autograd keeps it: every block's without checkpointing, one block's
     with it); "gathered": while the update runs, the root's weights whole (embedding, final norm, an untied
-    head) and two blocks' weights and gradients whole (the running block and the one gathered ahead, and
-    the reduce-scatter's copy of the gradients); "load": the whole fp32 policy before it is sharded.
+    head) and four blocks' worth whole: the weights of the running block and of the one gathered ahead, the
+    running block's gradients, and the reduce-scatter's copy of the previous block's (FSDP2 keeps it until the
+    next reduce-scatter); "load": the whole fp32 policy before it is sharded.
     Lengths are worst cases: prompt_len (256: a long MATH or MBPP prompt) + 2 * max_new_tokens +
     followup_len (p1 rendered, 64) + 2 positions per row, and both attempts run to max_new_tokens.
     args: batch, k, micro_batch, max_new_tokens, gen_batch (None: all rows), dtype, device (default cuda),

@@ -7,19 +7,24 @@ make the same update as one process holding all of it:
   updated policy, and each rank holds the shard of weights and Adam state that memory.py counts. In bf16
   both sides run whole rows (--checkpoint-activations): on one process the update otherwise runs each
   prompt once for its k rows, which rounds differently in bf16 (sharded, the policy always runs whole rows).
+  Each rank's peak memory in an update, counted op by op, lies where memory.py's per-rank terms put it.
 - a LoRA policy, whole on every rank, its adapters' gradients all-reduced: the same, to the same tolerances.
 (At Adam's lr 1e-3 the two sides' sum-order noise stays below 2e-6 in every measure; a lr of 1e-2 moves some
 entries by more, as Adam divides tiny gradients by tinier second moments.)
 torchrun runs a stage end to end; and a run or an evaluation leaves no process group behind."""
+import gc
 import os
 import socket
 import subprocess
 import sys
+import weakref
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.multiprocessing as mp
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 import data
 import evaluate
@@ -259,6 +264,110 @@ def test_run_and_evaluate_leave_no_process_group_behind(tmp_path):
     for rank in range(2):
         for what, threads in zip(("rl.run", "evaluate.main"), (tmp_path / f"threads{rank}").read_text().split("\n")):
             assert "gloo" not in threads, (rank, what, threads)
+
+
+class LiveBytes(TorchDispatchMode):
+    """Bytes allocated on the CPU, counted without an allocator's statistics (the CPU has none): the distinct
+    storages of the tensors Python holds when it starts, and of every tensor an op then reads or writes, each at its
+    current size (FSDP2 grows a gathered parameter's storage and frees it in place) until it dies. peak: the most at
+    once, after any op run under it. Not seen: an op's internal temporaries, those of the ops a DTensor runs on its
+    local shards, and what gloo's threads allocate."""
+
+    def __init__(self):
+        super().__init__()
+        self.storages = {}  # the storage's address -> a weak reference to it
+        gc.collect()
+        for t in gc.get_objects():
+            if issubclass(type(t), torch.Tensor):
+                self.track(t)
+        self.start = self.peak = self.now()
+
+    def track(self, t):
+        s = getattr(t, "_local_tensor", t).untyped_storage()  # a DTensor (FSDP2's shards): this rank's local tensor
+        known = self.storages.get(s._cdata)
+        if known is None or known() is None:  # a freed storage's address can come back
+            self.storages[s._cdata] = weakref.ref(s)
+
+    def now(self):
+        held = [(k, r, r()) for k, r in self.storages.items()]
+        self.storages = {k: r for k, r, s in held if s is not None}
+        return sum(s.nbytes() for _, _, s in held if s is not None)
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_leaves((args, kwargs, out)):
+            if issubclass(type(t), torch.Tensor):  # type(): some arguments warn when asked for __class__
+                self.track(t)
+        self.peak = max(self.peak, self.now())
+        return out
+
+
+# Blocks wide for the tokens they see, so that what FSDP2 gathers outweighs the activations: 1M parameters a block,
+# 48 tokens a micro-batch; three blocks, so that a middle block's backward has one before it and one after
+WIDE = GPTConfig(vocab_size=CFG.vocab_size, n_layer=3, n_head=4, n_kv_head=2, n_embd=256, intermediate_size=1024,
+                 max_seq_len=64, tie_embeddings=True)
+SHORT = dict(prompt_len=8, followup_len=4)  # the rollouts' layout: prompt, y1, eot, followup, y2, one position more
+
+
+def short_rollouts(rows, seed):
+    """`rows` rollouts (groups of ARGS.k rows sharing a prompt) of random tokens, laid out as rl.rollout lays them:
+    each attempt ARGS.max_new_tokens long, at the memory model's worst-case positions."""
+    g = torch.Generator().manual_seed(seed)
+    p, f, n = SHORT["prompt_len"], SHORT["followup_len"], ARGS.max_new_tokens
+    width = p + 2 * n + f + 3  # + eot and one position: memory.py's row of p + 2n + f + 2 positions, and its last target
+    tokens = torch.randint(0, WIDE.vocab_size, (rows, width), generator=g)
+    tokens[:, :p] = tokens[::ARGS.k, :p].repeat_interleave(ARGS.k, 0)
+    j = torch.arange(width - 1).expand(rows, -1)  # target positions
+    return SimpleNamespace(tokens=tokens, m1=(j >= p - 1) & (j < p - 1 + n), m2=j >= width - 1 - n,
+                           lp_old=-torch.rand(rows, width - 1, generator=g), r1=torch.arange(rows) % 2 * 1.0,
+                           r2=torch.arange(rows) // 2 % 2 * 1.0, group=torch.arange(rows) // ARGS.k,
+                           first_from_pi=torch.ones(rows, dtype=torch.bool))
+
+
+def memory_worker(rank, port, out_dir):
+    """Per dtype, as rl.train holds them: WIDE sharded, a whole reference and sampler in the compute dtype, Adam; two
+    updates of two micro-batches each (autocast without its cache), each under LiveBytes."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE="2", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                      MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    shard.setup_distributed("cpu")
+    got = {}
+    for dtype in ("fp32", "bf16"):
+        torch.manual_seed(0)
+        compute = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+        policy = shard.shard(GPT(WIDE).init_weights())
+        ref = GPT(WIDE).init_weights().to(compute).eval().requires_grad_(False)
+        sampler = rl.make_sampler(policy, compute)
+        opt = adam(policy)
+        for step in range(2):  # the peak of the second: the first also allocates the gradients and Adam's state
+            ro = short_rollouts(2 * ARGS.micro_batch, seed=2 * step + rank)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16", cache_enabled=False), \
+                    LiveBytes() as live:
+                rl.update(policy, ref, opt, ro, train_stage2.objective, ARGS, world=2)
+        got[dtype] = live.peak - live.start
+        del policy, ref, sampler, opt, live
+    torch.save(got, os.path.join(out_dir, f"memory{rank}.pt"))
+    shard.teardown()
+
+
+def test_each_ranks_update_peak_is_what_memory_counts(tmp_path):
+    """memory.py's per-rank update under FSDP2 against each rank's measured peak (LiveBytes, above the state the step
+    starts with: the shards, gradients, Adam, reference and sampler; test_each_rank_holds_the_shard_memory_counts
+    counts those). The model adds its transients at their largest: the activations and autocast's casts that
+    autograd keeps, the log-prob head's buffers, and "gathered" (the root and four blocks' worth of weights and
+    gradients whole); the backward frees a block's activations and casts as it moves to the next block, so the
+    measured peak lies between the model's update without those two and the model's update. Here "gathered" is
+    most of the update (16 MB of 20 in fp32): one block's weights or gradients (4 MB) counted more or fewer than
+    FSDP2 holds leave the window (measured: 17.9 MB in [16.3, 20.2] in fp32, 20.7 in [16.5, 24.5] in bf16)."""
+    mp.spawn(memory_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        got = torch.load(tmp_path / f"memory{rank}.pt")
+        for dtype in ("fp32", "bf16"):
+            knobs = SimpleNamespace(batch=4 * ARGS.micro_batch, k=ARGS.k, micro_batch=ARGS.micro_batch,
+                                    max_new_tokens=ARGS.max_new_tokens, gen_batch=None, device="cpu", dtype=dtype)
+            m = memory.memory_model(WIDE, knobs, world=2, **SHORT)
+            update = m["update"] - (m["weights"] + m["grads"] + m["adam"] + m["ref"] + m["sampler"])
+            assert update - m["activations"] - m["autocast"] <= got[dtype] <= update, (rank, dtype, got[dtype], update)
 
 
 def free_port():
