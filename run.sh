@@ -7,8 +7,9 @@
 #   bash run.sh code            # preset code: MBPP for training, HumanEval for evaluation
 #
 # Environment: OUT (default out) is where runs go. Demo: QUICK=1 runs a few steps of everything (CI's smoke
-# run); DTYPE=fp32 (or bf16) overrides --dtype auto (bf16 on a CPU with bf16 units). Math and code: RL_ARGS and EVAL_ARGS add flags to the training scripts and to evaluate.py, EVAL_DATA
-# replaces the evaluation file. An interrupted run.sh, run again, picks up where it stopped: a finished
+# run); DTYPE=fp32 (or bf16) overrides --dtype auto (bf16 on a CPU with bf16 units). Math and code:
+# RL_ARGS and EVAL_ARGS add flags to the training scripts and to evaluate.py, EVAL_DATA replaces the
+# evaluation file. An interrupted run.sh, run again, picks up where it stopped: a finished
 # base or SFT run is kept and each RL run continues from its last checkpoint (--resume: exactly the weights
 # of an uninterrupted run; a finished run does no more steps). FRESH=1 starts over (a converted base stays).
 set -euo pipefail
@@ -77,11 +78,10 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
       d=$OUT/seed$seed
       common="--preset demo --base $d/base --seed $seed --threads 1 --dtype $dtype $rl_args"
       s1ckpt=$d/stage1/step_$(printf %06d $s1)
+      stage1="train train_stage1.py $d/stage1 $common --init $d/base --keep-every $s1 --label 'Stage I (seed $seed)'"
       case $what in
-        stage1) jobs+=("stage1@$seed|base@$seed|$s1|train train_stage1.py $d/stage1 $common --init $d/base \
---steps $s1 --keep-every $s1 --label 'Stage I (seed $seed)'") ;;
-        stage1_only) jobs+=("stage1_only@$seed|stage1@$seed|$s2|train train_stage1.py $d/stage1 $common --init $d/base \
---steps $(( s1 + s2 )) --keep-every $s1 --label 'Stage I (seed $seed)'") ;;
+        stage1) jobs+=("stage1@$seed|base@$seed|$s1|$stage1 --steps $s1") ;;
+        stage1_only) jobs+=("stage1_only@$seed|stage1@$seed|$s2|$stage1 --steps $(( s1 + s2 ))") ;;
         no_stage1) jobs+=("no_stage1@$seed|base@$seed|$(( s1 + s2 ))|train train_stage2.py $d/no_stage1 $common --init $d/base \
 --steps $(( s1 + s2 )) --label 'w/o Stage I (seed $seed)'") ;;
         single_turn) jobs+=("single_turn@$seed|base@$seed|$(( (s1 + s2) * 2 / 3 ))|train train_single_turn.py $d/single_turn $common \
