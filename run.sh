@@ -11,7 +11,9 @@
 # RL_ARGS and EVAL_ARGS add flags to the training scripts and to evaluate.py, EVAL_DATA replaces the
 # evaluation file. An interrupted run.sh, run again, picks up where it stopped: a finished
 # base or SFT run is kept and each RL run continues from its last checkpoint (--resume: exactly the weights
-# of an uninterrupted run; a finished run does no more steps). FRESH=1 starts over (a converted base stays).
+# of an uninterrupted run; a finished run does no more steps). Runs made with other settings (QUICK, DTYPE) are
+# never deleted: run.sh refuses, naming both; FRESH=1 starts over (a converted base stays), or choose another OUT.
+# A failed job or Ctrl-C stops every process run.sh started, with one line that says how to continue.
 set -euo pipefail
 case "${1:-}" in -h|--help|help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")"
@@ -19,7 +21,18 @@ preset=${1:-demo}
 OUT=${OUT:-out}/$preset
 QUICK=${QUICK:-0}
 t_run=$SECONDS
-if [ "${FRESH:-0}" = 1 ]; then rm -rf "$OUT/settings" "$OUT"/seed* "$OUT/stage1" "$OUT/stage2"; fi  # the demo's bases too
+if [ "${FRESH:-0}" = 1 ]; then  # the demo's bases too; a converted base stays
+  rm -rf "$OUT/settings" "$OUT"/seed* "$OUT/stage1" "$OUT/stage2" "$OUT/report.json" "$OUT/table.md" "$OUT"/*.png
+fi
+lanes=""  # the process groups of the demo's two lanes of jobs: each holds its jobs' python
+stop_all() {  # stop every process run.sh started: each lane's whole group (its python too), then reap them
+  set +m; for l in $lanes; do kill -TERM -- "-$l" 2>/dev/null || true; done; lanes=""; wait 2>/dev/null || true
+}
+began=0  # 1 once training begins: from then on, a stop says how to continue
+trap 'rc=$?; trap - EXIT; stop_all; [ $rc = 0 ] || [ $began = 0 ] || echo "run.sh: stopped; finished runs are kept:'\
+' run the same command again to continue (FRESH=1 starts over)" >&2; exit $rc' EXIT
+trap 'exit 130' INT   # through the EXIT trap: the lanes stop too, and one line says how to continue
+trap 'exit 143' TERM
 train() {  # train SCRIPT OUT ARGS...: python SCRIPT --out OUT ARGS, with --resume where OUT has a checkpoint
   local script=$1 out=$2 resume=""; shift 2
   if [ -f "$out/ckpt/state.pt" ] || [ -f "$out/ckpt.old/state.pt" ]; then resume=--resume; fi
@@ -55,12 +68,15 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
     s1=300; s2=300; eval_n=2000  # rl.PRESETS['demo']: Stage I's steps, Stage II's steps
     sft_args="--problems $(( (s1 + s2) * 32 ))"  # as many problems as an RL row sees (32 per step)
   fi
-  trap 'kill $(jobs -p) 2>/dev/null || true' EXIT  # a failed run stops the one beside it too
   settings="base: $base_args; runs: $rl_args, s1 $s1, s2 $s2; sft: $sft_args; dtype $dtype"  # what $OUT may continue
   if [ -f "$OUT/settings" ] && [ "$(cat "$OUT/settings")" = "$settings" ]; then
     echo "run.sh: continuing in $OUT: its bases and finished runs are kept (FRESH=1 bash run.sh starts over)" >&2
-  else  # other settings: runs trained with them would not match
-    rm -rf "$OUT"/seed* "$OUT/settings" "$OUT/base" "$OUT/base.done" "$OUT/report.json" "$OUT/table.md"
+  elif [ -f "$OUT/settings" ] || compgen -G "$OUT/seed*" > /dev/null; then  # never delete finished work
+    old=$(cat "$OUT/settings" 2>/dev/null || echo "unknown (no $OUT/settings)")
+    echo "run.sh: $OUT holds runs made with other settings ($old), not these ($settings): nothing was deleted;"\
+      "FRESH=1 bash run.sh $preset replaces them, or OUT=another_folder keeps them" >&2
+    exit 1
+  else
     mkdir -p "$OUT"; echo "$settings" > "$OUT/settings"
   fi
   # The jobs, longest first where they may (each one thread, two at a time: 1.3x the throughput of one
@@ -112,7 +128,8 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
       done
       if [ -z "$pick" ]; then [ $left = 0 ] && return 0; sleep 1; continue; fi
       IFS='|' read -r name dep cost cmd <<< "$pick"
-      local started=$(ls -d "$Q"/*.taken | wc -l) elapsed=$(( SECONDS - t_run )) eta=""
+      local started=1 elapsed=$(( SECONDS - t_run )) eta=""
+      until mkdir "$Q/start.$started" 2>/dev/null; do started=$(( started + 1 )); done  # atomic: one number per job
       [ "$done_cost" -gt 0 ] && [ "$elapsed" -gt 0 ] && \
         eta=", about $(( (elapsed * (total - done_cost) / done_cost + 30) / 60 )) min left"
       echo "===== run.sh: job $started of $n_jobs: $name ($(( elapsed / 60 )) min $(( elapsed % 60 )) s so far$eta) =====" >&2
@@ -120,9 +137,13 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
       else touch "$Q/$name.failed"; echo "run.sh: $name failed (its lines above say why)" >&2; return 1; fi
     done
   }
-  worker & lane=$!
-  worker || { kill $lane 2>/dev/null; wait; exit 1; }
-  wait $lane || exit 1
+  began=1
+  set -m  # each lane a process group of its own, which stop_all stops whole (the EXIT trap)
+  worker & lanes=$!
+  worker & lanes+=" $!"
+  set +m
+  for _ in $lanes; do wait -n || exit 1; done  # the first failure stops the other lane
+  lanes=""
   evals=()
   for seed in $seeds; do
     d=$OUT/seed$seed
@@ -144,6 +165,7 @@ elif [ "$preset" = math ] || [ "$preset" = code ]; then
   [ -f "$OUT/base/config.json" ] || { echo "run.sh: no model in $OUT/base: convert one first, e.g."\
     "python download.py model Qwen/Qwen2.5-Math-1.5B-Instruct $OUT/base (see README.md)" >&2; exit 1; }
   # e.g. RL_ARGS="--micro-batch 2 --gen-batch 128" bash run.sh math   (a 48 GB card: README)
+  began=1
   stage 1 3 "Stage I (train_stage1.py)"
   train train_stage1.py "$OUT/stage1" --preset "$preset" --base "$OUT/base" --init "$OUT/base" ${RL_ARGS:-}
   stage 2 3 "Stage II from Stage I (train_stage2.py)"
