@@ -24,11 +24,10 @@ import mmap
 import os
 import struct
 import sys
-import tempfile
 
 import torch
 
-from model import GPT, GPTConfig, load_checkpoint, save_checkpoint
+from model import GPT, GPTConfig, atomic_write, load_checkpoint, save_checkpoint
 from tokenizer import HF_TOKENIZER_FILES, Tokenizer
 
 ARCHS = {"Qwen2ForCausalLM": "qwen2", "Qwen3ForCausalLM": "qwen3", "LlamaForCausalLM": "llama"}
@@ -80,6 +79,12 @@ def read_safetensors(path):
     header.pop("__metadata__", None)
     base, tensors = 8 + n, {}
     for name, info in header.items():
+        offsets = info.get("data_offsets") if isinstance(info, dict) else None
+        if not (isinstance(info, dict) and isinstance(info.get("dtype"), str) and isinstance(info.get("shape"), list)
+                and all(type(d) is int and d >= 0 for d in info["shape"]) and isinstance(offsets, list)
+                and len(offsets) == 2 and all(type(o) is int for o in offsets) and 0 <= offsets[0] <= offsets[1]):
+            fail(f"{path}: the safetensors header's entry {name!r} is {str(info)[:80]}, not "
+                 "{dtype, shape, data_offsets}: not a safetensors file this reader knows")
         dtype = DTYPES.get(info["dtype"])
         if dtype is None:
             fail(f"{path}: tensor {name} has dtype {info['dtype']}, not supported ({', '.join(DTYPES)})")
@@ -112,12 +117,12 @@ def write_safetensors(path, tensors, dtype=None):
         offset += nbytes
     head = json.dumps(header, separators=(",", ":")).encode()
     head += b" " * (-len(head) % 8)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".model.safetensors.")
-    with os.fdopen(fd, "wb") as f:
+
+    def write(f):
         f.write(struct.pack("<Q", len(head)) + head)
         for t in tensors.values():
             f.write(cast(t).contiguous().reshape(-1).view(torch.uint8).numpy().data)
-    os.replace(tmp, path)
+    atomic_write(path, write)
 
 
 def read_hf_weights(hf_dir):
@@ -206,6 +211,10 @@ def hf_config(c, dtype, tok):
     if c.arch == "qwen2":
         if c.head_dim != c.n_embd // c.n_head:
             fail(f"Qwen2 needs head_dim == n_embd / n_head, the checkpoint has {c.head_dim}")
+        if not c.qkv_bias and not c.qk_norm:  # the demo's
+            fail("a qwen2 model without q/k/v biases (the demo's base and the runs trained from it) cannot be "
+                 "exported: Hugging Face's Qwen2 always has them; only models converted from Hugging Face (and runs "
+                 "from them) can")
         if not c.qkv_bias or c.qk_norm:
             fail("a qwen2 checkpoint must have qkv_bias and no qk_norm")
         del hf["head_dim"]

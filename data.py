@@ -9,8 +9,11 @@ formats; a malformed row is an error naming the file and the line.
     HumanEval JSONL or .jsonl.gz rows {task_id, prompt, test, entry_point, ...}
     demo      built in, generated from a seed: name two numbers of a list that sum to a target
 """
+import collections
+import functools
 import gzip
 import hashlib
+import itertools
 import json
 import os
 import random
@@ -98,6 +101,16 @@ def demo_split(numbers, target):
     return "eval" if h == 0 else "tune" if h == 1 else "train"
 
 
+@functools.lru_cache
+def demo_split_size(split, size=5, lo=1, hi=15):
+    """How many distinct demo problems (up to order) `split` holds: every set of numbers and target counted."""
+    count = 0
+    for nums in itertools.combinations(range(lo, hi + 1), size):
+        sums = collections.Counter(a + b for a, b in itertools.combinations(nums, 2))
+        count += sum(demo_split(nums, t) == split for t, c in sums.items() if c == 1)
+    return count
+
+
 def make_demo(n, seed, split="train", size=5, lo=1, hi=15):
     """n problems of `split`: `size` distinct numbers in [lo, hi], exactly one pair of which sums to the
     target (25,564 such problems up to order, so ~2,500 each for tuning and evaluation). Finding the pair
@@ -105,6 +118,9 @@ def make_demo(n, seed, split="train", size=5, lo=1, hi=15):
     distinct (up to order); "train" problems repeat, as training streams do."""
     if split not in DEMO_SPLITS:
         raise DataError(f"unknown demo split {split!r}: choose {', '.join(DEMO_SPLITS)}")
+    if split != "train" and n > demo_split_size(split, size, lo, hi):  # said at once, not after a long search
+        raise DataError(f"the demo's {split} split has {demo_split_size(split, size, lo, hi)} distinct problems; "
+                        f"asked for {n}")
     rng = random.Random(seed)
     out, seen = [], set()
     for _ in range(200 * n + 100_000):

@@ -33,8 +33,8 @@ import torch.distributed as dist
 import data
 import reward
 import shard
-from model import GPT, load_config, merge_lora
-from sample import generate_turns, is_checkpoint, max_new_that_fits
+from model import GPT, auto_dtype, device_error, merge_lora, write_error
+from sample import HelpFormatter, generate_turns, is_checkpoint, max_new_that_fits
 from tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW = {"demo": 16, "math": 1024, "mbpp": 1024, "humaneval": 1024}
@@ -280,12 +280,13 @@ def markdown_seeds(rows, checks, reference):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--ckpt", action="append", required=True, help="a checkpoint directory; repeat to compare")
-    p.add_argument("--name", action="append", help="a label for each --ckpt, in order")
-    p.add_argument("--task", default="demo", choices=data.TASKS)
+    p.add_argument("--name", action="append", help="a label for each --ckpt, in order (default: its path)")
+    p.add_argument("--task", default="demo", choices=data.TASKS,
+                   help="the problems and their oracle: demo (generated), math (MATH500), humaneval or mbpp (--data)")
     p.add_argument("--data", help="evaluation data (MATH500 JSONL, HumanEval JSONL(.gz), MBPP JSONL)")
-    p.add_argument("--n", type=int, help="evaluate the first N problems (demo: how many to generate; default 500)")
+    p.add_argument("--n", type=int, help="evaluate the first N problems (default: all; the demo generates 500)")
     p.add_argument("--seed", type=int, default=data.DEMO_EVAL_SEED, help="demo: the order its problems are drawn in")
     p.add_argument("--split", default="eval", choices=data.DEMO_SPLITS,
                    help="demo: eval (the report), tune (choosing settings); both held out from training by construction")
@@ -299,61 +300,70 @@ def main(argv=None):
     p.add_argument("--batch", type=int, default=64, help="problems generated together")
     p.add_argument("--p1", help="the self-correction instruction (default: each checkpoint's, from its "
                                 "task.json; else the one the task trains with)")
-    p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute precision (default: bf16 on cuda, fp32 on the cpu)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", help="write the JSON report here")
-    p.add_argument("--markdown", help="write the markdown table here")
+    p.add_argument("--dtype", choices=["bf16", "fp32", "auto"],
+                   help="compute precision (autocast over fp32 weights; default: bf16 on cuda, fp32 on the cpu, so that "
+                        "a CPU's numbers are exact); auto: the trainers' choice, bf16 on a GPU or a CPU with bf16 units")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda; with torchrun, each process takes cuda:LOCAL_RANK")
+    p.add_argument("--out", help="write the JSON report to this file (default: none; the table is printed)")
+    p.add_argument("--markdown", help="write the markdown table to this file (default: none)")
     p.add_argument("--seeds", metavar="REF",
                    help="names are ROW@SEED (a row trained once, like the base, plain ROW): also report each row's "
                         "mean +- standard error over its seeds and the paired difference REF - row, seed by seed")
     args = p.parse_args(argv)
+    error = lambda msg: p.exit(2, f"{p.prog}: error: {msg}\n")  # one line, without the usage
     if args.turns < 2:
-        p.error("--turns must be at least 2")
+        error("--turns must be at least 2")
     for flag in ("n", "max_new_tokens"):
         if getattr(args, flag) is not None and getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1")
+            error(f"--{flag.replace('_', '-')} must be at least 1")
     if args.batch < 1 or args.scaling < 0:
-        p.error("--batch must be at least 1 and --scaling at least 0")
+        error("--batch must be at least 1 and --scaling at least 0")
+    for flag in ("out", "markdown"):  # checked now: the report must not be lost after the evaluation
+        if getattr(args, flag) and write_error(getattr(args, flag), folder=False):
+            error(f"--{flag} {getattr(args, flag)}: {write_error(getattr(args, flag), folder=False)}")
+    if device_error(args.device):
+        error(device_error(args.device))
     if not 0.0 < args.scaling_temperature < float("inf"):  # also false for nan
-        p.error(f"--scaling-temperature must be positive: --scaling samples (got {args.scaling_temperature})")
+        error(f"--scaling-temperature must be positive: --scaling samples (got {args.scaling_temperature})")
     if args.scaling and args.task in ("mbpp", "humaneval"):
-        p.error(f"--scaling votes over the answers' equivalence classes; for programs (task {args.task}) "
+        error(f"--scaling votes over the answers' equivalence classes; for programs (task {args.task}) "
                 "a vote by their text is meaningless")
     names = args.name or []
     if len(names) > len(args.ckpt):
-        p.error("more --name than --ckpt")
+        error("more --name than --ckpt")
     names += args.ckpt[len(names):]
     if args.seeds:  # a mistake in the names stops the run here, before any model runs
         try:
             over_seeds([dict(name=n, **{m: 0.0 for m in METRICS}) for n in names], args.seeds)
         except ValueError as e:
-            p.error(f"--seeds {args.seeds}: {e}")
+            error(f"--seeds {args.seeds}: {e}")
     infos = []
     for ckpt in args.ckpt:
         if not is_checkpoint(ckpt):
-            p.error(f"--ckpt {ckpt}: not a checkpoint (no config.json and model.pt, or LoRA adapters, there)")
+            error(f"--ckpt {ckpt}: not a checkpoint (no config.json and model.pt, or LoRA adapters, there)")
         try:
             infos.append(data.task_info(ckpt))
         except data.DataError as e:
-            p.error(str(e))
+            error(str(e))
     try:
         problems = data.load_task(args.task, args.data, n=args.n, seed=args.seed, split=args.split)
     except data.DataError as e:
-        p.error(str(e))
+        error(str(e))
     rank, _, device = shard.setup_distributed(args.device)  # under torchrun: problems split over the ranks
-    dtype = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+    dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
     # each checkpoint's p1 and max_new_tokens, and whether every problem fits, before any model runs
     plans = []
     for ckpt, info in zip(args.ckpt, infos):
         p1 = args.p1 or info.get("p1") or data.instruction(args.task)
         max_new = args.max_new_tokens or info.get("max_new_tokens") or DEFAULT_MAX_NEW[args.task]
-        try:
-            tok, cfg = Tokenizer.from_pretrained(ckpt), load_config(ckpt)
+        try:  # the weights too (memory-mapped: nothing is read yet), so a damaged file stops us before any model runs
+            tok, cfg = Tokenizer.from_pretrained(ckpt), GPT.from_pretrained(ckpt).config
         except (OSError, ValueError) as e:
-            p.error(f"--ckpt {ckpt}: {e}")
+            error(f"--ckpt {ckpt}: {e}")
         err = context_error(tok, cfg.max_seq_len, problems, p1, max_new, args.turns)
         if err:
-            p.error(f"--ckpt {ckpt}: {err}")
+            error(f"--ckpt {ckpt}: {err}")
         plans.append((tok, p1, max_new))
     reports = []
     for name, ckpt, (tok, p1, max_new) in zip(names, args.ckpt, plans):
@@ -393,4 +403,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback: nothing was written
+        raise SystemExit("evaluate.py: stopped by Ctrl-C (SIGINT) before the report was written; run the same command "
+                         "again to evaluate from the start") from None

@@ -31,6 +31,40 @@ def auto_dtype(device):
     return "bf16" if any(f() for f in fast) else "fp32"
 
 
+def device_error(device):
+    """None if torch can compute on `device` here, else a one-line reason (a misspelled device, no GPU)."""
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError) as e:
+        return f"--device {device}: {str(e).splitlines()[0]}"
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        return f"--device {device}: torch sees no CUDA GPU on this machine (use --device cpu)"
+    if dev.type == "cuda" and dev.index is not None and dev.index >= torch.cuda.device_count():
+        return f"--device {device}: this machine has {torch.cuda.device_count()} CUDA GPU(s)"
+    if dev.type not in ("cpu", "cuda"):
+        return f"--device {device}: only cpu and cuda are supported"
+    return None
+
+
+def write_error(path, folder=True):
+    """None if `path` can be written (a folder, created if needed; or with folder=False a file), else a
+    one-line reason: it is a file (a folder), it is a folder (a file), its folder is missing or read-only."""
+    path = os.path.abspath(path)
+    if os.path.exists(path) and os.path.isdir(path) != folder:
+        return f"{path} is a {'file' if folder else 'folder'}, not a {'folder' if folder else 'file'}"
+    parent = os.path.dirname(path)
+    if not folder and not os.path.isdir(parent):
+        return f"{parent} (the folder of {path}) does not exist"
+    existing = path if folder else parent
+    while not os.path.exists(existing):  # the folders to create go into the nearest one that exists
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        return f"{existing} is a file, not a folder"
+    if not os.access(existing, os.W_OK | os.X_OK):
+        return f"{existing} is read-only for this user"
+    return None
+
+
 @dataclass
 class GPTConfig:
     vocab_size: int = 32768
@@ -319,12 +353,9 @@ class GPT(nn.Module):
             model = cls(config)
         if lora:
             add_lora(model, lora["r"], lora["alpha"], lora["base"])
-            state = {**state, **torch.load(os.path.join(ckpt_dir, "adapters.pt"), map_location="cpu", weights_only=True)}
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-        missing = [m for m in missing if m != "inv_freq"]
-        if missing or unexpected:
-            raise ValueError(f"{ckpt_dir}: checkpoint does not match its config: "
-                             f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+            state = {**state, **load_tensors(os.path.join(ckpt_dir, "adapters.pt"))}
+        check_state(ckpt_dir, model, state)
+        model.load_state_dict(state, strict=False, assign=True)
         model.inv_freq = rope_frequencies(config)
         adapters = {n: p.data for n, p in model.named_parameters() if n.endswith((".lora_A", ".lora_B"))}
         model = model.to(device=device, dtype=dtype)
@@ -340,7 +371,7 @@ class GPT(nn.Module):
             return save_checkpoint(ckpt_dir, self.config, self.state_dict())
         adapters = {k: v for k, v in self.state_dict().items() if k.endswith((".lora_A", ".lora_B"))}
         save_checkpoint(ckpt_dir, self.config, adapters, name="adapters.pt")
-        _atomic_write(os.path.join(ckpt_dir, "lora.json"), json.dumps(self.lora, indent=2).encode())
+        atomic_write(os.path.join(ckpt_dir, "lora.json"), json.dumps(self.lora, indent=2).encode())
 
 
 def read_lora(ckpt_dir):
@@ -367,34 +398,97 @@ def load_checkpoint(ckpt_dir):
     config = load_config(ckpt_dir)
     if not os.path.exists(w_path):
         raise FileNotFoundError(f"{w_path} not found: is {ckpt_dir} a checkpoint written by convert.py or a training script?")
-    return config, torch.load(w_path, map_location="cpu", mmap=True, weights_only=True)
+    state = load_tensors(w_path)
+    with torch.device("meta"):
+        check_state(ckpt_dir, GPT(config), state)
+    return config, state
+
+
+def check_state(ckpt_dir, model, state):
+    """A CheckpointError unless `state` holds exactly the tensors of `model` (built from the config.json of
+    ckpt_dir), each of its shape: a config.json edited or a model.pt of another model is one line."""
+    expected = {**dict(model.named_parameters()), **dict(model.named_buffers())}
+    missing = [n for n in expected if n not in state and n != "inv_freq"]  # RoPE's table is rebuilt, not saved
+    unexpected = [n for n in state if n not in expected]
+    if missing or unexpected:
+        raise CheckpointError(f"{ckpt_dir}: the weights file does not match its config.json: "
+                              f"missing {missing[:5]}, unexpected {unexpected[:5]}")
+    for n, t in state.items():
+        if not isinstance(t, torch.Tensor) or t.shape != expected[n].shape:
+            raise CheckpointError(f"{ckpt_dir}: {n} is {tuple(getattr(t, 'shape', ()))} in its weights but "
+                                  f"{tuple(expected[n].shape)} by its config.json: one of the two is not this model's")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be read as this project writes it; the message names the file."""
+
+
+def load_tensors(path, weights_only=True):
+    """torch.load of a checkpoint file (memory-mapped), a damaged one (truncated, overwritten) a CheckpointError
+    naming it. weights_only=False only for the project's own state.pt (the Adam state and the run's args)."""
+    try:
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=weights_only)
+    except FileNotFoundError:
+        raise
+    except Exception as e:  # a damaged zip, a short read, a pickle of something else: torch says it many ways
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise CheckpointError(f"{path} is damaged (truncated, or not a checkpoint file): torch cannot read it "
+                              f"({why[:150]})") from None
+    if not isinstance(state, dict):
+        raise CheckpointError(f"{path} holds a {type(state).__name__}, not a checkpoint's dict")
+    return state
 
 
 def load_config(ckpt_dir):
-    """The GPTConfig of a checkpoint directory (its config.json)."""
+    """The GPTConfig of a checkpoint directory (its config.json), each value checked against its field's type."""
     cfg_path = os.path.join(ckpt_dir, "config.json")
     if not os.path.exists(cfg_path):
         raise FileNotFoundError(f"{cfg_path} not found: is {ckpt_dir} a checkpoint written by convert.py or a training script?")
-    with open(cfg_path) as f:
-        raw = json.load(f)
-    unknown = set(raw) - {f.name for f in fields(GPTConfig)}
+    try:
+        with open(cfg_path) as f:
+            raw = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"{cfg_path}: not JSON ({e})") from None
+    if not isinstance(raw, dict):
+        raise CheckpointError(f"{cfg_path}: not a JSON object")
+    kinds = {f.name: f.type.__name__ for f in fields(GPTConfig)}
+    unknown = set(raw) - set(kinds)
     if unknown:
-        raise ValueError(f"{cfg_path}: unknown config keys {sorted(unknown)}")
-    return GPTConfig(**raw)
+        raise CheckpointError(f"{cfg_path}: unknown config keys {sorted(unknown)}")
+    for k, v in raw.items():
+        ok = {"int": type(v) is int, "float": type(v) in (int, float), "bool": type(v) is bool,
+              "str": type(v) is str, "dict": v is None or type(v) is dict}[kinds[k]]
+        if not ok or (kinds[k] == "int" and v < (0 if k == "head_dim" else 1)):
+            raise CheckpointError(f"{cfg_path}: {k} is {v!r}, not a{'n' if kinds[k] == 'int' else ''} {kinds[k]}"
+                                  + (" of at least 1" if kinds[k] == "int" and k != "head_dim" else ""))
+    try:
+        return GPTConfig(**raw)
+    except ValueError as e:
+        raise CheckpointError(f"{cfg_path}: {e}") from None
 
 
-def _atomic_write(path, data):
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), prefix=f".{os.path.basename(path)}.")
+def atomic_write(path, data):
+    """Write bytes, a state dict (torch.save), or what a function data(f) writes, to a temporary file beside
+    `path`, then rename it over `path`: a reader never sees half a file. Readable as a file open() creates."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=f".{os.path.basename(path)}.")
+    umask = os.umask(0o022)
+    os.umask(umask)
+    os.chmod(tmp, 0o666 & ~umask)  # mkstemp's are 0600: another user could not read a checkpoint
     with os.fdopen(fd, "wb") as f:
-        f.write(data) if isinstance(data, bytes) else torch.save(data, f)
+        if callable(data):
+            data(f)
+        elif isinstance(data, bytes):
+            f.write(data)
+        else:
+            torch.save(data, f)
     os.replace(tmp, path)
 
 
 def save_checkpoint(ckpt_dir, config, state_dict, name="model.pt"):
     """Write config.json and the tensors (model.pt) atomically (temporary files, then renames)."""
     os.makedirs(ckpt_dir, exist_ok=True)
-    _atomic_write(os.path.join(ckpt_dir, name), state_dict)
-    _atomic_write(os.path.join(ckpt_dir, "config.json"), json.dumps(asdict(config), indent=2).encode())
+    atomic_write(os.path.join(ckpt_dir, name), state_dict)
+    atomic_write(os.path.join(ckpt_dir, "config.json"), json.dumps(asdict(config), indent=2).encode())
 
 
 # ------------------------------------------------------------------------------- LoRA

@@ -54,8 +54,9 @@ import torch.distributed as dist
 import data
 import memory
 import shard
-from model import GPT, adapters_off, add_lora, auto_dtype, merge_lora, save_checkpoint, token_logprobs
-from sample import generate, generate_turns, layout, max_new_that_fits
+from model import (GPT, CheckpointError, adapters_off, add_lora, auto_dtype, device_error, load_tensors, merge_lora,
+                   save_checkpoint, token_logprobs, write_error)
+from sample import HelpFormatter, generate, generate_turns, layout, max_new_that_fits
 from shard import all_reduce_grads, setup_distributed
 from tokenizer import Tokenizer
 
@@ -311,9 +312,16 @@ def run(args, objective, name):
     if ckpt and not args.resume:
         raise SystemExit(f"--out {args.out} already holds a run (checkpoint {ckpt}): continue it with --resume, "
                          f"or start over with a new --out (or delete {args.out} first)")
+    if write_error(args.out):
+        raise SystemExit(f"--out {args.out}: {write_error(args.out)}")
     handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         train(args, objective, name)
+    except CheckpointError as e:  # one line naming the file; a damaged checkpoint of this run: the others it kept
+        kept = [d for d in sorted(os.listdir(args.out)) if d == "best" or d.startswith("step_")] \
+            if args.resume and args.out in str(e) else []
+        raise SystemExit(f"{args.label or name}: {e}" + (f"; the run also kept {', '.join(kept)} in {args.out}: copy "
+                         f"one over its ckpt/ to resume from its step" if kept else "")) from None
     except KeyboardInterrupt as e:
         sig = e.args[0] if e.args else "SIGINT"
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
@@ -362,12 +370,14 @@ def train(args, objective, name):
         if init is None:
             raise SystemExit(f"--resume: no checkpoint in {args.out}/ckpt to resume from")
         # memory-mapped: under torchrun every rank reads the whole Adam state, and keeps its shard
-        state = torch.load(os.path.join(init, "state.pt"), map_location="cpu", mmap=True, weights_only=False)
+        state = load_tensors(os.path.join(init, "state.pt"), weights_only=False)
         if args.gen_batch is None:  # the run's own, not what the memory model would choose on this GPU
             args.gen_batch = state["args"].get("gen_batch")
         check_resume(state["args"], args)
         step0 = state["step"]
-    for path, what in ((init, "--init"), (args.base, "--base")):
+        if step0 >= args.steps:  # run.sh continues every run: a finished one does nothing, and says so
+            say(f"{name}: the run in {args.out} is at step {step0}, --steps {args.steps}: no step left to run")
+    for path, what in ((args.base, "--base"), (init, "--init")):  # --init defaults to --base: name --base first
         if not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{what} {path}: not a checkpoint (no config.json); run the previous step first")
     tok = Tokenizer.from_pretrained(args.base)
@@ -388,6 +398,9 @@ def train(args, objective, name):
     if args.resume:
         shard.load_optimizer(policy, opt, state["opt"])
     problems = load_problems(args, tok, ref.config.max_seq_len, say)
+    if len(problems) < n_prompts:  # each step draws its prompts without replacement
+        raise SystemExit(f"{args.task}: {len(problems)} problem(s) to train on, fewer than the {n_prompts} prompts of "
+                         f"a step (--batch {args.batch} / --k {args.k}): lower --batch or give more problems")
     if args.gen_batch is None and dev.type == "cuda":  # the memory model's choice for this GPU
         args.gen_batch = memory.default_gen_batch(policy.config, args, world, torch.cuda.get_device_properties(dev).total_memory)
         say(f"--gen-batch {args.gen_batch} (from the memory model; pass --gen-batch to override)")
@@ -568,15 +581,6 @@ PRESETS = {
 }
 
 
-class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """Keeps the docstring's layout; shows a default once, where the help does not already state one."""
-    def _get_help_string(self, action):
-        h = action.help or ""
-        if "default" in h or action.default in (None, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
-            return h
-        return h + " (default: %(default)s)"
-
-
 def get_args(stage, argv=None, run=None):
     """Arguments of a stage script: a preset's values as defaults, every knob overridable. `run` names
     the default run directory under the preset's root (default: stage1 or stage2)."""
@@ -586,7 +590,7 @@ def get_args(stage, argv=None, run=None):
     preset = PRESETS[name]
     doc = (__import__("__main__").__doc__ or "") + (
         f"\nDefaults below are the {name!r} preset's for Stage {'I' * stage}; --preset changes them all.")
-    p = argparse.ArgumentParser(description=doc, formatter_class=_HelpFormatter)
+    p = argparse.ArgumentParser(description=doc, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="demo", choices=sorted(PRESETS),
                    help="demo: the CPU demo; math: MATH train / MATH500 eval; code: MBPP train / HumanEval eval")
     p.add_argument("--task", choices=data.TASKS, help="the training task")
@@ -691,5 +695,7 @@ def check_args(a):
         return f"--lora is a rank, 0 (full fine-tuning) or more (got {a.lora})"
     if a.lora_alpha is not None and not (math.isfinite(a.lora_alpha) and a.lora_alpha > 0):
         return f"--lora-alpha must be a positive number (got {a.lora_alpha})"
-    return None
+    if a.n_train is not None and a.n_train < a.batch // a.k:
+        return f"--n-train {a.n_train} is fewer problems than a step's {a.batch // a.k} prompts (--batch / --k)"
+    return device_error(a.device)
 

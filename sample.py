@@ -40,7 +40,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from model import GPT, KVCache, compute_dtype, merge_lora
+from model import GPT, KVCache, compute_dtype, device_error, merge_lora
 
 
 def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
@@ -300,6 +300,16 @@ def _permute_rows(buf, perm, upto):
 
 
 # ------------------------------------------------------------------------------------ CLI
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """--help as every script of the project shows it: the docstring's layout kept, each flag's default shown
+    once, where its help does not already state one."""
+    def _get_help_string(self, action):
+        h = action.help or ""
+        if "default" in h or action.default in (None, argparse.SUPPRESS) or action.option_strings == ["-h", "--help"]:
+            return h
+        return h + " (default: %(default)s)"
+
+
 def max_new_that_fits(max_seq_len, prompt_len, followup_len, turns):
     """The largest max_new_tokens with which generate_turns fits a prompt of prompt_len tokens into
     max_seq_len positions (the count in this file's docstring, solved for max_new_tokens; < 1: none)."""
@@ -314,39 +324,44 @@ def is_checkpoint(path):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description="Watch a model's attempts: y1 from chat(x), then y2 after the instruction p1.")
+    p = argparse.ArgumentParser(description="Watch a model's attempts: y1 from chat(x), then y2 after the instruction p1.",
+                                formatter_class=HelpFormatter)
     p.add_argument("--ckpt", required=True, help="checkpoint directory (convert.py or a training script)")
     p.add_argument("--prompt", required=True, help="the problem x, as the user's message")
     p.add_argument("--turns", type=int, default=2, help="attempts (1: no self-correction turn)")
     p.add_argument("--temperature", type=float, default=0.0, help="0 is greedy (evaluation); the paper trains at 1.0")
-    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="nucleus sampling: draw from the smallest set of tokens whose probability reaches P (1: all)")
     p.add_argument("--max-new-tokens", type=int,
                    help="per turn (default: the checkpoint's, from its task.json; else 512, or less to fit the context)")
     p.add_argument("--p1", help="the self-correction instruction (default: the one the checkpoint was trained "
                                 "with, from its task.json; else the paper's math p1)")
     p.add_argument("--dtype", choices=["bf16", "fp32"], help="compute precision (default: bf16 on cuda, fp32 on the cpu)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--seed", type=int, default=0, help="seeds the sampling (temperature above 0)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     args = p.parse_args(argv)
+    error = lambda msg: p.exit(2, f"{p.prog}: error: {msg}\n")  # one line, without the usage
     import data  # lazily: sample.py itself needs only model.py
     from tokenizer import Tokenizer
 
     if args.turns < 1:
-        p.error("--turns must be at least 1")
+        error("--turns must be at least 1")
     if args.max_new_tokens is not None and args.max_new_tokens < 1:
-        p.error("--max-new-tokens must be at least 1")
+        error("--max-new-tokens must be at least 1")
     if not 0.0 <= args.temperature < float("inf"):  # also false for nan
-        p.error(f"--temperature must be 0 (greedy) or positive (got {args.temperature})")
+        error(f"--temperature must be 0 (greedy) or positive (got {args.temperature})")
     if not 0.0 < args.top_p <= 1.0:
-        p.error(f"--top-p is a fraction in (0, 1] (got {args.top_p})")
+        error(f"--top-p is a fraction in (0, 1] (got {args.top_p})")
+    if device_error(args.device):
+        error(device_error(args.device))
     if not is_checkpoint(args.ckpt):
-        p.error(f"--ckpt {args.ckpt}: not a checkpoint (no config.json and model.pt, or LoRA adapters, there)")
+        error(f"--ckpt {args.ckpt}: not a checkpoint (no config.json and model.pt, or LoRA adapters, there)")
     try:
         info = data.task_info(args.ckpt)
         tok = Tokenizer.from_pretrained(args.ckpt)
         model = merge_lora(GPT.from_pretrained(args.ckpt, device=args.device, dtype=torch.float32)).eval()  # fp32 weights
     except (OSError, ValueError) as e:
-        p.error(f"--ckpt {args.ckpt}: {e}")
+        error(f"--ckpt {args.ckpt}: {e}")
     p1 = args.p1 or info.get("p1") or data.instruction("math")
     dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
     ctx = tok.render([{"role": "user", "content": args.prompt}])
@@ -354,11 +369,11 @@ def main(argv=None):
     followup = tok.render_followup([{"role": "user", "content": p1}])
     fits = max_new_that_fits(model.config.max_seq_len, len(ctx), len(followup), args.turns)
     if fits < 1:
-        p.error(f"the prompt ({len(ctx)} tokens) and {args.turns - 1} p1 turn(s) of {len(followup)} tokens leave "
+        error(f"the prompt ({len(ctx)} tokens) and {args.turns - 1} p1 turn(s) of {len(followup)} tokens leave "
                 f"no room in the model's context of {model.config.max_seq_len} positions")
     max_new = args.max_new_tokens or info.get("max_new_tokens") or min(512, fits)
     if max_new > fits:
-        p.error(f"{args.turns} turn(s) of {max_new} new tokens do not fit the model's context of "
+        error(f"{args.turns} turn(s) of {max_new} new tokens do not fit the model's context of "
                 f"{model.config.max_seq_len} positions with this prompt ({len(ctx)} tokens): "
                 f"use --max-new-tokens {fits} or less")
     try:
@@ -378,4 +393,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:
+        raise SystemExit("sample.py: stopped by Ctrl-C (SIGINT)") from None

@@ -31,8 +31,8 @@ import torch
 
 import data
 import rl
-from model import GPT, auto_dtype
-from sample import layout
+from model import GPT, CheckpointError, auto_dtype, device_error, write_error
+from sample import HelpFormatter, layout
 from tokenizer import Tokenizer
 from train_base import sft_step
 
@@ -41,9 +41,9 @@ def get_args(argv=None):
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="demo", choices=sorted(rl.PRESETS))
     preset = rl.PRESETS[pre.parse_known_args(argv)[0].preset]
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--preset", default="demo", choices=sorted(rl.PRESETS),
-                   help="the task, data, base model and lengths of an RL preset (default: demo)")
+                   help="the task, data, base model and lengths of an RL preset")
     p.add_argument("--method", required=True, choices=["star", "pair"], help="star: STaR; pair: Pair-SFT")
     p.add_argument("--plus", action="store_true", help="also the right-to-right traces (D+)")
     p.add_argument("--base", default=preset["base"], help="the base model: it samples the traces and is fine-tuned")
@@ -61,22 +61,29 @@ def get_args(argv=None):
     p.add_argument("--dtype", choices=["bf16", "fp32", "auto"], default="auto",
                    help="compute precision (autocast over fp32 masters); auto: bf16 on a GPU or a CPU with bf16 units")
     p.add_argument("--seed", type=int, default=0, help="seeds the problems, the sampling and the batches")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
     args = p.parse_args(argv)
+    error = lambda msg: p.exit(2, f"{p.prog}: error: {msg}\n")  # one line, without the usage
     args.task, args.n_train, args.p1 = preset["task"], preset["n_train"], data.instruction(preset["task"])
     args.temperature, args.base_first = 1.0, 0.0  # the base's own samples, every first attempt its own
     for flag in ("problems", "k", "gen_batch", "epochs", "batch", "max_new_tokens"):
         if getattr(args, flag) < 1:
-            p.error(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
+            error(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
     if args.micro_batch is not None and args.micro_batch < 1:
-        p.error(f"--micro-batch must be at least 1 (got {args.micro_batch})")
+        error(f"--micro-batch must be at least 1 (got {args.micro_batch})")
     if not (math.isfinite(args.lr) and args.lr > 0):
-        p.error(f"--lr must be a positive number (got {args.lr})")
+        error(f"--lr must be a positive number (got {args.lr})")
     if args.k < 2 and args.method == "pair":
-        p.error("--method pair pairs a sample with another sample of the same problem: --k must be at least 2")
+        error("--method pair pairs a sample with another sample of the same problem: --k must be at least 2")
+    if args.threads < 0:
+        error(f"--threads must be at least 0 (got {args.threads})")
+    if device_error(args.device):
+        error(device_error(args.device))
     if args.out is None:
         args.out = os.path.join(preset["root"], args.method + ("_plus" if args.plus else ""))
+    if write_error(args.out):
+        error(f"--out {args.out}: {write_error(args.out)}")
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
     return args
@@ -124,9 +131,12 @@ def main(argv=None):
         raise SystemExit(f"--out {args.out} already holds a run: choose a new --out (or delete {args.out} first)")
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
-    tok = Tokenizer.from_pretrained(args.base)
     compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
-    base = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval().requires_grad_(False)  # samples
+    try:
+        tok = Tokenizer.from_pretrained(args.base)
+        base = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval().requires_grad_(False)  # samples
+    except (CheckpointError, FileNotFoundError) as e:
+        raise SystemExit(f"--base {args.base}: {e}") from None
     problems = rl.load_problems(args, tok, base.config.max_seq_len, print)
     order = random.Random(rl.seed_of(args.seed, "problems")).sample(range(len(problems)), len(problems))
     problems = [problems[i] for i in (order * math.ceil(args.problems / len(problems)))[:args.problems]]
@@ -181,4 +191,8 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback; the checkpoint is written only at the end
+        raise SystemExit("train_sft.py: stopped by Ctrl-C (SIGINT) before its checkpoint was written; run the same "
+                         "command again to start over") from None
