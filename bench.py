@@ -23,6 +23,8 @@ from types import SimpleNamespace
 
 import torch
 
+from sample import HelpFormatter
+
 
 def _rss_mib():
     with open("/proc/self/statm") as f:
@@ -365,9 +367,13 @@ def bench_sample(args):
 
 # ------------------------------------------------------------------------------- demo
 def _script(root, threads, *argv):
-    """Run a script of the checkout at `root` in a process of its own with `threads` OpenMP threads."""
-    subprocess.run([sys.executable, *argv], cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
-                   check=True, capture_output=True)
+    """Run a script of the checkout at `root` in a process of its own with `threads` OpenMP threads; a failure
+    stops the benchmark with the script's own last line."""
+    res = subprocess.run([sys.executable, *argv], cwd=root, env={**os.environ, "OMP_NUM_THREADS": str(threads)},
+                         capture_output=True, text=True)
+    if res.returncode:
+        why = (res.stderr.strip() or res.stdout.strip() or f"exit status {res.returncode}").splitlines()[-1]
+        raise SystemExit(f"bench.py: {argv[0]} failed in {root}: {why}")
 
 
 def _demo_stage1(root, base, steps, threads, dtype):
@@ -375,20 +381,20 @@ def _demo_stage1(root, base, steps, threads, dtype):
     it, "context", all of each rollout's tokens) of each Stage I step after the first (which warms up), from
     `steps` steps of the scripts of the checkout at `root`."""
     import json
-    out = tempfile.mkdtemp(prefix="bench_demo_")
-    _script(root, threads, "train_stage1.py", "--base", base, "--init", base, "--out", f"{out}/s1", "--steps", str(steps),
-            "--threads", str(threads), "--save-every", str(steps), *(["--dtype", dtype] if dtype else []))
-    return [(r["seconds"], r["tokens"], r.get("trained", r.get("context", 0)))
-            for r in map(json.loads, open(f"{out}/s1/log.jsonl"))][1:]
+    with tempfile.TemporaryDirectory(prefix="bench_demo_") as out:
+        _script(root, threads, "train_stage1.py", "--base", base, "--init", base, "--out", f"{out}/s1", "--steps",
+                str(steps), "--threads", str(threads), "--save-every", str(steps), *(["--dtype", dtype] if dtype else []))
+        return [(r["seconds"], r["tokens"], r.get("trained", r.get("context", 0)))
+                for r in map(json.loads, open(f"{out}/s1/log.jsonl"))][1:]
 
 
 def _demo_rest(root, base, threads, eval_n):
     """Base training steps/s (a fixed number of steps, no evaluation until the last) and greedy evaluation
     problems/s of the scripts of the checkout at `root`, each in its own process (its start included)."""
-    out = tempfile.mkdtemp(prefix="bench_demo_")
     t0 = time.time()
-    _script(root, threads, "train_base.py", "--out", f"{out}/b", "--max-steps", "40", "--eval-every", "40",
-            "--eval-n", "8", "--threads", str(threads))
+    with tempfile.TemporaryDirectory(prefix="bench_demo_") as out:
+        _script(root, threads, "train_base.py", "--out", f"{out}/b", "--max-steps", "40", "--eval-every", "40",
+                "--eval-n", "8", "--threads", str(threads))
     res = dict(base_steps_s=40 / (time.time() - t0))
     t0 = time.time()
     _script(root, threads, "evaluate.py", "--task", "demo", "--n", str(eval_n), "--ckpt", base)  # its default dtype, as run.sh
@@ -412,6 +418,11 @@ def bench_demo(args):
     and the share of the arithmetic bound of a Stage I step (its matrix FLOPs over this machine's
     measured matrix-product rate in the dtype used)."""
     import json
+    for base in (args.demo_base, args.against and args.against_base):
+        if base is not None and not os.path.exists(os.path.join(base, "config.json")):
+            raise SystemExit(f"bench.py --only demo: no base model in {base} (no config.json) to start Stage I from: "
+                             f"bash run.sh demo1 makes one in out/demo1/seed0/base (then --demo-base "
+                             f"out/demo1/seed0/base), python train_base.py --out {base} another")
     torch.set_num_threads(args.threads)
     with contextlib.ExitStack() as stack:
         revs = [("this checkout", stack.enter_context(checkout(None)), os.path.abspath(args.demo_base), args.demo_dtype)]
@@ -649,8 +660,9 @@ BENCHES = {
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--only", choices=sorted(BENCHES), action="append", help="run only these benchmarks")
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--only", choices=sorted(BENCHES), action="append",
+                   help="run only this benchmark (repeat the flag for several; default: every one)")
     p.add_argument("--device", default="cpu", help="cpu or cuda")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats; the best is reported")
     p.add_argument("--lp-tokens", type=int, default=2048, help="update: the log-prob head's N tokens")

@@ -265,9 +265,11 @@ def delta_bars(rows, out):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="a training run's --out (holds log.jsonl)")
-    p.add_argument("--out", help="the PNG (default: RUN_DIR/curves.png with one run; delta.png beside --table)")
+    p.add_argument("--out", help="the PNG to write, or a folder to write it in (default: RUN_DIR/curves.png with one "
+                                 "run; delta.png beside --table)")
     p.add_argument("--report", action="append", default=[], help="an evaluate.py report.json; repeatable")
-    p.add_argument("--smooth", type=int, default=9, metavar="W", help="lines: centred moving average over W steps (default 9)")
+    p.add_argument("--smooth", type=int, default=9, metavar="W", help="lines: centred moving average over W steps "
+                                                                     "(default: 9)")
     p.add_argument("--table", help="evaluate.py --seeds's report, JSON rows {name, delta_mean, delta_se}, or "
                                    "reports {name, delta}: bar chart")
     args = p.parse_args(argv)
@@ -275,6 +277,13 @@ def main(argv=None):
         p.error("give RUN_DIRs or --table, one of the two")
     if args.smooth < 1:
         p.error("--smooth must be at least 1")
+    if args.out and os.path.isdir(args.out):  # a folder: the picture's usual name in it
+        args.out = os.path.join(args.out, "delta.png" if args.table else "curves.png")
+    elif args.out and not args.out.lower().endswith(".png"):  # matplotlib would add .png itself: say the real name
+        args.out += ".png"
+    if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
+        raise SystemExit(f"plot.py: --out {args.out}: its folder {os.path.dirname(os.path.abspath(args.out))} "
+                         "does not exist")
     if args.table:
         out = args.out or os.path.join(os.path.dirname(args.table), "delta.png")
         delta_bars(table_rows(read_json(args.table, "table"), args.table), out)

@@ -22,7 +22,9 @@ prompt does, one token each (" 15+ 3"; --numbers digits spells "15+3" digit by d
 """
 import argparse
 import math
+import os
 import random
+import sys
 import time
 
 import torch
@@ -32,21 +34,24 @@ import torch.distributed as dist
 import data
 import evaluate
 import shard
-from model import GPT, GPTConfig, auto_dtype, token_logprobs
+from model import GPT, GPTConfig, auto_dtype, token_logprobs, write_error
+from sample import HelpFormatter
 from tokenizer import Tokenizer
 
 
 def get_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default="out/demo/base", help="checkpoint directory to write")
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=128)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--n-kv-head", type=int, default=2)
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
+    p.add_argument("--out", default="out/demo/base",
+                   help="checkpoint directory to write (new: an existing base or run is never overwritten)")
+    p.add_argument("--n-layer", type=int, default=4, help="transformer blocks")
+    p.add_argument("--n-embd", type=int, default=128, help="width of the residual stream (a multiple of --n-head)")
+    p.add_argument("--n-head", type=int, default=4, help="attention heads")
+    p.add_argument("--n-kv-head", type=int, default=2, help="key/value heads (GQA; --n-head is a multiple of it)")
     p.add_argument("--batch", type=int, default=64, help="sequences per step")
-    p.add_argument("--lr", type=float, default=2e-3)
-    p.add_argument("--max-steps", type=int, default=3000)
-    p.add_argument("--eval-every", type=int, default=50)
+    p.add_argument("--lr", type=float, default=2e-3, help="AdamW learning rate (after 100 steps of warm-up)")
+    p.add_argument("--max-steps", type=int, default=3000, help="at most this many steps")
+    p.add_argument("--eval-every", type=int, default=50,
+                   help="check the greedy accuracy and save the checkpoint every N steps")
     p.add_argument("--eval-n", type=int, default=200, help="held-out problems for the greedy accuracy check")
     p.add_argument("--stop-acc", type=float, default=0.5,
                    help="stop at the first evaluation whose greedy accuracy reaches this (the base must still err)")
@@ -60,15 +65,38 @@ def get_args(argv=None):
                         'digit by digit ("15+3")')
     p.add_argument("--two-turn", type=float, default=0.5,
                    help="fraction of examples with a second turn (p1, then the same right answer)")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="seeds the weights and the training problems")
     p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
     p.add_argument("--dtype", choices=["bf16", "fp32", "auto"], default="auto",
                    help="compute precision of the training steps (autocast over fp32 weights; evaluation in fp32); "
                         "auto: bf16 on a CPU with bf16 matrix units, else fp32")
     args = p.parse_args(argv)
+    error = check_args(args)
+    if error:  # one line, before anything is written
+        p.exit(2, f"{p.prog}: error: {error}\n")
     if args.dtype == "auto":
         args.dtype = auto_dtype("cpu")
     return args
+
+
+def check_args(a):
+    """The first nonsense among the flags, as a one-line message naming the flag; None if all is well."""
+    for flag in ("n_layer", "n_embd", "n_head", "n_kv_head", "batch", "max_steps", "eval_every", "eval_n"):
+        if getattr(a, flag) < 1:
+            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
+    if a.threads < 0:
+        return f"--threads must be at least 0 (got {a.threads})"
+    if a.n_embd % a.n_head or a.n_head % a.n_kv_head:
+        return (f"--n-embd ({a.n_embd}) must be a multiple of --n-head ({a.n_head}), and --n-head of --n-kv-head "
+                f"({a.n_kv_head})")
+    if not (math.isfinite(a.lr) and a.lr > 0):
+        return f"--lr must be a positive number (got {a.lr})"
+    for flag in ("stop_acc", "change", "two_turn"):
+        if not 0.0 <= getattr(a, flag) <= 1.0:  # also false for nan
+            return f"--{flag.replace('_', '-')} is a fraction in [0, 1] (got {getattr(a, flag)})"
+    if os.path.exists(a.out) and (not os.path.isdir(a.out) or os.listdir(a.out)):
+        return f"--out {a.out} already exists: a base or a run is never overwritten; choose a new --out (or delete it first)"
+    return write_error(a.out) and f"--out {a.out}: {write_error(a.out)}"
 
 
 def answer(a, b, numbers="tokens"):
@@ -183,4 +211,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback
+        print("train_base.py: stopped by Ctrl-C (SIGINT); what --out holds is the base of the last evaluation, "
+              "unfinished: delete it and run the same command again", file=sys.stderr)
+        raise SystemExit(130)

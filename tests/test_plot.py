@@ -219,3 +219,19 @@ def test_bad_inputs_are_one_line(tmp_path):
     assert "row 0" in fails(["--table", str(tmp_path / "t.json")])
     (tmp_path / "t.json").write_text('[{"name": "a",\n "delta": }]')
     assert fails(["--table", str(tmp_path / "t.json")]).startswith(f"plot.py: table {tmp_path / 't.json'}:2: not JSON")
+
+
+def test_out_is_the_file_written(tmp_path, capsys):
+    """--out names the picture that is written: a folder gets the usual name in it, a name without .png gets
+    the .png that matplotlib adds, and a missing folder is one line before anything is drawn."""
+    (tmp_path / "report.json").write_text(json.dumps([dict(name="a", delta=0.01)]))
+    table = ["--table", str(tmp_path / "report.json")]
+    (tmp_path / "pics").mkdir()
+    for out, written in (("pics", "pics/delta.png"), ("d", "d.png"), ("e.png", "e.png")):
+        plot.main([*table, "--out", str(tmp_path / out)])
+        assert capsys.readouterr().out == f"plot.py: wrote {tmp_path / written}\n"
+        assert png_size(tmp_path / written)[0] == 800
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["d.png", "e.png", "pics", "report.json"]
+    with pytest.raises(SystemExit) as e:
+        plot.main([*table, "--out", str(tmp_path / "nowhere" / "x.png")])
+    assert e.value.code == f"plot.py: --out {tmp_path / 'nowhere' / 'x.png'}: its folder {tmp_path / 'nowhere'} does not exist"
