@@ -1,9 +1,12 @@
 """Every entry point as safe as training: a damaged checkpoint is one line naming the file and what is wrong,
 whichever script reads it; a bad --device, --out or flag is one line before anything runs."""
+import argparse
 import json
 import os
+import runpy
 import shutil
 import stat
+import sys
 
 import pytest
 import torch
@@ -112,3 +115,160 @@ def test_checkpoints_are_readable_by_everyone_the_umask_allows(demo_ckpt, tmp_pa
         os.umask(old)
     for f in ("model.pt", "config.json"):
         assert stat.S_IMODE(os.stat(tmp_path / "c" / f).st_mode) == 0o644, f
+
+
+# ----------------------------------------------------------------------------- flags, devices, paths
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SMALL = ["--steps", "1", "--batch", "4", "--k", "2", "--micro-batch", "4", "--max-new-tokens", "2", "--n-train", "8"]
+
+
+class Parsed(Exception):
+    pass
+
+
+def parser_of(monkeypatch, call):
+    """The ArgumentParser an entry point builds (caught as it parses)."""
+    def catch(self, *a, **k):
+        raise Parsed(self)
+    monkeypatch.setattr(argparse.ArgumentParser, "parse_args", catch)
+    with pytest.raises(Parsed) as e:
+        call()
+    return e.value.args[0]
+
+
+def test_every_flag_of_every_entry_point_says_what_it_does_and_its_default(monkeypatch):
+    import bench
+    import plot
+    import train_base
+    for name, call in {"train_stage1": lambda: rl.get_args(1, []), "train_base": lambda: train_base.get_args([]),
+                       "train_sft": lambda: train_sft.get_args([]), "evaluate": lambda: evaluate.main([]),
+                       "sample": lambda: sample.main([]), "convert": lambda: convert.main([]),
+                       "bench": bench.main, "plot": lambda: plot.main([])}.items():
+        p = parser_of(monkeypatch, call)
+        for a in p._actions:
+            assert a.help, (name, a.option_strings)
+            # a default is shown: by the project's formatter, or in the flag's own text
+            shown = p.formatter_class is sample.HelpFormatter or "default" in a.help or a.default in (None, False, [])
+            assert shown or not a.option_strings or a.default is argparse.SUPPRESS, (name, a.option_strings)
+
+
+BASE_FLAGS = [(["--max-steps", "0"], "--max-steps must be at least 1 (got 0)"),
+              (["--eval-every", "0"], "--eval-every must be at least 1 (got 0)"),
+              (["--eval-n", "0"], "--eval-n must be at least 1 (got 0)"),
+              (["--batch", "0"], "--batch must be at least 1 (got 0)"),
+              (["--threads", "-1"], "--threads must be at least 0 (got -1)"),
+              (["--n-layer", "0"], "--n-layer must be at least 1 (got 0)"),
+              (["--lr", "0"], "--lr must be a positive number (got 0.0)"),
+              (["--change", "1.5"], "--change is a fraction in [0, 1] (got 1.5)"),
+              (["--two-turn", "-1"], "--two-turn is a fraction in [0, 1] (got -1.0)"),
+              (["--n-embd", "30"], "--n-embd (30) must be a multiple of --n-head (4), and --n-head of --n-kv-head (2)")]
+
+
+@pytest.mark.parametrize("flags,message", BASE_FLAGS, ids=[" ".join(f) for f, _ in BASE_FLAGS])
+def test_train_base_checks_its_flags(tmp_path, capsys, flags, message):
+    import train_base
+    with pytest.raises(SystemExit) as e:
+        train_base.get_args(["--out", str(tmp_path / "b"), *flags])
+    assert e.value.code == 2 and capsys.readouterr().err == f"{os.path.basename(sys.argv[0])}: error: {message}\n"
+    assert os.listdir(tmp_path) == []
+
+
+def test_train_base_never_overwrites_a_base_or_a_run(demo_ckpt, tmp_path, capsys):
+    import train_base
+    for out in (demo_ckpt, tmp_path / "file"):
+        (tmp_path / "file").write_text("x")
+        with pytest.raises(SystemExit) as e:
+            train_base.get_args(["--out", str(out)])
+        assert e.value.code == 2 and f"--out {out} already exists" in capsys.readouterr().err
+    assert train_base.get_args(["--out", str(tmp_path / "new")]).out == str(tmp_path / "new")
+
+
+def bad_device_calls(ckpt, tmp_path, device):
+    return {"rl": lambda: rl.get_args(1, ["--base", str(ckpt), "--device", device]),
+            "train_sft": lambda: train_sft.get_args(["--method", "star", "--base", str(ckpt), "--device", device]),
+            "sample": lambda: sample.main(["--ckpt", str(ckpt), "--prompt", "x", "--device", device]),
+            "evaluate": lambda: evaluate.main(["--ckpt", str(ckpt), "--device", device])}
+
+
+@pytest.mark.parametrize("device", ["bogus", "cuda"])
+def test_a_device_that_is_not_there_is_one_line(demo_ckpt, tmp_path, capsys, device):
+    if device == "cuda" and torch.cuda.is_available():
+        pytest.skip("this machine has a GPU")
+    for name, call in bad_device_calls(demo_ckpt, tmp_path, device).items():
+        with pytest.raises(SystemExit) as e:
+            call()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and len(err.splitlines()) == 1 and f"--device {device}: " in err, (name, err)
+
+
+def test_out_that_cannot_be_written_is_refused_before_training(demo_ckpt, tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(SystemExit) as e:
+        rl.run(rl.get_args(1, ["--base", str(demo_ckpt), "--out", str(tmp_path / "file"), *SMALL, "--device", "cpu"]),
+               train_stage1.objective, "Stage I")
+    assert e.value.code == f"--out {tmp_path / 'file'}: {tmp_path / 'file'} is a file, not a folder"
+    with pytest.raises(SystemExit) as e:
+        train_sft.get_args(["--method", "star", "--base", str(demo_ckpt), "--out", str(tmp_path / "file" / "sub")])
+    assert f"{tmp_path / 'file'} is a file, not a folder" in capsys.readouterr().err
+    if os.geteuid() != 0:  # root writes into read-only folders
+        (tmp_path / "ro").mkdir(mode=0o555)
+        with pytest.raises(SystemExit) as e:
+            rl.run(rl.get_args(1, ["--base", str(demo_ckpt), "--out", str(tmp_path / "ro" / "run"), *SMALL]),
+                   train_stage1.objective, "Stage I")
+        assert e.value.code.endswith("is read-only for this user")
+    assert sorted(os.listdir(tmp_path)) == ["file", "ro"][:1 + (os.geteuid() != 0)]
+
+
+def test_fewer_problems_than_a_steps_prompts_is_refused_before_anything_is_written(demo_ckpt, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        rl.get_args(1, ["--base", str(demo_ckpt), *SMALL, "--n-train", "1"])
+    assert "--n-train 1 is fewer problems than a step's 2 prompts (--batch / --k)" in capsys.readouterr().err
+    one = tmp_path / "one.jsonl"
+    one.write_text(json.dumps({"problem": "1 + 1?", "answer": "2"}) + "\n")
+    out = tmp_path / "run"
+    args = rl.get_args(1, ["--base", str(demo_ckpt), "--task", "math", "--data", str(one), "--out", str(out), *SMALL, "--p1", "Fix.",
+                           "--device", "cpu"])
+    args.n_train = None
+    with pytest.raises(SystemExit) as e:
+        rl.run(args, train_stage1.objective, "Stage I")
+    assert e.value.code.startswith("math: 1 problem(s) to train on, fewer than the 2 prompts of a step"), e.value.code
+    assert not out.exists()
+
+
+def test_a_missing_base_is_named_as_base(tmp_path):
+    with pytest.raises(SystemExit) as e:
+        rl.run(rl.get_args(1, ["--base", str(tmp_path / "nothing"), "--out", str(tmp_path / "r"), *SMALL,
+                               "--device", "cpu"]), train_stage1.objective, "Stage I")
+    assert e.value.code.startswith(f"--base {tmp_path / 'nothing'}: not a checkpoint"), e.value.code
+
+
+def test_evaluate_checks_its_outputs_and_n_before_evaluating(demo_ckpt, tmp_path, capsys):
+    for flag, path, says in (("--out", tmp_path, "is a folder, not a file"),
+                             ("--markdown", tmp_path / "no" / "t.md", "does not exist"),
+                             ("--n", "100000", "the demo's eval split has 2613 distinct problems; asked for 100000")):
+        with pytest.raises(SystemExit) as e:
+            evaluate.main(["--ckpt", str(demo_ckpt), "--device", "cpu", flag, str(path)])
+        err = capsys.readouterr()
+        assert e.value.code == 2 and says in err.err and len(err.err.splitlines()) == 1 and err.out == "", (flag, err)
+
+
+@pytest.mark.parametrize("script,stops", [("train_base.py", "data.make_demo"), ("train_sft.py", "rl.load_problems"),
+                                          ("evaluate.py", "data.load_task"), ("sample.py", "data.task_info")])
+def test_ctrl_c_is_one_line(demo_ckpt, tmp_path, monkeypatch, capsys, script, stops):
+    """Each script as a user runs it (its __main__), stopped by Ctrl-C (KeyboardInterrupt) while it works."""
+    module, fn = stops.split(".")
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(__import__(module), fn, interrupted)
+    argv = {"train_base.py": ["--out", str(tmp_path / "b"), "--max-steps", "1"],
+            "train_sft.py": ["--method", "star", "--base", str(demo_ckpt), "--out", str(tmp_path / "s"), "--device", "cpu"],
+            "evaluate.py": ["--ckpt", str(demo_ckpt), "--device", "cpu"],
+            "sample.py": ["--ckpt", str(demo_ckpt), "--prompt", "x", "--device", "cpu"]}[script]
+    monkeypatch.setattr(sys, "argv", [script, *argv])
+    try:
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(os.path.join(ROOT, script), run_name="__main__")
+    except KeyboardInterrupt:
+        pytest.fail(f"{script}: Ctrl-C is a KeyboardInterrupt traceback")
+    msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
+    assert e.value.code != 0 and len(msg.strip().splitlines()) == 1 and "Ctrl-C" in msg, msg
