@@ -54,7 +54,9 @@ def test_generators_draw_only_their_split(every_problem):
     for seed in range(3):  # the base's batches: seeds seed * 1_000_003 + step
         for step in range(1, 400, 7):
             assert not held_out & {key(p) for p in data.make_demo(64, seed * 1_000_003 + step)}
-    with pytest.raises(data.DataError, match="only about"):
+    # more than a split holds is refused at once, with the split's size, counted here over every problem
+    n_eval = sum(s == "eval" for s in split_of.values())
+    with pytest.raises(data.DataError, match=f"the demo's eval split has {n_eval} distinct problems; asked for 3000"):
         data.make_demo(3000, 1, "eval")
 
 
