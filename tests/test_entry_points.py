@@ -6,6 +6,7 @@ import os
 import runpy
 import shutil
 import stat
+import subprocess
 import sys
 
 import pytest
@@ -272,3 +273,24 @@ def test_ctrl_c_is_one_line(demo_ckpt, tmp_path, monkeypatch, capsys, script, st
         pytest.fail(f"{script}: Ctrl-C is a KeyboardInterrupt traceback")
     msg = e.value.code if isinstance(e.value.code, str) else capsys.readouterr().err
     assert e.value.code != 0 and len(msg.strip().splitlines()) == 1 and "Ctrl-C" in msg, msg
+
+
+def test_convert_says_why_a_demo_model_cannot_be_exported_and_names_a_bad_header(demo_ckpt, tmp_path):
+    with pytest.raises(SystemExit) as e:
+        convert.main(["--to-hf", str(demo_ckpt), str(tmp_path / "hf")])
+    assert "without q/k/v biases (the demo's base" in e.value.code and "cannot be exported" in e.value.code
+    assert not (tmp_path / "hf").exists()
+    head = json.dumps({"a": 1}).encode()
+    (tmp_path / "x.safetensors").write_bytes(len(head).to_bytes(8, "little") + head)
+    with pytest.raises(SystemExit) as e:
+        convert.read_safetensors(str(tmp_path / "x.safetensors"))
+    assert e.value.code.startswith(f"convert.py: {tmp_path / 'x.safetensors'}: the safetensors header's entry 'a' is 1")
+
+
+def test_bench_demo_without_a_base_says_what_is_missing_and_leaves_nothing(tmp_path):
+    res = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "--only", "demo", "--demo-base",
+                          str(tmp_path / "base")], cwd=ROOT, capture_output=True, text=True, timeout=120,
+                         env={**os.environ, "TMPDIR": str(tmp_path)})
+    assert res.returncode == 1 and res.stderr.startswith(f"bench.py --only demo: no base model in {tmp_path / 'base'}")
+    assert len(res.stderr.strip().splitlines()) == 1 and "bash run.sh demo1" in res.stderr
+    assert os.listdir(tmp_path) == []
