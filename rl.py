@@ -379,7 +379,10 @@ def train(args, objective, name):
             say(f"{name}: the run in {args.out} is at step {step0}, --steps {args.steps}: no step left to run")
     for path, what in ((args.base, "--base"), (init, "--init")):  # --init defaults to --base: name --base first
         if not os.path.exists(os.path.join(path, "config.json")):
-            raise SystemExit(f"{what} {path}: not a checkpoint (no config.json); run the previous step first")
+            make = (f"python train_base.py --out {path} (bash run.sh demo1 writes out/demo1/seed0/base)"
+                    if args.task == "demo" else f"python convert.py HF_DIR {path}") if what == "--base" else \
+                "a training script's --out DIR writes DIR/ckpt (python train_stage1.py for Stage II's --init)"
+            raise SystemExit(f"{what} {path}: not a checkpoint (no config.json); make it first: {make}")
     tok = Tokenizer.from_pretrained(args.base)
     compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.lora:  # one copy of the weights: the reference is the policy with its adapters off, it samples itself

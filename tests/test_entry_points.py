@@ -240,7 +240,8 @@ def test_a_missing_base_is_named_as_base(tmp_path):
     with pytest.raises(SystemExit) as e:
         rl.run(rl.get_args(1, ["--base", str(tmp_path / "nothing"), "--out", str(tmp_path / "r"), *SMALL,
                                "--device", "cpu"]), train_stage1.objective, "Stage I")
-    assert e.value.code.startswith(f"--base {tmp_path / 'nothing'}: not a checkpoint"), e.value.code
+    assert e.value.code.startswith(f"--base {tmp_path / 'nothing'}: not a checkpoint (no config.json); make it "
+                                   f"first: python train_base.py --out {tmp_path / 'nothing'}"), e.value.code
 
 
 def test_evaluate_checks_its_outputs_and_n_before_evaluating(demo_ckpt, tmp_path, capsys):
