@@ -14,7 +14,7 @@ only the instruction p1, and answers again (turn 2).
     scaling          with --scaling K: K samples each corrected once, majority vote, against 2K
                      independent samples, majority vote (the paper's Figure 1, right; temperature 0.7)
 
-    python evaluate.py --ckpt out/demo/base --task demo --out report.json
+    python evaluate.py --ckpt out/demo1/seed0/score/ckpt --task demo --out report.json   # bash run.sh demo1's SCoRe
     python evaluate.py --ckpt A --name base --ckpt B --name SCoRe --task math --data MATH500.jsonl --markdown t.md
     torchrun --nproc_per_node=8 evaluate.py --ckpt A --task math --data MATH500.jsonl    # problems split over GPUs
 

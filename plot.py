@@ -1,8 +1,8 @@
 """Pictures of a run: training curves from log.jsonl, and Delta per model with its error bars.
 
-    python plot.py out/demo/stage2                       # -> out/demo/stage2/curves.png
-    python plot.py out/demo/stage2 out/demo/ablation --out curves.png   # runs overlaid, one colour each
-    python plot.py out/demo/stage2 --report report.json  # greedy figures of an evaluation as markers
+    python plot.py out/demo1/seed0/score                 # -> out/demo1/seed0/score/curves.png
+    python plot.py out/demo1/seed0/score out/demo1/seed0/no_shaping --out curves.png   # runs overlaid
+    python plot.py out/demo1/seed0/score --report report.json  # greedy figures of an evaluation as markers
     python plot.py --table results.json --out delta.png  # Delta per row, with error bars
 
 Curves: accuracy at turn 1 and turn 2 of the sampled rollouts, i->c and c->i, KL per turn, then

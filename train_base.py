@@ -18,7 +18,7 @@ wrong pair alike (--change-to random) changed to the right pair 1 time in 9 afte
 too rarely for RL to build on, and no RL row learned to correct. Answers name their numbers as the
 prompt does, one token each (" 15+ 3"; --numbers digits spells "15+3" digit by digit, as before).
 
-    python train_base.py --out out/demo/base
+    python train_base.py --out out/demo/base    # the base the other scripts' demo defaults start from
 """
 import argparse
 import math

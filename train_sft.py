@@ -17,7 +17,7 @@ OUT/traces.jsonl for a reader to look at. Fine-tuning: train_base.sft_step (the 
 loop, fp32 masters under --dtype's autocast), the loss on the second attempt's tokens only, --epochs passes
 over the kept traces in batches of --batch. The checkpoint (OUT/ckpt) is evaluated like every RL row.
 
-    python train_sft.py --method star --base out/demo/base --out out/demo/star
+    python train_sft.py --method star --base out/demo1/seed0/base --out out/star   # bash run.sh demo1's base
     python train_sft.py --preset math --method pair --base out/math/base
 """
 import argparse

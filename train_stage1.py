@@ -8,7 +8,7 @@ close to the base model, so that the two attempts decouple and Stage II does not
 The first attempt y1 gets no reward, only the strong pull (beta2) to pi_ref. With --kl reward (the
 paper's RLOO, the default) each KL enters its turn's return as -beta * (log pi(y) - log pi_ref(y)).
 
-    python train_stage1.py                      # the CPU demo
+    python train_base.py && python train_stage1.py   # the CPU demo by hand: out/demo/base, then out/demo/stage1
     python train_stage1.py --preset math --base out/math/base
 """
 import rl

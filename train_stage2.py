@@ -7,7 +7,7 @@ the reward-shaping bonus that pays for turning a wrong first attempt into a righ
 Each turn's log-probs are weighted by that turn's own return (gamma = 0). With --kl reward (the
 paper's RLOO, the default) each KL enters its turn's return as -beta1 * (log pi(y) - log pi_ref(y)).
 
-    python train_stage2.py                      # the CPU demo, from Stage I's checkpoint
+    python train_stage2.py                      # the CPU demo, from out/demo/stage1/ckpt (python train_stage1.py)
     python train_stage2.py --alpha 0 --init out/demo/base --out out/demo/ablation   # no Stage I, no bonus
 """
 import rl
