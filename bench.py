@@ -23,8 +23,6 @@ from types import SimpleNamespace
 
 import torch
 
-from sample import HelpFormatter
-
 
 def _rss_mib():
     with open("/proc/self/statm") as f:
@@ -660,6 +658,9 @@ BENCHES = {
 
 
 def main():
+    # here, not at the top: a spawned child imports this file first, and must import the checkout it measures
+    from model import device_error
+    from sample import HelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--only", choices=sorted(BENCHES), action="append",
                    help="run only this benchmark (repeat the flag for several; default: every one)")
@@ -683,6 +684,13 @@ def main():
     p.add_argument("--against", metavar="REV", help="demo, update: also time the code of git revision REV")
     p.add_argument("--against-base", help="demo: REV's own base checkpoint (its tokenizer may differ)")
     args = p.parse_args()
+    for flag in ("repeats", "lp_tokens", "lp_dim", "lp_vocab", "threads", "demo_rounds", "demo_eval_n"):
+        if getattr(args, flag) < 1:
+            p.exit(2, f"{p.prog}: error: --{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})\n")
+    if args.demo_steps < 2:  # the first step warms up and is not counted
+        p.exit(2, f"{p.prog}: error: --demo-steps must be at least 2 (got {args.demo_steps})\n")
+    if device_error(args.device):
+        p.exit(2, f"{p.prog}: error: {device_error(args.device)}\n")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
     for name in args.only or BENCHES:

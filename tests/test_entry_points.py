@@ -295,3 +295,20 @@ def test_bench_demo_without_a_base_says_what_is_missing_and_leaves_nothing(tmp_p
     assert res.returncode == 1 and res.stderr.startswith(f"bench.py --only demo: no base model in {tmp_path / 'base'}")
     assert len(res.stderr.strip().splitlines()) == 1 and "bash run.sh demo1" in res.stderr
     assert os.listdir(tmp_path) == []
+
+
+def test_bench_checks_its_flags_and_imports_no_checkout_at_the_top(monkeypatch, capsys):
+    """A spawned child imports bench.py first and then the checkout it measures: bench.py's own imports of
+    the project must wait for main()."""
+    res = subprocess.run([sys.executable, "-c", "import sys, bench; print(sorted({'model', 'sample', 'rl'} & "
+                          "set(sys.modules)))"], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert res.stdout.strip() == "[]", res.stdout + res.stderr
+    import bench
+    for flags, message in ((["--repeats", "0"], "--repeats must be at least 1 (got 0)"),
+                           (["--demo-steps", "1"], "--demo-steps must be at least 2 (got 1)"),
+                           (["--device", "bogus"], "--device bogus: ")):
+        monkeypatch.setattr(sys, "argv", ["bench.py", *flags])
+        with pytest.raises(SystemExit) as e:
+            bench.main()
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and err.startswith(f"bench.py: error: {message}") and len(err.splitlines()) == 1
