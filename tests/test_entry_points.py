@@ -304,6 +304,7 @@ def test_bench_checks_its_flags_and_imports_no_checkout_at_the_top(monkeypatch, 
                           "set(sys.modules)))"], cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.stdout.strip() == "[]", res.stdout + res.stderr
     import bench
+    monkeypatch.setattr(bench, "BENCHES", {})  # flags it failed to check would run nothing
     for flags, message in ((["--repeats", "0"], "--repeats must be at least 1 (got 0)"),
                            (["--demo-steps", "1"], "--demo-steps must be at least 2 (got 1)"),
                            (["--device", "bogus"], "--device bogus: ")):
