@@ -312,8 +312,6 @@ def run(args, objective, name):
     if ckpt and not args.resume:
         raise SystemExit(f"--out {args.out} already holds a run (checkpoint {ckpt}): continue it with --resume, "
                          f"or start over with a new --out (or delete {args.out} first)")
-    if write_error(args.out):
-        raise SystemExit(f"--out {args.out}: {write_error(args.out)}")
     handlers = {s: signal.signal(s, _interrupt) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
         train(args, objective, name)
@@ -700,5 +698,5 @@ def check_args(a):
         return f"--lora-alpha must be a positive number (got {a.lora_alpha})"
     if a.n_train is not None and a.n_train < a.batch // a.k:
         return f"--n-train {a.n_train} is fewer problems than a step's {a.batch // a.k} prompts (--batch / --k)"
-    return device_error(a.device)
+    return device_error(a.device) or write_error(a.out) and f"--out {a.out}: {write_error(a.out)}"
 
