@@ -198,7 +198,8 @@ def _word_pattern(words):
 
 def _write_hf_byte_level(out_dir, special, words=()):
     """The byte-level tokenizer in HF layout too (a BPE whose merges build the words), so transformers
-    and vLLM load an exported demo model. from_pretrained reads byte_tokenizer.json first."""
+    and vLLM load a byte-level model that convert.py --to-hf exports (the demo's own base cannot be: it is a
+    qwen2 without the q/k/v biases that HF's Qwen2 always has). from_pretrained reads byte_tokenizer.json first."""
     byte_level = {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": bool(words)}
     pre = byte_level
     if any(not isinstance(w, str) for w in words):  # phrases: the pattern goes in a Split before ByteLevel
