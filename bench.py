@@ -680,6 +680,9 @@ def main():
     p.add_argument("--tiny", action="store_true", help="gpu: toy shapes (the check's logic on a CPU in under a minute)")
     p.add_argument("--parts", help="gpu: a comma-separated subset of its parts (bench_gpu.PARTS)")
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no GPU here (torch.cuda.is_available() is False); "
+                "--device cpu runs on the CPU (with --only gpu, add --tiny)")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
     for name in args.only or [b for b in BENCHES if b != "gpu"]:

@@ -596,7 +596,10 @@ def one_step(c, name, shape, lora, ckpt, max_new, micro_batches):
     run_tokens = keep * sub.tokens.shape[1] - (keep - keep // a.k) * (prompt_len - 1)  # each prompt runs once
     d, V = cfg.n_embd, cfg.vocab_size
     blocks = P - V * d * (1 if cfg.tie_embeddings else 2)  # the matrices a token passes through, less the head
-    model_flops = 8 * blocks * run_tokens + 8 * d * V * n_gen  # policy forward + backward (6), reference forward (2)
+    # policy forward + backward (6; with LoRA 4: the frozen weights get no gradient), the reference's forward (2);
+    # attention's products over the context are not counted (a few percent at these lengths)
+    per = 6 if not lora else 4
+    model_flops = (per + 2) * blocks * run_tokens + (per + 2) * d * V * n_gen
     full = t_update * a.batch / keep + t_sample * a.batch / rows
     c.row(f"{name}: update, {keep} rollouts", f"{run_tokens / t_update:,.0f} tok/s ({t_update:.1f} s); model FLOP "
           f"utilization {model_flops / t_update / flops:.1%} of {flops / 1e12:.3g} TFLOP/s bf16 ({source}); "
