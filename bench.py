@@ -4,7 +4,9 @@ Speed and memory against the peers, measured in the same run, printed as ratios.
     python bench.py                 # every benchmark
     python bench.py --only update --against REV  # one of: update, sample, reward, demo, memory
     python bench.py --only demo --demo-dtype bf16 --against 63268c9 --against-base OLD_BASE
-    python bench.py --device cuda   # on a GPU
+    python bench.py --device cuda   # on a GPU (the default where torch sees one)
+    python bench.py --only gpu --out DIR              # the GPU check: every GPU path proven and measured (bench_gpu.py)
+    python bench.py --only gpu --device cpu --tiny    # its logic at toy shapes on the CPU, under a minute
 
 Each measurement that reports memory runs in a fresh child process, so one variant's
 peak cannot hide another's. No test asserts a timing: this script is where speed is checked.
@@ -266,6 +268,7 @@ def bench_sample(args):
     from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
     from model import GPT, GPTConfig, KVCache
     from sample import generate_turns
+    from bench_gpu import hf_two_turns
 
     transformers.logging.set_verbosity_error()
     dev = args.device
@@ -288,14 +291,6 @@ def bench_sample(args):
     def run_ours(prompts, followup, n):
         generate_turns(ours, prompts.tolist(), followup.tolist(), n, temperature=1.0, seed=0)
 
-    def run_hf(prompts, followup, n):
-        kw = dict(max_new_tokens=n, min_new_tokens=n, do_sample=True, temperature=1.0, top_k=0, top_p=1.0,
-                  pad_token_id=0)
-        with torch.inference_mode():
-            y1 = hf.generate(prompts, attention_mask=torch.ones_like(prompts), **kw)  # (B, 64 + 128)
-            ctx = torch.cat([y1, followup.expand(len(prompts), -1)], 1)
-            hf.generate(ctx, attention_mask=torch.ones_like(ctx), **kw)
-
     def seconds(fn, *a):
         sync()
         t0 = time.perf_counter()
@@ -311,11 +306,11 @@ def bench_sample(args):
         g = torch.Generator().manual_seed(B)
         prompts = torch.randint(0, V, (B, L_PROMPT), generator=g).to(dev)
         followup = torch.randint(0, V, (L_FOLLOW,), generator=g).to(dev)
-        run_ours(prompts[:2], followup, 4), run_hf(prompts[:2], followup, 4)  # warm up
+        run_ours(prompts[:2], followup, 4), hf_two_turns(hf, prompts[:2], followup, 4)  # warm up
         t_ours, t_hf = math.inf, math.inf
         for _ in range(args.repeats):  # interleaved, so both see the same machine
             t_ours = min(t_ours, seconds(run_ours, prompts, followup, NEW))
-            t_hf = min(t_hf, seconds(run_hf, prompts, followup, NEW))
+            t_hf = min(t_hf, seconds(hf_two_turns, hf, prompts, followup, NEW))
         tok = 2 * NEW * B
         print(f"{B:>6}{tok / t_ours:>12.0f}{tok / t_hf:>10.0f}{t_hf / t_ours:>7.2f}x")
 
@@ -463,14 +458,15 @@ def bench_demo(args):
 
 
 # ------------------------------------------------------------------------------- memory
-# The published config.json numbers (hidden, layers, heads, KV heads, intermediate, vocabulary, tied head, qkv bias)
+# The published config.json numbers (hidden, layers, heads, KV heads, intermediate, vocabulary, tied head, qkv bias,
+# RoPE base)
 MODELS = {
     "Qwen2.5-1.5B": dict(n_embd=1536, n_layer=28, n_head=12, n_kv_head=2, intermediate_size=8960,
-                         vocab_size=151936, tie_embeddings=True, qkv_bias=True),
+                         vocab_size=151936, tie_embeddings=True, qkv_bias=True, rope_theta=1e6),
     "Qwen2.5-7B": dict(n_embd=3584, n_layer=28, n_head=28, n_kv_head=4, intermediate_size=18944,
-                       vocab_size=152064, tie_embeddings=False, qkv_bias=True),
+                       vocab_size=152064, tie_embeddings=False, qkv_bias=True, rope_theta=1e6),
     "Llama-3.1-8B": dict(n_embd=4096, n_layer=32, n_head=32, n_kv_head=8, intermediate_size=14336,
-                         vocab_size=128256, tie_embeddings=False, qkv_bias=False),
+                         vocab_size=128256, tie_embeddings=False, qkv_bias=False, rope_theta=5e5),
 }
 # the CPU check's shapes (vocabulary 32768): tied and untied heads, plain multi-head and GQA
 CHECK = [dict(n_embd=384, n_layer=6, n_head=6, n_kv_head=6, intermediate_size=1024, tie_embeddings=True),
@@ -648,7 +644,15 @@ def memory_tables():
         memory_table(name, MODELS[name], settings, gpu_gb, world=world)
 
 
+def bench_gpu(args):
+    """The GPU check (bench_gpu.py): correctness against independent references on the device, the entry points
+    as a user runs them, and the real shapes' memory and speed, in parts that fail alone."""
+    import bench_gpu
+    bench_gpu.run(args.device, args.tiny, args.parts.split(",") if args.parts else None, args.out)
+
+
 BENCHES = {
+    "gpu": bench_gpu,
     "memory": bench_memory,
     "demo": bench_demo,
     "update": bench_update,
@@ -663,8 +667,9 @@ def main():
     from sample import HelpFormatter
     p = argparse.ArgumentParser(description=__doc__, formatter_class=HelpFormatter)
     p.add_argument("--only", choices=sorted(BENCHES), action="append",
-                   help="run only this benchmark (repeat the flag for several; default: every one)")
-    p.add_argument("--device", default="cpu", help="cpu or cuda")
+                   help="run only this benchmark (repeat for several; default: all but gpu)")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu",
+                   help="cpu or cuda (default: cuda where torch sees a GPU)")
     p.add_argument("--repeats", type=int, default=2, help="timed repeats; the best is reported")
     p.add_argument("--lp-tokens", type=int, default=2048, help="update: the log-prob head's N tokens")
     p.add_argument("--lp-dim", type=int, default=1536, help="update: the head's hidden size d (Qwen2.5-1.5B: 1536)")
@@ -683,7 +688,13 @@ def main():
     p.add_argument("--demo-eval-n", type=int, default=500, help="demo: problems evaluated")
     p.add_argument("--against", metavar="REV", help="demo, update: also time the code of git revision REV")
     p.add_argument("--against-base", help="demo: REV's own base checkpoint (its tokenizer may differ)")
+    p.add_argument("--out", help="gpu: the folder for gpu.json, gpu.md and gpu_errors.txt")
+    p.add_argument("--tiny", action="store_true", help="gpu: toy shapes (the check's logic on a CPU in under a minute)")
+    p.add_argument("--parts", help="gpu: a comma-separated subset of its parts (bench_gpu.PARTS)")
     args = p.parse_args()
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        p.error(f"--device {args.device}: torch sees no GPU here (torch.cuda.is_available() is False); "
+                "--device cpu runs on the CPU (with --only gpu, add --tiny)")
     for flag in ("repeats", "lp_tokens", "lp_dim", "lp_vocab", "threads", "demo_rounds", "demo_eval_n"):
         if getattr(args, flag) < 1:
             p.exit(2, f"{p.prog}: error: --{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})\n")
@@ -693,7 +704,7 @@ def main():
         p.exit(2, f"{p.prog}: error: {device_error(args.device)}\n")
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, device {args.device}"
           + (f" ({torch.cuda.get_device_name()})" if args.device == "cuda" else ""))
-    for name in args.only or BENCHES:
+    for name in args.only or [b for b in BENCHES if b != "gpu"]:
         BENCHES[name](args)
 
 
