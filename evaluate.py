@@ -328,7 +328,7 @@ def main(argv=None):
         error(f"--scaling-temperature must be positive: --scaling samples (got {args.scaling_temperature})")
     if args.scaling and args.task in ("mbpp", "humaneval"):
         error(f"--scaling votes over the answers' equivalence classes; for programs (task {args.task}) "
-                "a vote by their text is meaningless")
+              "a vote by their text is meaningless")
     names = args.name or []
     if len(names) > len(args.ckpt):
         error("more --name than --ckpt")

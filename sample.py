@@ -370,12 +370,12 @@ def main(argv=None):
     fits = max_new_that_fits(model.config.max_seq_len, len(ctx), len(followup), args.turns)
     if fits < 1:
         error(f"the prompt ({len(ctx)} tokens) and {args.turns - 1} p1 turn(s) of {len(followup)} tokens leave "
-                f"no room in the model's context of {model.config.max_seq_len} positions")
+              f"no room in the model's context of {model.config.max_seq_len} positions")
     max_new = args.max_new_tokens or info.get("max_new_tokens") or min(512, fits)
     if max_new > fits:
         error(f"{args.turns} turn(s) of {max_new} new tokens do not fit the model's context of "
-                f"{model.config.max_seq_len} positions with this prompt ({len(ctx)} tokens): "
-                f"use --max-new-tokens {fits} or less")
+              f"{model.config.max_seq_len} positions with this prompt ({len(ctx)} tokens): "
+              f"use --max-new-tokens {fits} or less")
     try:
         with torch.autocast(torch.device(args.device).type, dtype=torch.bfloat16, enabled=dtype == "bf16"):
             outs = generate_turns(model, [ctx], followup, max_new, turns=args.turns,
