@@ -24,9 +24,13 @@ t_run=$SECONDS
 if [ "${FRESH:-0}" = 1 ]; then  # the demo's bases too; a converted base stays
   rm -rf "$OUT/settings" "$OUT"/seed* "$OUT/stage1" "$OUT/stage2" "$OUT/report.json" "$OUT/table.md" "$OUT"/*.png
 fi
-lanes=""  # the process groups of the demo's two lanes of jobs: each holds its jobs' python
-stop_all() {  # stop every process run.sh started: each lane's whole group (its python too), then reap them
+lanes=""  # the process groups run.sh started (the demo's two lanes of jobs, or one command): each holds its python
+stop_all() {  # stop every process run.sh started: each group whole (its python too), then reap them
   set +m; for l in $lanes; do kill -TERM -- "-$l" 2>/dev/null || true; done; lanes=""; wait 2>/dev/null || true
+}
+own_group() {  # run a command in a process group of its own and wait for it: a signal to run.sh alone stops it too
+  set -m; "$@" & lanes="$lanes $!"; set +m
+  wait $!
 }
 began=0  # 1 once training begins: from then on, a stop says how to continue
 trap 'rc=$?; trap - EXIT; stop_all; [ $rc = 0 ] || [ $began = 0 ] || echo "run.sh: stopped; finished runs are kept:'\
@@ -153,7 +157,7 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
             --ckpt "$d/star/ckpt" --name "STaR@$seed" --ckpt "$d/pair/ckpt" --name "Pair-SFT@$seed")
   done
   echo "===== run.sh: greedy evaluation on $eval_n held-out problems ($(( (SECONDS - t_run) / 60 )) min so far) =====" >&2
-  python evaluate.py --task demo --n $eval_n "${evals[@]}" --seeds SCoRe --out "$OUT/report.json" --markdown "$OUT/table.md"
+  own_group python evaluate.py --task demo --n $eval_n "${evals[@]}" --seeds SCoRe --out "$OUT/report.json" --markdown "$OUT/table.md"
   # a picture of each run of the first seed (matplotlib is optional: without it plot.py says so in one line)
   set -- $seeds
   for run in stage1 score no_stage1; do python plot.py "$OUT/seed$1/$run" || true; done
@@ -167,11 +171,11 @@ elif [ "$preset" = math ] || [ "$preset" = code ]; then
   # e.g. RL_ARGS="--micro-batch 2 --gen-batch 128" bash run.sh math   (a 48 GB card: README)
   began=1
   stage 1 3 "Stage I (train_stage1.py)"
-  train train_stage1.py "$OUT/stage1" --preset "$preset" --base "$OUT/base" --init "$OUT/base" ${RL_ARGS:-}
+  own_group train train_stage1.py "$OUT/stage1" --preset "$preset" --base "$OUT/base" --init "$OUT/base" ${RL_ARGS:-}
   stage 2 3 "Stage II from Stage I (train_stage2.py)"
-  train train_stage2.py "$OUT/stage2" --preset "$preset" --base "$OUT/base" --init "$OUT/stage1/ckpt" ${RL_ARGS:-}
+  own_group train train_stage2.py "$OUT/stage2" --preset "$preset" --base "$OUT/base" --init "$OUT/stage1/ckpt" ${RL_ARGS:-}
   stage 3 3 "greedy evaluation on $eval_data"
-  python evaluate.py --task $eval_task --data "$eval_data" \
+  own_group python evaluate.py --task $eval_task --data "$eval_data" \
     --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" --ckpt "$OUT/stage2/ckpt" --name SCoRe \
     --out "$OUT/report.json" --markdown "$OUT/table.md" ${EVAL_ARGS:-}
 else

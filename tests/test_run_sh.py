@@ -95,3 +95,18 @@ def test_a_signal_stops_every_process_and_says_how_to_continue(tmp_path):
                                                 "to continue (FRESH=1 starts over)"), err
         started = pids(tmp_path / sig.name)
         wait_for(lambda: not any(alive(p) for p in started))
+
+
+def test_the_math_preset_stops_its_python_on_a_signal_to_run_sh_alone(tmp_path):
+    env = fake_env(tmp_path)
+    base = tmp_path / "out" / "math" / "base"
+    base.mkdir(parents=True)
+    (base / "config.json").write_text("{}")
+    run = subprocess.Popen(["bash", "run.sh", "math"], cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, text=True, start_new_session=True)
+    wait_for(lambda: len(pids(tmp_path)) >= 1)  # Stage I's python, running
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=30)
+    assert run.returncode == 130 and err.strip().splitlines()[-1].startswith("run.sh: stopped;"), err
+    started = pids(tmp_path)
+    wait_for(lambda: not any(alive(p) for p in started))
