@@ -66,7 +66,7 @@ def get_args(argv=None):
     p.add_argument("--two-turn", type=float, default=0.5,
                    help="fraction of examples with a second turn (p1, then the same right answer)")
     p.add_argument("--seed", type=int, default=0, help="seeds the weights and the training problems")
-    p.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 leaves torch's own number (default: 0)")
     p.add_argument("--dtype", choices=["bf16", "fp32", "auto"], default="auto",
                    help="compute precision of the training steps (autocast over fp32 weights; evaluation in fp32); "
                         "auto: bf16 on a CPU with bf16 matrix units, else fp32")

@@ -62,7 +62,7 @@ def get_args(argv=None):
                    help="compute precision (autocast over fp32 masters); auto: bf16 on a GPU or a CPU with bf16 units")
     p.add_argument("--seed", type=int, default=0, help="seeds the problems, the sampling and the batches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
-    p.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: torch's default)")
+    p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 leaves torch's own number (default: 0)")
     args = p.parse_args(argv)
     error = lambda msg: p.exit(2, f"{p.prog}: error: {msg}\n")  # one line, without the usage
     args.task, args.n_train, args.p1 = preset["task"], preset["n_train"], data.instruction(preset["task"])
