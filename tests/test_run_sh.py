@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAKE = """#!/bin/bash
 echo $$ >> "$FAKE_PIDS"
+[ -n "$FAKE_LOG" ] && { printf '%s\\n' "$*" >> "$FAKE_LOG"; [ "$2" = --out ] && mkdir -p "$3"; exit 0; }  # all succeed
 case "$1" in
   train_base.py) mkdir -p "$3"; exit 0 ;;  # python train_base.py --out DIR ...
   train_stage2.py) [ -n "$FAKE_FAIL" ] && { sleep 1; echo "fake failure" >&2; exit 3; } ;;
@@ -110,3 +111,17 @@ def test_the_math_preset_stops_its_python_on_a_signal_to_run_sh_alone(tmp_path):
     assert run.returncode == 130 and err.strip().splitlines()[-1].startswith("run.sh: stopped;"), err
     started = pids(tmp_path)
     wait_for(lambda: not any(alive(p) for p in started))
+
+
+def test_the_quickstarts_sample_path_is_what_run_sh_demo1_writes(tmp_path):
+    """README's Quickstart runs `bash run.sh demo1`, then sample.py on SCoRe's checkpoint: its path is the --out
+    that run.sh gives the SCoRe row's Stage II, plus ckpt/."""
+    import re
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    ckpt = re.search(r"^python sample.py --ckpt (\S+)", readme, re.M).group(1)
+    env = fake_env(tmp_path, FAKE_LOG=str(tmp_path / "log"), QUICK="0")  # OUT: tmp_path/out, for the default out
+    res = subprocess.run(["bash", "run.sh", "demo1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    score = [ln for ln in (tmp_path / "log").read_text().splitlines() if "SCoRe (seed 0)" in ln]
+    assert len(score) == 1 and score[0].startswith("train_stage2.py --out "), score
+    assert ckpt == os.path.relpath(score[0].split()[2], tmp_path) + "/ckpt", (ckpt, score)
