@@ -101,8 +101,15 @@ def test_a_damaged_checkpoint_to_resume_points_at_the_others(demo_ckpt, tmp_path
         rl.run(rl.get_args(1, [*args, "--steps", "3", "--resume"]), train_stage1.objective, "Stage I")
     msg = one_line(e, capsys)
     assert str(out / "ckpt" / "model.pt") in msg and "best, step_000001, step_000002" in msg, msg
-    # resuming a finished run says that no step is left (run.sh resumes every run)
     (out / "ckpt" / "model.pt").write_bytes(w)
+    state = (out / "ckpt" / "state.pt").read_bytes()
+    (out / "ckpt" / "state.pt").write_bytes(state[:len(state) // 2])  # the Adam state and the step
+    with pytest.raises(SystemExit) as e:
+        rl.run(rl.get_args(1, [*args, "--steps", "3", "--resume"]), train_stage1.objective, "Stage I")
+    msg = one_line(e, capsys)
+    assert str(out / "ckpt" / "state.pt") in msg and "best, step_000001, step_000002" in msg, msg
+    # resuming a finished run says that no step is left (run.sh resumes every run)
+    (out / "ckpt" / "state.pt").write_bytes(state)
     capsys.readouterr()
     rl.run(rl.get_args(1, [*args, "--steps", "1", "--resume"]), train_stage1.objective, "Stage I")
     assert "is at step 2, --steps 1: no step left to run" in capsys.readouterr().out
