@@ -29,8 +29,9 @@ stop_all() {  # stop every process run.sh started: each group whole (its python 
   set +m; for l in $lanes; do kill -TERM -- "-$l" 2>/dev/null || true; done; lanes=""; wait 2>/dev/null || true
 }
 own_group() {  # run a command in a process group of its own and wait for it: a signal to run.sh alone stops it too
-  set -m; "$@" & lanes="$lanes $!"; set +m
-  wait $!
+  set -m; "$@" & local pid=$! rc=0; set +m
+  lanes="$lanes $pid"; wait $pid || rc=$?
+  lanes=${lanes% $pid}; return $rc  # a finished group's id is never signalled: it may be another's by then
 }
 began=0  # 1 once training begins: from then on, a stop says how to continue
 trap 'rc=$?; trap - EXIT; stop_all; [ $rc = 0 ] || [ $began = 0 ] || echo "run.sh: stopped; finished runs are kept:'\
