@@ -182,9 +182,13 @@ def update(policy, ref, opt, ro, objective, args, world=1):
             all_reduce_grads(policy)
     if stats[3] > 0:
         raise FloatingPointError(f"loss is {'nan' if stats[0].isnan() else stats[0].item()}")
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
+    # the norm of the whole gradient, the same on every rank (summed over them): a finite loss can still have a
+    # non-finite gradient, and one step on it makes every weight NaN; refused before the step, on every rank
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf")).item()
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"the gradient's norm is {norm} (the loss is finite)")
     opt.step()
-    return stats[0].item(), stats[1].item(), stats[2].item(), norm.item(), (stats[4] / stats[5].clamp(min=1)).item()
+    return stats[0].item(), stats[1].item(), stats[2].item(), norm, (stats[4] / stats[5].clamp(min=1)).item()
 
 
 # ------------------------------------------------------------------------------- rollouts

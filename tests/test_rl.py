@@ -471,6 +471,40 @@ def test_nan_loss_stops_with_last_good_checkpoint(tiny, tmp_path):
     GPT.from_pretrained(tmp_path / "r" / "ckpt")
 
 
+class InfiniteGradient(torch.autograd.Function):
+    """The identity, whose backward returns an infinite gradient: a finite loss with a non-finite gradient."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def test_a_nonfinite_gradient_is_refused_before_the_step(tiny, tmp_path):
+    """Step 3's loss is finite but its gradient is not: the step is refused before opt.step(), the run stops
+    with the one-line message naming the last good checkpoint (step 2), and no checkpoint holds a NaN."""
+    _, _, base = tiny
+    calls = {"n": 0}
+
+    def poisoned(b, args):
+        calls["n"] += 1
+        if calls["n"] > 4:  # steps 1-2 fine: 2 micro-batches each
+            b.logp2 = InfiniteGradient.apply(b.logp2)
+        loss = train_stage1.objective(b, args)
+        assert torch.isfinite(loss).all()
+        return loss
+
+    with pytest.raises(SystemExit, match=r"step 3: the gradient's norm is (nan|inf) \(the loss is finite\); "
+                                         r"stopping\. The last good checkpoint is .*ckpt"):
+        rl.run(run_args(base, str(tmp_path / "r"), 4, stage=1), poisoned, "Stage I")
+    for d in ("ckpt", "best"):
+        assert torch.load(tmp_path / "r" / d / "state.pt", weights_only=False)["step"] == 2
+        weights = GPT.from_pretrained(tmp_path / "r" / d).state_dict()
+        assert all(torch.isfinite(w).all() for w in weights.values()), d
+
+
 def test_sampler_logprobs_match_the_trainer_in_fp32(tiny):
     """The KL in the reward uses the sampler's log-probs of the sampled tokens: in fp32 they equal the
     log_softmax of a full forward over the finished rollouts (transformers-free, naive) to 1e-5, at the
