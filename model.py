@@ -446,15 +446,16 @@ def lora_layers(model):
 
 @contextlib.contextmanager
 def adapters_off(model):
-    """Inside, a LoRA model computes its frozen base model (a LoRA run's reference); a no-op without adapters."""
-    layers = lora_layers(model)
-    for m in layers:
+    """Inside, a LoRA model computes its frozen base model (a LoRA run's reference); a no-op without adapters.
+    On exit each adapter is as it was before (nested uses stay off until the outermost one ends)."""
+    before = [(m, m.enabled) for m in lora_layers(model)]
+    for m, _ in before:
         m.enabled = False
     try:
         yield model
     finally:
-        for m in layers:
-            m.enabled = True
+        for m, enabled in before:
+            m.enabled = enabled
 
 
 @torch.no_grad()
