@@ -443,7 +443,7 @@ def train(args, objective, name):
                    loss=loss, grad_norm=grad_norm, lp_mismatch=mismatch, tokens=int(counts[4]), context=int(counts[8]),
                    trained=int(counts[8] - counts[9]),
                    len_y1=counts[5].item() / args.batch, len_y2=counts[6].item() / args.batch,
-                   cut=counts[7].item() / (2 * args.batch), t_sample=ro.t_sample, t_score=ro.t_score,
+                   cut=counts[7].item() / (getattr(args, "turns", 2) * args.batch), t_sample=ro.t_sample, t_score=ro.t_score,
                    t_update=t_update, seconds=time.time() - t0)
         say(f"{args.label + ': ' if args.label else ''}step {step}/{args.steps} | acc t1 {acc_t1:.1%} t2 {acc_t2:.1%} (i->c {i2c:.1%}, c->i {c2i:.1%}) | "
             f"KL t1 {kl1:.4f} t2 {kl2:.4f} | loss {loss:+.4f} | |g| {grad_norm:.3f} | {rate:.0f} tok/s | "

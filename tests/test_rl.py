@@ -393,6 +393,31 @@ def test_logged_accuracies_count_the_steps_rollouts(tiny, tmp_path, monkeypatch)
     assert sum(rec["delta_i2c"] > 0 for rec in log) and sum(rec["delta_c2i"] > 0 for rec in log)
 
 
+def test_logged_cut_is_the_fraction_of_attempts_cut(tiny, tmp_path, monkeypatch):
+    """The log's cut (attempts that hit --max-new-tokens without a stop token) against a count made here of the
+    step's sampled tokens, for two turns and for the single-turn ablation (one attempt per rollout)."""
+    _, tok, base = tiny
+    seen, real = [], rl.rollout
+
+    def recording(*a, **kw):
+        seen.append(real(*a, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(rl, "rollout", recording)
+    for turns, objective in ((2, train_stage2.objective), (1, train_single_turn.objective)):
+        seen.clear()
+        a = run_args(base, str(tmp_path / f"t{turns}"), 2, stage=1, extra=["--max-new-tokens", "3"])
+        a.turns = turns
+        rl.run(a, objective, "cut")
+        log = [json.loads(x) for x in (tmp_path / f"t{turns}" / "log.jsonl").read_text().splitlines()]
+        for rec, ro in zip(log, seen):
+            masks = (ro.m1, ro.m2)[:turns]
+            ys = [ro.tokens[r, 1:][m[r]].tolist() for m in masks for r in range(len(ro.tokens))]
+            cut = sum(len(y) == 3 and y[-1] not in tok.stop_ids for y in ys)
+            assert rec["cut"] == pytest.approx(cut / len(ys)), (turns, rec["step"])
+        assert sum(rec["cut"] for rec in log) > 0
+
+
 def test_resume_keeps_the_runs_gen_batch(tiny, tmp_path):
     """--gen-batch changes which stream samples which rows: a resume keeps the run's (recorded in its
     checkpoint), refuses another one, and ends with the weights of the run that was never stopped."""
