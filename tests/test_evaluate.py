@@ -447,7 +447,8 @@ def test_load_task_messages_and_mbpp_task_id(tmp_path):
 
 def test_humaneval_runs_the_prompts_code_before_the_answer(tmp_path):
     """A whole function that relies on the prompt's import (or its helper) scores as the same function
-    with the import written; a body alone gets the whole prompt; a wrong function still scores 0."""
+    with the import written; a body alone gets the whole prompt, also when it defines a helper whose name starts
+    with the entry point's; a wrong function still scores 0."""
     row = {"task_id": "t/0", "entry_point": "total",
            "prompt": 'from typing import List\n\n\ndef _twice(x):\n    return 2 * x\n\n\n'
                      'def total(xs: List[int]) -> int:\n    """Twice the sum."""\n',
@@ -460,6 +461,8 @@ def test_humaneval_runs_the_prompts_code_before_the_answer(tmp_path):
                (block("def total(xs):\n    return sum(_twice(x) for x in xs)\n"), 1.0),       # uses the helper
                (block("from typing import List\ndef total(xs: List[int]) -> int:\n    return 2 * sum(xs)\n"), 1.0),
                (block("    return 2 * sum(xs)\n"), 1.0),                                       # the body alone
+               (block("    def total_of(ys):\n        return sum(ys)\n    return 2 * total_of(xs)\n"), 1.0),  # a helper
+               (block("    return 2 * total_twice(xs) // 2\n\ndef total_twice(xs):\n    return 2 * sum(xs)\n"), 1.0),
                (block("def total(xs: List[int]) -> int:\n    return sum(xs)\n"), 0.0)]        # wrong
     got = data.rewards(problems * len(answers), [a for a, _ in answers])
     assert got == [want for _, want in answers]
