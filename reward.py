@@ -836,13 +836,14 @@ def extract_pair(text):
 
 
 def pair_sum_equal(text, numbers, target):
-    """Whether the response's last pair a+b names two distinct entries of numbers (a == b needs the
-    value twice) that sum to target."""
+    """Whether the response is exactly one pair a+b (spaces around the numbers and the + aside, nothing
+    else: the task's answer is one pair, so a pair among junk, such as " 20 9+ 13" or " 4+ 8+ 2", is
+    wrong) that names two distinct entries of numbers (a == b needs the value twice) summing to target."""
     try:
-        pair = extract_pair(text)
+        pair = re.fullmatch(r"\s*+(\d{1,12})\s*+\+\s*+(\d{1,12})\s*+", text)
         if pair is None:
             return False
-        a, b = pair
+        a, b = map(int, pair.groups())
         count = Counter(numbers)
         return a + b == target and count[a] >= 1 + (a == b) and count[b] >= 1
     except Exception:

@@ -330,13 +330,12 @@ def test_extract_pair():
 
 def test_pair_sum_equal():
     nums, target = [23, 5, 60, 17, 41, 88], 83
-    assert pair_sum_equal("sum 83: 23+60", nums, target)
-    assert pair_sum_equal("60 + 23", nums, target)  # either order
+    assert pair_sum_equal("23+60", nums, target)
+    assert pair_sum_equal(" 60 + 23", nums, target)  # either order, spaces around the numbers
+    assert pair_sum_equal(" 23+ 60\n", nums, target)
     assert not pair_sum_equal("23+59", nums, target)  # wrong sum
     assert not pair_sum_equal("42+41", nums, target)  # sums to target, 42 not in the list
     assert not pair_sum_equal("5+78", nums, target)  # 78 not in the list
-    assert not pair_sum_equal("23+60, no: 5+17", nums, target)  # the last pair counts
-    assert pair_sum_equal("5+17? no: 23+60", nums, target)
     assert not pair_sum_equal("garbage", nums, target)
     assert not pair_sum_equal("x" * 10_000 + "1" * 5000 + "+" + "2" * 5000, nums, target)
     assert not pair_sum_equal("41+41", [41, 5, 7], 82)  # the same entry twice
@@ -344,6 +343,16 @@ def test_pair_sum_equal():
     assert not pair_sum_equal("23+60", None, 83)  # bad arguments: False, never an exception
     assert not pair_sum_equal(None, nums, target)
 
+
+
+def test_pair_sum_equal_wants_exactly_one_pair():
+    """The task's answer is one pair: a right pair with anything else around it scores 0 (the forms the SFT
+    baselines' traces held), as does a pair inside prose."""
+    nums, target = [9, 13, 20, 4, 8], 22
+    assert pair_sum_equal(" 9+ 13", nums, target) and pair_sum_equal(" 13+ 9", nums, target)
+    for junk in (" 20 9+ 13", "assistant\n 9+ 13", " 4+ 9+ 13", " 9+ 13+ 4", " 9+ 13 20", " 9+ 13.",
+                 "sum 22: 9+13", "8+4? no: 9+13", "9+13, 20+4", "+9+13", " 9+ 13 assistant"):
+        assert not pair_sum_equal(junk, nums, target), junk
 
 # ------------------------------------------------------------------------------- code: the sandbox
 SQUARE = "def square(x):\n    return x * x\n"
