@@ -36,7 +36,6 @@ CPU as on the GPU. The reference is stored in the compute dtype, and a bf16 copy
 every step, samples the rollouts (make_sampler): the same numbers, without casting every decoded token.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
@@ -55,7 +54,7 @@ import data
 import memory
 import shard
 from model import GPT, adapters_off, add_lora, auto_dtype, merge_lora, save_checkpoint, token_logprobs
-from sample import generate, generate_turns, layout, max_new_that_fits
+from sample import generate, generate_turns, layout, max_new_that_fits, seed_of
 from shard import all_reduce_grads, setup_distributed
 from tokenizer import Tokenizer
 
@@ -192,14 +191,6 @@ def update(policy, ref, opt, ro, objective, args, world=1):
 
 
 # ------------------------------------------------------------------------------- rollouts
-def seed_of(*key):
-    """The seed of one stream of random numbers, named by its key: (the run's --seed, the step, the rank), then
-    the purpose and the chunk. A hash, so no two keys share a stream (seeds such as seed and seed + 1 would:
-    each step's streams would be the next step's). The CPU's generator keeps 32 bits of it: two of a run's
-    streams meet only by chance, about once in 2^32 pairs, never by a pattern."""
-    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
-
-
 def rollout(policy, ref, tok, problems, args, seed):
     """Two attempts for each of `problems` (k samples each, prompt-major), their rewards, the sampler's
     log-probs of the sampled tokens, and the token layout of each rollout (sample.layout), generated in

@@ -164,6 +164,20 @@ def test_scaling_samples_K_and_2K_at_07(monkeypatch):
     assert {c["temperature"] for c in calls} == {0.3}
 
 
+def test_no_two_arms_or_chunks_of_scaling_share_a_stream(monkeypatch):
+    """Each chunk of each arm of --scaling samples from a stream of its own: the seeds the sampler gets are all
+    different (an additive scheme, seed + chunk for one arm and seed + 1 + chunk for the other, replays them)."""
+    seeds = []
+
+    def fake(model, prompts, followup, max_new_tokens, turns=2, k=1, seed=None, **kw):
+        seeds.append(seed)
+        return [[[0]] * (len(prompts) * k) for _ in range(turns)]
+    monkeypatch.setattr(evaluate, "generate_turns", fake)
+    K = 2
+    evaluate.scaling(None, Tokenizer.byte_level(), demo(4), K, "p1", 4, K, seed=0)  # one problem per chunk
+    assert len(seeds) == 8 and None not in seeds and len(set(seeds)) == 8, seeds
+
+
 def test_scaling_temperature_flag_reaches_scaling(monkeypatch, ckpt, capsys):
     seen = []
     monkeypatch.setattr(evaluate, "attempts", lambda *a, k=1, temperature=0.0, **kw:
