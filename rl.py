@@ -272,6 +272,24 @@ def lora_policy(init, args, dev, compute):
     return policy
 
 
+def check_same_model(policy, ref, ours, init, base):
+    """The KL to pi_ref is a comparison of two distributions over one vocabulary, computed by one architecture:
+    a policy (--init) whose configuration (max_seq_len aside) or tokenizer differs from the reference's (--base,
+    whose tokenizer `ours` the run uses) is refused, naming both."""
+    fields = [f for f in vars(ref) if f != "max_seq_len" and getattr(policy, f) != getattr(ref, f)]
+    differ = [f"{f} {getattr(policy, f)} against {getattr(ref, f)}" for f in fields]
+    try:
+        tok = Tokenizer.from_pretrained(init)  # a checkpoint without tokenizer files is read with --base's
+    except FileNotFoundError:
+        tok = None
+    if tok is not None and (tok.enc._mergeable_ranks, tok.special) != (ours.enc._mergeable_ranks, ours.special):
+        differ.append(f"tokenizer {tok.enc.name} ({tok.vocab_size} tokens) against {ours.enc.name} "
+                      f"({ours.vocab_size} tokens)")
+    if differ:
+        raise SystemExit(f"--init {init} is not a model of --base {base}'s shape ({'; '.join(differ)}): the KL to "
+                         f"a reference of another architecture or tokenizer means nothing")
+
+
 def make_sampler(policy, dtype):
     """The model that samples the rollouts: the policy itself in fp32 on one process; else a whole copy of it in
     the compute dtype, refreshed before every step (refresh_sampler): in bf16 so that decoding does not cast
@@ -379,6 +397,7 @@ def train(args, objective, name):
         ref = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval()
         ref.requires_grad_(False)
         sampler = make_sampler(policy, compute)
+        check_same_model(policy.config, ref.config, tok, init, args.base)
     opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.lr)  # fp32 state, as the masters
     if args.resume:
         shard.load_optimizer(policy, opt, state["opt"])

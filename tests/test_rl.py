@@ -332,6 +332,30 @@ def run_args(base, out, steps, stage=2, extra=()):
                                "--save-every", "2", "--lr", "1e-3", "--device", "cpu", *extra])
 
 
+def test_a_policy_of_another_shape_or_tokenizer_is_refused(tiny, tmp_path):
+    """--init a model of another shape than --base (2 layers of d = 64 against 2 of d = 32), or of the same shape
+    with another tokenizer: refused at start-up in one line naming what differs, both values; nothing written."""
+    _, tok, base = tiny
+    cfg = GPT.from_pretrained(base).config
+    other = GPTConfig(**{**vars(cfg), "n_embd": 64, "intermediate_size": 128, "head_dim": 0})
+    GPT(other).init_weights().save_pretrained(tmp_path / "wide")
+    tok.save_pretrained(tmp_path / "wide")
+    GPT(cfg).init_weights().save_pretrained(tmp_path / "retok")
+    retok = Tokenizer.byte_level(["sum"])
+    retok.save_pretrained(tmp_path / "retok")
+    for init, want in (("wide", "(n_embd 64 against 32; head_dim 32 against 16; intermediate_size 128 against 64)"),
+                       ("retok", f"(tokenizer byte_level ({retok.vocab_size} tokens) against byte_level "
+                                 f"({tok.vocab_size} tokens))")):
+        a = run_args(base, str(tmp_path / "run"), 2, extra=["--init", str(tmp_path / init)])
+        with pytest.raises(SystemExit) as e:
+            rl.run(a, train_stage2.objective, "Stage II")
+        assert e.value.code == (f"--init {tmp_path / init} is not a model of --base {base}'s shape {want}: the KL to "
+                                "a reference of another architecture or tokenizer means nothing"), e.value.code
+        assert not (tmp_path / "run").exists()
+    # the same shape and tokenizer, other weights: a policy of the base (the fixture's init) trains
+    rl.run(run_args(base, str(tmp_path / "ok"), 1), train_stage2.objective, "Stage II")
+
+
 def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch, capsys):
     """A run stopped by Ctrl-C during step 3 says, in one line, where its last checkpoint is (step 2) and
     how to resume; resumed, it ends with the weights of the run that was never stopped."""
