@@ -236,6 +236,8 @@ def load_task(name, path=None, n=None, seed=0, split="train"):
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}: choose {', '.join(TASKS)}")
     if name == "demo":
+        if path is not None:  # never silently ignored
+            raise DataError(f"the demo task generates its problems, it reads no file (--data {path})")
         return make_demo(n or 500, seed, split)
     if path is None:
         raise DataError(f"task {name!r} needs a data path (--data)")

@@ -527,7 +527,7 @@ def latest(out):
 def check_resume(saved, args):
     """--resume continues the same run: a flag that changes it is an error naming the flag."""
     for k in RUN_FLAGS:
-        if k in saved and saved[k] != getattr(args, k):
+        if k in saved and saved[k] != getattr(args, k) and k not in args.unused:  # unused: changes nothing
             raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r} but the run in {args.out} "
                              f"was started with {saved[k]!r}; only --steps may change (or start a new --out)")
 
@@ -591,9 +591,11 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return h + " (default: %(default)s)"
 
 
-def get_args(stage, argv=None, run=None):
+def get_args(stage, argv=None, run=None, unused=None):
     """Arguments of a stage script: a preset's values as defaults, every knob overridable. `run` names
-    the default run directory under the preset's root (default: stage1 or stage2)."""
+    the default run directory under the preset's root (default: stage1 or stage2). `unused`: the weights the
+    script's objective does not read (default: alpha in Stage I, beta2 in Stage II): given, they are refused."""
+    unused = unused if unused is not None else ("alpha",) if stage == 1 else ("beta2",)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     name = pre.parse_known_args(argv)[0].preset
@@ -655,13 +657,19 @@ def get_args(stage, argv=None, run=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
     p.add_argument("--label", help="the run's name, at the start of every progress line (default: the stage's, "
                                    "at the start and end only)")
-    p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2")})
+    for action in p._actions:
+        if action.dest in unused:
+            action.help = f"unused by {p.prog}: its objective has no {action.dest} (refused)"
+    p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2", "data", *unused)})
     if stage == 2:
         p.set_defaults(**preset.get("stage2", {}))
     p.set_defaults(out=f"{preset['root']}/{run or f'stage{stage}'}")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what the line that resumes the run repeats
-    error = check_args(args)
+    if args.data is None and args.task == preset["task"]:  # the preset's data is its task's, not another's
+        args.data = preset["data"]
+    args.unused, given = list(unused), [f for f in unused if getattr(args, f) is not None]
+    error = f"--{given[0]} is unused by {p.prog}: its objective has no {given[0]}" if given else check_args(args)
     if error:  # one line, before anything is read or written
         p.exit(2, f"{p.prog}: error: {error}\n")
     if args.init is None:  # Stage I's policy starts from the base model it is held to, unless told otherwise
@@ -690,8 +698,8 @@ def check_args(a):
         return f"--lr must be a positive number (got {a.lr})"
     if not (math.isfinite(a.temperature) and a.temperature > 0):
         return f"--temperature must be positive: RL samples its rollouts (got {a.temperature})"
-    for flag in ("alpha", "beta1", "beta2", "grad_clip"):
-        if not (math.isfinite(getattr(a, flag)) and getattr(a, flag) >= 0):
+    for flag in ("alpha", "beta1", "beta2", "grad_clip"):  # None: unused by the script
+        if getattr(a, flag) is not None and not (math.isfinite(getattr(a, flag)) and getattr(a, flag) >= 0):
             return f"--{flag.replace('_', '-')} must be a number at least 0 (got {getattr(a, flag)})"
     if not 0.0 <= a.base_first <= 1.0:  # also false for nan
         return f"--base-first is a fraction in [0, 1] (got {a.base_first})"

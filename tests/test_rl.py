@@ -278,7 +278,7 @@ BAD_FLAGS = [  # (flags, the error line's message): one rule each
     (["--lr", "inf"], "--lr must be a positive number (got inf)"),
     (["--temperature", "0"], "--temperature must be positive: RL samples its rollouts (got 0.0)"),
     (["--temperature", "nan"], "--temperature must be positive: RL samples its rollouts (got nan)"),
-    (["--alpha", "-1"], "--alpha must be a number at least 0 (got -1.0)"),
+    (["--alpha", "1"], "--alpha is unused by train_stage1.py: its objective has no alpha"),
     (["--beta1", "nan"], "--beta1 must be a number at least 0 (got nan)"),
     (["--beta2", "-0.1"], "--beta2 must be a number at least 0 (got -0.1)"),
     (["--grad-clip", "-1"], "--grad-clip must be a number at least 0 (got -1.0)"),
@@ -312,9 +312,58 @@ def test_a_bad_flag_is_one_line_and_writes_nothing(tiny, tmp_path, monkeypatch, 
 
 def test_k1_without_the_baseline_and_zero_weights_are_accepted(tiny):
     _, _, base = tiny
-    a = rl.get_args(1, ["--base", base, "--k", "1", "--batch", "4", "--micro-batch", "2", "--baseline", "none",
-                        "--alpha", "0", "--beta1", "0", "--beta2", "0", "--grad-clip", "0", "--base-first", "1"])
-    assert (a.k, a.alpha, a.beta1, a.beta2, a.base_first) == (1, 0.0, 0.0, 0.0, 1.0)
+    flags = ["--base", base, "--k", "1", "--batch", "4", "--micro-batch", "2", "--baseline", "none", "--beta1", "0",
+             "--grad-clip", "0", "--base-first", "1"]
+    a = rl.get_args(1, flags + ["--beta2", "0"])
+    assert (a.k, a.alpha, a.beta1, a.beta2, a.base_first) == (1, None, 0.0, 0.0, 1.0)
+    a = rl.get_args(2, flags + ["--alpha", "0"])
+    assert (a.k, a.alpha, a.beta1, a.beta2, a.base_first) == (1, 0.0, 0.0, None, 1.0)
+
+
+@pytest.mark.parametrize("script,flag", [("train_stage1.py", "--alpha"), ("train_stage2.py", "--beta2"),
+                                         ("train_single_turn.py", "--alpha"), ("train_single_turn.py", "--beta2")])
+def test_a_weight_the_objective_does_not_read_is_refused(tiny, tmp_path, monkeypatch, capsys, script, flag):
+    """alpha is Stage II's, beta2 Stage I's, and the single-turn ablation has neither: a script that does not
+    use the flag says so in --help and refuses it in one line, writing nothing; its own weights are checked."""
+    _, _, base = tiny
+    path = os.path.join(ROOT, script)
+    argv = ["--base", base, "--init", base, "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cpu"]
+
+    def run(*flags):
+        monkeypatch.setattr(sys, "argv", [path, *argv, *flags])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(path, run_name="__main__")
+        return e.value.code, capsys.readouterr()
+
+    code, out = run("--help")
+    assert code == 0 and f"unused by {script}: its objective has no {flag[2:]}" in " ".join(out.out.split())
+    code, out = run(flag, "0")
+    assert code == 2 and out.err == f"{script}: error: {flag} is unused by {script}: its objective has no {flag[2:]}\n"
+    assert os.listdir(tmp_path) == []
+    if script == "train_stage2.py":
+        code, out = run("--alpha", "-1")
+        assert code == 2 and out.err == f"{script}: error: --alpha must be a number at least 0 (got -1.0)\n"
+
+
+def test_data_with_the_demo_task_is_an_error(tiny, tmp_path, capsys):
+    """The demo task generates its problems: a --data beside it is refused in one line (training, the SFT
+    baselines, evaluation), before anything is written; the math preset's data does not follow --task demo."""
+    _, _, base = tiny
+    with pytest.raises(SystemExit) as e:
+        rl.run(run_args(base, str(tmp_path / "run"), 1, extra=["--data", "x.jsonl"]), train_stage2.objective, "II")
+    assert e.value.code == "demo: the demo task generates its problems, it reads no file (--data x.jsonl)"
+    assert not (tmp_path / "run").exists()
+    assert rl.get_args(1, ["--preset", "math", "--task", "demo"]).data is None
+    assert rl.get_args(1, ["--preset", "math"]).data == rl.PRESETS["math"]["data"]
+    import train_sft
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(["--method", "star", "--base", base, "--data", "x.jsonl", "--out", str(tmp_path / "sft")])
+    assert e.value.code == "demo: the demo task generates its problems, it reads no file (--data x.jsonl)"
+    import evaluate
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", base, "--task", "demo", "--data", "x.jsonl"])
+    assert capsys.readouterr().err.endswith("error: the demo task generates its problems, it reads no file "
+                                            "(--data x.jsonl)\n")
 
 
 def test_stage1_starts_from_base_unless_init_says_otherwise():
