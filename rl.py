@@ -463,16 +463,16 @@ def train(args, objective, name):
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         # every rank saves (a sharded policy is gathered to rank 0, which writes) and keeps the same best
+        paths = []
         if step % args.save_every == 0 or step == args.steps:
             reward = sum(window) / len(window)  # the final attempt's training reward since the last save
-            if reward > best:
-                best = reward
-            save(os.path.join(args.out, "ckpt"), policy, tok, opt, step, args, {"best_reward": best})
-            if best == reward:  # the paper evaluates the checkpoints with the highest training reward
-                save(os.path.join(args.out, "best"), policy, tok, opt, step, args, {"best_reward": best})
+            best = max(best, reward)
+            paths += ["ckpt"] + (["best"] if best == reward else [])  # the paper evaluates the best training reward's
             window = []
         if args.keep_every and step % args.keep_every == 0:
-            save(os.path.join(args.out, f"step_{step:06d}"), policy, tok, opt, step, args, {"best_reward": best})
+            paths.append(f"step_{step:06d}")
+        if paths:  # gathered and written once, the others copies
+            save([os.path.join(args.out, p) for p in paths], policy, tok, opt, step, args, {"best_reward": best})
         if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
     say(f"{name}: done; checkpoint {os.path.join(args.out, 'ckpt')}, best training reward {best:.1%} in "
@@ -490,29 +490,48 @@ RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "a
              "lora", "lora_alpha")
 
 
-def save(path, policy, tok, opt, step, args, extra=None):
-    """Write a whole checkpoint at `path` (the policy's fp32 masters, the tokenizer, task.json, and
-    state.pt with the Adam state (opt.state_dict()), step and args) into a temporary directory, then
-    swap it in: `path` is always a complete checkpoint (the previous one stays as path.old until the swap
-    is done). Every rank calls it; rank 0 writes. The same files whatever the number of processes (a sharded
-    policy and its Adam state are gathered whole: shard.full_state), so a run resumes on any number."""
-    weights, adam = shard.full_state(policy, opt)  # whole, on rank 0 (sharded: gathered)
+def save(paths, policy, tok, opt, step, args, extra=None):
+    """Write a whole checkpoint (the policy's fp32 masters, the tokenizer, task.json, and state.pt with the Adam
+    state (opt.state_dict()), step and args) at each of `paths` (ckpt/, best/, step_N/): gathered and written
+    once, at the first, the others copies of that finished directory (hard links where the file system allows:
+    a checkpoint's files are never written again, each save writes new ones). Each path is written into a
+    temporary directory, then swapped in: it is always a complete checkpoint (the previous one stays as
+    path.old until the swap is done). Every rank calls it; rank 0 writes. The same files whatever the number of
+    processes (a sharded policy and its Adam state are gathered whole: shard.full_state), so a run resumes on
+    any number."""
+    sharded = shard.is_sharded(policy)
+    weights, adam = shard.full_state(policy, opt) if sharded else (None, opt.state_dict())  # whole, on rank 0
     if dist.is_initialized() and dist.get_rank() != 0:
         return
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if shard.is_sharded(policy):
-        save_checkpoint(tmp, policy.config, weights)  # what save_pretrained writes of the whole model
-    else:
-        policy.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    data.save_task_info(tmp, args.task, args.p1, args.max_new_tokens)  # what evaluate.py and sample.py default to
-    torch.save({"opt": adam, "step": step, "args": vars(args), **(extra or {})}, os.path.join(tmp, "state.pt"))
-    if os.path.exists(path):
+
+    def swap_in(write, path):
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+
+    def write(tmp):
+        if sharded:
+            save_checkpoint(tmp, policy.config, weights)  # what save_pretrained writes of the whole model
+        else:
+            policy.save_pretrained(tmp)  # the model's own layout (a LoRA policy: its adapters and its base's path)
+        tok.save_pretrained(tmp)
+        data.save_task_info(tmp, args.task, args.p1, args.max_new_tokens)  # what evaluate.py and sample.py default to
+        torch.save({"opt": adam, "step": step, "args": vars(args), **(extra or {})}, os.path.join(tmp, "state.pt"))
+    swap_in(write, paths[0])
+    for path in paths[1:]:
+        swap_in(lambda tmp: shutil.copytree(paths[0], tmp, copy_function=_link_or_copy), path)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
 
 
 def latest(out):

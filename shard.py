@@ -91,12 +91,10 @@ def full(t, sharded):
 
 
 def full_state(model, opt):
-    """(weights, Adam's state) whole, in the layout of one process's model.state_dict() and opt.state_dict()
-    (Adam's state keyed by the parameter's index), whatever the number of processes: where the model is
-    sharded, gathered one tensor at a time (a collective: every rank calls it) to rank 0's CPU; the other
-    ranks get None."""
-    if not is_sharded(model):
-        return model.state_dict(), opt.state_dict()
+    """(weights, Adam's state) of a model that FSDP2 shards, whole, in the layout of one process's
+    model.state_dict() and opt.state_dict() (Adam's state keyed by the parameter's index): gathered one tensor
+    at a time (a collective: every rank calls it) to rank 0's CPU; the other ranks get (None, None). (A model
+    every rank holds whole needs none of this: rl.save writes it with save_pretrained and opt.state_dict().)"""
     rank0 = dist.get_rank() == 0
 
     def whole(t):  # every rank gathers; rank 0 keeps a CPU copy

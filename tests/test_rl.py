@@ -405,6 +405,45 @@ def test_a_policy_of_another_shape_or_tokenizer_is_refused(tiny, tmp_path):
     rl.run(run_args(base, str(tmp_path / "ok"), 1), train_stage2.objective, "Stage II")
 
 
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_save_gathers_and_writes_once_for_all_its_copies(tiny, tmp_path, monkeypatch, sharded):
+    """ckpt/, best/ and step_N/ of one step: the state is gathered (sharded: shard.full_state, faked here on one
+    process) and serialized once; the three directories hold the same files, byte for byte, and each is a
+    whole checkpoint."""
+    _, tok, base = tiny
+    policy = GPT.from_pretrained(base + "/init")
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    policy(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    opt.step()  # an Adam state to save
+    calls = {"gather": 0, "torch.save": 0, "save_pretrained": 0, "save_checkpoint": 0}
+
+    def counted(name, f):
+        def g(*a, **kw):
+            calls[name] += 1
+            return f(*a, **kw)
+        return g
+    monkeypatch.setattr(rl.torch, "save", counted("torch.save", torch.save))
+    monkeypatch.setattr(GPT, "save_pretrained", counted("save_pretrained", GPT.save_pretrained))
+    monkeypatch.setattr(rl, "save_checkpoint", counted("save_checkpoint", rl.save_checkpoint))
+    if sharded:
+        monkeypatch.setattr(rl.shard, "is_sharded", lambda model: True)
+        monkeypatch.setattr(rl.shard, "full_state", counted("gather", lambda m, o: (m.state_dict(), o.state_dict())))
+    a = SimpleNamespace(task="demo", p1=data.DEMO_P1, max_new_tokens=5)
+    dirs = [tmp_path / d for d in ("ckpt", "best", "step_000002")]
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "stale").write_text("an older best")  # replaced whole, as before
+    rl.save([str(d) for d in dirs], policy, tok, opt, 2, a, {"best_reward": 0.5})
+    assert calls == {"gather": int(sharded), "torch.save": 2, "save_pretrained": int(not sharded),  # model, state
+                     "save_checkpoint": int(sharded)}, calls
+    files = {d.name: {f: (d / f).read_bytes() for f in sorted(os.listdir(d))} for d in dirs}
+    assert files["ckpt"] == files["best"] == files["step_000002"] and "state.pt" in files["ckpt"]
+    assert sorted(os.listdir(tmp_path)) == ["best", "ckpt", "step_000002"]  # no .tmp or .old left
+    for d in dirs:
+        loaded = GPT.from_pretrained(d).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in policy.state_dict().items())
+        assert torch.load(d / "state.pt", weights_only=False)["step"] == 2
+
+
 def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch, capsys):
     """A run stopped by Ctrl-C during step 3 says, in one line, where its last checkpoint is (step 2) and
     how to resume; resumed, it ends with the weights of the run that was never stopped."""
