@@ -33,7 +33,7 @@ import torch.distributed as dist
 import data
 import reward
 import shard
-from model import GPT, load_config, merge_lora
+from model import GPT, load_config, merge_lora, warn_if_emulated
 from sample import generate_turns, is_checkpoint, max_new_that_fits, seed_of
 from tokenizer import Tokenizer
 
@@ -344,6 +344,7 @@ def main(argv=None):
         p.error(str(e))
     rank, _, device = shard.setup_distributed(args.device)  # under torchrun: problems split over the ranks
     dtype = args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+    warn_if_emulated(dtype, device)
     # each checkpoint's p1 and max_new_tokens, and whether every problem fits, before any model runs
     plans = []
     for ckpt, info in zip(args.ckpt, infos):

@@ -53,7 +53,8 @@ import torch.distributed as dist
 import data
 import memory
 import shard
-from model import GPT, adapters_off, add_lora, auto_dtype, merge_lora, save_checkpoint, token_logprobs
+from model import (GPT, adapters_off, add_lora, auto_dtype, merge_lora, save_checkpoint, token_logprobs,
+                   warn_if_emulated)
 from sample import generate, generate_turns, layout, max_new_that_fits, seed_of
 from shard import all_reduce_grads, setup_distributed
 from tokenizer import Tokenizer
@@ -695,6 +696,7 @@ def get_args(stage, argv=None, run=None, unused=None):
         args.init = args.base if stage == 1 else f"{preset['root']}/stage1/ckpt"
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
+    warn_if_emulated(args.dtype, args.device)
     if args.p1 is None:
         args.p1 = data.instruction(args.task)
     if args.lora_alpha is None:

@@ -41,7 +41,7 @@ from types import SimpleNamespace
 import torch
 import torch.nn.functional as F
 
-from model import GPT, KVCache, compute_dtype, merge_lora
+from model import GPT, KVCache, compute_dtype, merge_lora, warn_if_emulated
 
 
 def seed_of(*key):
@@ -358,6 +358,7 @@ def main(argv=None):
         p.error(f"--ckpt {args.ckpt}: {e}")
     p1 = args.p1 or info.get("p1") or data.instruction("math")
     dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
+    warn_if_emulated(dtype, args.device)
     ctx = tok.render([{"role": "user", "content": args.prompt}])
     # the followup closes an attempt and opens the next assistant turn; it does not depend on the attempt
     followup = tok.render_followup([{"role": "user", "content": p1}])

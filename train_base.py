@@ -32,7 +32,7 @@ import torch.distributed as dist
 import data
 import evaluate
 import shard
-from model import GPT, GPTConfig, auto_dtype, token_logprobs
+from model import GPT, GPTConfig, auto_dtype, token_logprobs, warn_if_emulated
 from tokenizer import Tokenizer
 
 
@@ -68,6 +68,7 @@ def get_args(argv=None):
     args = p.parse_args(argv)
     if args.dtype == "auto":
         args.dtype = auto_dtype("cpu")
+    warn_if_emulated(args.dtype, "cpu")
     return args
 
 

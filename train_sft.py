@@ -31,7 +31,7 @@ import torch
 
 import data
 import rl
-from model import GPT, auto_dtype
+from model import GPT, auto_dtype, warn_if_emulated
 from sample import layout
 from tokenizer import Tokenizer
 from train_base import sft_step
@@ -79,6 +79,7 @@ def get_args(argv=None):
         args.out = os.path.join(preset["root"], args.method + ("_plus" if args.plus else ""))
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
+    warn_if_emulated(args.dtype, args.device)
     return args
 
 

@@ -221,9 +221,15 @@ def test_defaults_from_each_checkpoint(monkeypatch, tmp_path, ckpt, capsys):
 
 
 def test_dtype_autocast_over_fp32_weights(monkeypatch, ckpt, capsys):
+    """--dtype bf16 is autocast over fp32 weights; on a CPU without bf16 units (faked) it says in one line that
+    bf16 is emulated and slow."""
     calls = recorder(monkeypatch)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     evaluate.main(["--ckpt", ckpt, "--n", "2", "--device", "cpu"])
+    assert "emulated" not in capsys.readouterr().err
     evaluate.main(["--ckpt", ckpt, "--n", "2", "--device", "cpu", "--dtype", "bf16"])
+    assert capsys.readouterr().err.count("--dtype bf16: this CPU has no bf16 matrix instructions") == 1
     evaluate.main(["--ckpt", ckpt, "--n", "2", "--device", "cpu", "--dtype", "fp32"])
     assert [c["param_dtype"] for c in calls] == [torch.float32] * 3
     assert [c["autocast"] for c in calls] == [False, True, False]
