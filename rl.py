@@ -32,8 +32,10 @@ differentiable objective runs: update() asks nothing of it but a per-row loss.
 
 Precision: the policy is always trained on fp32 master weights (fp32 Adam state), whatever the
 checkpoint's dtype; --dtype bf16 runs the policy's forward and backward under torch.autocast, on the
-CPU as on the GPU. The reference is stored in the compute dtype, and a bf16 copy of the policy, refreshed
-every step, samples the rollouts (make_sampler): the same numbers, without casting every decoded token.
+CPU as on the GPU. The reference is stored in the compute dtype. The rollouts are sampled by a copy of the
+policy in the compute dtype, refreshed every step (make_sampler: in bf16, the same numbers without casting
+every decoded token; under FSDP2 a whole copy, gathered once per step), or, in fp32 on one process and with
+--lora (whose frozen weights are already in the compute dtype), by the policy itself.
 """
 import argparse
 import json
@@ -114,53 +116,61 @@ def generated_hidden(idx, sel, m1, k):
         # policy sharded by FSDP2 (the prompt's pass reaches the loss only through the cache, not through the
         # blocks' outputs, where FSDP2 hooks the gathering of a block's weights for its backward)
         if checkpoint or shard.is_sharded(model):
-            return model.hidden(idx[:, :-1], checkpoint=checkpoint)[sel]
-        return model.hidden_shared(prefix, shared[::k], suffix, group)[sel_suffix]
+            h = model.hidden(idx[:, :-1], checkpoint=checkpoint)[sel]
+        else:
+            h = model.hidden_shared(prefix, shared[::k], suffix, group)[sel_suffix]
+        # the head's weight read after the forward: FSDP2 leaves the root's parameters gathered after it (the
+        # root is never resharded after forward), so it is whole here, not a shard
+        return h, model.head_weight
     return hidden
 
 
-def micro_batch(policy, ref, ro, rows, args):
-    """What the stage's objective reads, for the rollouts `rows` (whole groups of k): the policy's
-    log-probs of each generated token from the chunked head (model.token_logprobs: the (N, V) logits
-    never exist), differentiable; the frozen reference's, without gradient; both summed per row and turn
+def objective_input(policy, ref, ro, rows, args):
+    """What the stage's objective reads (b, the module docstring), for the rollouts `rows` (whole groups of k):
+    the policy's log-probs of each generated token from the chunked head (model.token_logprobs: the (N, V)
+    logits never exist), differentiable; the frozen reference's, without gradient; both summed per row and turn
     by turn_sums. Prompt, instruction and padding tokens never count."""
     m1, m2 = ro.m1[rows], ro.m2[rows]
     sel = m1 | m2  # the generated tokens' target positions
     L = int(sel.any(0).nonzero().max()) + 2  # drop the padding columns no row of this micro-batch needs
     idx, m2, sel = ro.tokens[rows, :L], m2[:, :L - 1], sel[:, :L - 1]
-    tgt, lp_old = idx[:, 1:][sel], ro.lp_old[rows, :L - 1][sel]  # (n,) each generated token, the sampler's log pi
-    row, turn2 = sel.nonzero()[:, 0], m2[sel]  # (n,) each generated token's row and turn
+    tgt = idx[:, 1:][sel]  # (n,) each generated token
     hidden = generated_hidden(idx, sel, m1[:, :L - 1], args.k)
     with torch.no_grad(), adapters_off(ref):  # with LoRA the reference is the policy with its adapters off
-        lp_ref = token_logprobs(hidden(ref), ref.head_weight, tgt, args.temperature)  # (n,) log pi_ref
-    lp = token_logprobs(hidden(policy, getattr(args, "checkpoint_activations", False)), policy.head_weight, tgt,
+        lp_ref = token_logprobs(*hidden(ref), tgt, args.temperature)  # (n,) log pi_ref
+    lp = token_logprobs(*hidden(policy, getattr(args, "checkpoint_activations", False)), tgt,
                         args.temperature)  # (n,) log pi: the training path
-    return turn_sums(lp, lp_ref, lp_old, row, turn2, ro.first_from_pi[rows], ro.r1[rows], ro.r2[rows],
-                     ro.group[rows] - ro.group[rows].min(), args)
+    tokens = SimpleNamespace(lp=lp, lp_ref=lp_ref, lp_old=ro.lp_old[rows, :L - 1][sel],  # the sampler's log pi
+                             row=sel.nonzero()[:, 0], turn2=m2[sel])  # (n,) each generated token's row and turn
+    return turn_sums(tokens, SimpleNamespace(first_from_pi=ro.first_from_pi[rows], r1=ro.r1[rows], r2=ro.r2[rows],
+                                             group=ro.group[rows] - ro.group[rows].min()), args)
 
 
-def turn_sums(lp, lp_ref, lp_old, row, turn2, first_from_pi, r1, r2, group, args):
-    """The objective's input b (module docstring) from per-token log-probs: lp (n,) the policy's, with
-    gradient; lp_ref (n,) the reference's; lp_old (n,) the sampler's, for the KL in the reward; row (n,)
-    and turn2 (n,) each token's row (of m) and turn; first_from_pi (m,) False where y1 came from the base
-    model: that y1 is not pi's sample, so its tokens enter no turn-1 sum (only turn 2 learns from it).
-    Also, for the logs: the k3 KL estimate exp(-d) - 1 + d >= 0 (d = log pi - log pi_ref) summed over
-    each turn's tokens, and |log pi - sampler log pi| summed over the tokens pi sampled."""
-    t1 = ~turn2 & first_from_pi[row]  # (n,) turn-1 tokens that pi sampled
-    per_row = lambda x, turn: torch.zeros(len(r1), device=x.device, dtype=x.dtype).index_add(0, row, x * turn)
+def turn_sums(tokens, rows, args):
+    """The objective's input b (module docstring) from per-token log-probs.
+    tokens, each (n,), per generated token: lp the policy's log-prob, with gradient; lp_ref the reference's;
+      lp_old the sampler's (for the KL in the reward); row its row (of m); turn2 whether it is turn 2's.
+    rows, each (m,): r1, r2 the rewards; group the prompt; first_from_pi False where y1 came from the base
+      model: that y1 is not pi's sample, so its tokens enter no turn-1 sum (only turn 2 learns from it).
+    b.log holds sums for the logs: k3_t1, k3_t2 the k3 KL estimate exp(-d) - 1 + d >= 0 (d = log pi -
+    log pi_ref) over each turn's tokens; lp_diff |log pi - sampler log pi| over the n_sampled tokens pi sampled."""
+    lp, lp_ref, row, turn2 = tokens.lp, tokens.lp_ref, tokens.row, tokens.turn2
+    t1 = ~turn2 & rows.first_from_pi[row]  # (n,) turn-1 tokens that pi sampled
+    per_row = lambda x, turn: torch.zeros(len(rows.r1), device=x.device, dtype=x.dtype).index_add(0, row, x * turn)
     # --kl reward: log pi - log pi_ref of each sampled token, a constant (it goes into the return);
     # --kl loss: the per-token k2 = 0.5 (log pi - log pi_ref)^2, with gradient
-    kl = lp_old - lp_ref if args.kl == "reward" else kl_term(lp, lp_ref)
+    kl = tokens.lp_old - lp_ref if args.kl == "reward" else kl_term(lp, lp_ref)
     d = lp.detach() - lp_ref
     k3 = torch.expm1(-d) + d
+    log = SimpleNamespace(k3_t1=(k3 * t1).sum(), k3_t2=(k3 * turn2).sum(), n_sampled=(t1 | turn2).sum(),
+                          lp_diff=((lp.detach() - tokens.lp_old).abs() * (t1 | turn2)).sum())
     return SimpleNamespace(logp1=per_row(lp, t1), logp2=per_row(lp, turn2), kl1=per_row(kl, t1), kl2=per_row(kl, turn2),
-                           r1=r1, r2=r2, group=group, k3_1=(k3 * t1).sum(), k3_2=(k3 * turn2).sum(),
-                           mismatch=((lp.detach() - lp_old).abs() * (t1 | turn2)).sum(), n_sampled=(t1 | turn2).sum())
+                           r1=rows.r1, r2=rows.r2, group=rows.group, log=log)
 
 
 def update(policy, ref, opt, ro, objective, args, world=1):
     """One optimizer step over a batch of rollouts, accumulated over micro-batches of whole groups: for
-    each, the stage's objective on the micro-batch's log-probs (micro_batch), summed over rows, divided by
+    each, the stage's objective on the micro-batch's log-probs (objective_input), summed over rows, divided by
     the global batch R, backward(). With several processes each holds 1/world of the batch and the ranks'
     gradients are summed (FSDP2's reduce-scatter after each backward where the policy is sharded, else one
     all-reduce after the last micro-batch), so the update is the one a single process would make on the whole
@@ -168,27 +178,30 @@ def update(policy, ref, opt, ro, objective, args, world=1):
     sampler log-prob| per generated token)."""
     R = ro.tokens.shape[0] * world  # rollouts in the global batch
     opt.zero_grad(set_to_none=True)
-    stats = torch.zeros(6, device=ro.tokens.device)  # loss, KL t1, KL t2, non-finite, |lp - lp_old|, tokens
+    total = {}  # sums over the micro-batches (and the ranks) of what the logs report
     for s in range(0, ro.tokens.shape[0], args.micro_batch):
         rows = torch.arange(s, min(s + args.micro_batch, ro.tokens.shape[0]), device=ro.tokens.device)
-        b = micro_batch(policy, ref, ro, rows, args)
+        b = objective_input(policy, ref, ro, rows, args)
         loss = objective(b, args).sum() / R  # the stage's objective, as its script writes it
         loss.backward()  # even if not finite (the step is refused below): FSDP2's backward is a collective
-        stats += torch.stack([loss.detach().float(), b.k3_1 / R, b.k3_2 / R, (~torch.isfinite(loss)).float(),
-                              b.mismatch, b.n_sampled.float()])
+        part = dict(loss=loss.detach().float(), nonfinite=(~torch.isfinite(loss)).float(), kl_t1=b.log.k3_t1 / R,
+                    kl_t2=b.log.k3_t2 / R, lp_diff=b.log.lp_diff, n_sampled=b.log.n_sampled.float())
+        total = {name: total.get(name, 0) + x for name, x in part.items()}
+    flat = torch.stack(list(total.values()))  # one tensor: one collective
     if world > 1:  # every rank takes part in every collective, even after a bad loss: no deadlock
-        dist.all_reduce(stats)
+        dist.all_reduce(flat)
         if not shard.is_sharded(policy):
             all_reduce_grads(policy)
-    if stats[3] > 0:
-        raise FloatingPointError(f"loss is {'nan' if stats[0].isnan() else stats[0].item()}")
+    t = SimpleNamespace(**dict(zip(total, flat.tolist())))
+    if t.nonfinite > 0:
+        raise FloatingPointError(f"loss is {t.loss}")
     # the norm of the whole gradient, the same on every rank (summed over them): a finite loss can still have a
     # non-finite gradient, and one step on it makes every weight NaN; refused before the step, on every rank
     norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf")).item()
     if not math.isfinite(norm):
         raise FloatingPointError(f"the gradient's norm is {norm} (the loss is finite)")
     opt.step()
-    return stats[0].item(), stats[1].item(), stats[2].item(), norm, (stats[4] / stats[5].clamp(min=1)).item()
+    return t.loss, t.kl_t1, t.kl_t2, norm, t.lp_diff / max(t.n_sampled, 1)
 
 
 # ------------------------------------------------------------------------------- rollouts
