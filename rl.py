@@ -206,39 +206,68 @@ def update(policy, ref, opt, ro, objective, args, world=1):
 
 # ------------------------------------------------------------------------------- rollouts
 def rollout(policy, ref, tok, problems, args, seed):
-    """Two attempts for each of `problems` (k samples each, prompt-major), their rewards, the sampler's
-    log-probs of the sampled tokens, and the token layout of each rollout (sample.layout), generated in
-    chunks of at most args.gen_batch rows (whole prompt groups) so that the KV cache stays bounded.
-    seed: an int or a tuple, the key of this rollout's randomness; the coin flips of --base-first, the base
-    model's first attempts and the policy's samples each draw from a stream of their own (seed_of)."""
+    """Two attempts for each of `problems` (k samples each, prompt-major; args.turns = 1: the first only),
+    their rewards, the sampler's log-probs of the sampled tokens, and the token layout of each rollout, with
+    counts for the logs. seed: an int or a tuple, the key of this rollout's randomness (sample_attempts)."""
     prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in problems]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])
-    R, k = len(problems) * args.k, args.k
+    k, dev = args.k, policy.embed_tokens.weight.device
+    t0 = time.time()
+    ys, lps, from_base = sample_attempts(policy, ref, tok, prompts, followup, args, seed)
+    t_sample, t0 = time.time() - t0, time.time()
+    ro = lay_out(prompts, ys, lps, followup, tok.eot_id, k)
+    texts = [[tok.decode([t for t in y if t not in tok.stop_ids]) for y in turn] for turn in ys]
+    reps = [p for p in problems for _ in range(k)]
+    r = [torch.tensor(data.rewards(reps, t), device=dev) for t in texts]  # one turn: r2 is r1, no change to log
+    cut = lambda y: len(y) == args.max_new_tokens and y[-1] not in tok.stop_ids  # ran out of tokens
+    return SimpleNamespace(tokens=ro.tokens.to(dev), m1=ro.m1.to(dev), m2=ro.m2.to(dev), lp_old=ro.lp_old.to(dev),
+                           r1=r[0], r2=r[-1], group=torch.arange(len(problems), device=dev).repeat_interleave(k),
+                           first_from_pi=(~from_base).to(dev), y1=texts[0], y2=texts[-1],
+                           n_generated=int(ro.m1.sum() + ro.m2.sum()), len_y1=sum(map(len, ys[0])),
+                           len_y2=sum(map(len, ys[1])) if len(ys) == 2 else 0, cut=sum(cut(y) for t in ys for y in t),
+                           n_context=sum(ro.lengths), n_shared=sum((k - 1) * (len(x) - 1) for x in prompts),
+                           t_sample=t_sample, t_score=time.time() - t0)
+
+
+def sample_attempts(policy, ref, tok, prompts, followup, args, seed):
+    """The attempts of each prompt's k samples: (ys, lps, from_base), ys and lps lists over turns (args.turns,
+    default 2) of lists over rows of token ids and of the sampler's log-prob of each (None for a y1 drawn from
+    the base model, --base-first, paper 5.3, marked in from_base (R,)). Generated in chunks of at most
+    args.gen_batch rows (whole prompt groups), so that the KV cache stays bounded. The coin flips of
+    --base-first, the base model's first attempts and the policy's samples each draw from a stream of their
+    own, named by seed and the chunk (seed_of)."""
+    R, k = len(prompts) * args.k, args.k
     turns = getattr(args, "turns", 2)  # 1: single-turn RL (train_single_turn.py) samples no second attempt
     from_base = torch.rand(R, generator=torch.Generator().manual_seed(seed_of(seed, "base-first"))) < args.base_first
     per = max(1, (getattr(args, "gen_batch", None) or R) // k)  # prompts per chunk
-    y1s, y2s, lp1s, lp2s = [], [], [], []
-    t0 = time.time()
+    ys, lps = [[] for _ in range(turns)], [[] for _ in range(turns)]
     for c, a in enumerate(range(0, len(prompts), per)):
-        ps, rows = prompts[a:a + per], range(a * k, min(a + per, len(prompts)) * k)
-        first = None
+        rows, first = range(a * k, min(a + per, len(prompts)) * k), None
         base_rows = [r for r in rows if from_base[r]]
         if base_rows:  # paper 5.3: some first attempts come from the base model
             with adapters_off(ref):  # with LoRA the base model is the policy with its adapters off
-                ys = generate(ref, [prompts[r // k] for r in base_rows], args.max_new_tokens, args.temperature,
+                y1 = generate(ref, [prompts[r // k] for r in base_rows], args.max_new_tokens, args.temperature,
                               stop_ids=tok.stop_ids, seed=seed_of(seed, "base", c))
             first = [None] * len(rows)
-            for r, y in zip(base_rows, ys):
+            for r, y in zip(base_rows, y1):
                 first[r - a * k] = y
-        ys, lps = generate_turns(
-            policy, ps, followup, args.max_new_tokens, turns=turns, k=k, temperature=args.temperature,
-            stop_ids=tok.stop_ids, eot_id=tok.eot_id, seed=seed_of(seed, "policy", c), first=first,
-            return_logprobs=True)
-        y1s += ys[0]; lp1s += lps[0]
-        y2s += ys[-1]; lp2s += lps[-1]  # one turn: the "second" attempt is the first, and is never trained
-    t_sample = time.time() - t0
-    seqs, spans = zip(*(layout(prompts[r // k], [y1s[r], y2s[r]][:turns], followup, tok.eot_id) for r in range(R)))
-    L, dev = max(map(len, seqs)), policy.embed_tokens.weight.device
+        y, lp = generate_turns(policy, prompts[a:a + per], followup, args.max_new_tokens, turns=turns, k=k,
+                               temperature=args.temperature, stop_ids=tok.stop_ids, eot_id=tok.eot_id,
+                               seed=seed_of(seed, "policy", c), first=first, return_logprobs=True)
+        for t in range(turns):
+            ys[t] += y[t]
+            lps[t] += lp[t]
+    return ys, lps, from_base
+
+
+def lay_out(prompts, ys, lps, followup, eot_id, k):
+    """Each rollout's tokens in sample.layout's order, (R, L) zero-padded; m1, m2 (R, L - 1) the target positions
+    of turn 1's and turn 2's tokens (position j predicts token j + 1; m2 all False with one turn); lp_old
+    (R, L - 1) the sampler's log-prob of each generated token at its target position (0 where there is none:
+    a y1 from the base model); lengths, each rollout's."""
+    R, turns = len(ys[0]), len(ys)
+    seqs, spans = zip(*(layout(prompts[r // k], [y[r] for y in ys], followup, eot_id) for r in range(R)))
+    L = max(map(len, seqs))
     tokens = torch.tensor([s + [0] * (L - len(s)) for s in seqs])  # (R, L), zero-padded
     j = torch.arange(L - 1)  # target positions: token j + 1 is predicted at j
 
@@ -246,26 +275,13 @@ def rollout(policy, ref, tok, problems, args, seed):
         a, b = (torch.tensor([sp[t] for sp in spans]) - 1).T[:, :, None]
         return (j >= a) & (j < b)
     m1 = targets(0)
-    m2 = targets(-1) if turns == 2 else torch.zeros_like(m1)
-    lp_old = torch.zeros(R, L - 1)  # the sampler's log pi of each generated token, at its target position
-    sampled = torch.tensor([lp is not None for lp in lp1s])[:, None]  # a y1 from the base model has none
-    lp_old[m1 & sampled] = torch.tensor([x for lp in lp1s if lp is not None for x in lp])
+    m2 = targets(1) if turns == 2 else torch.zeros_like(m1)
+    lp_old = torch.zeros(R, L - 1)
+    sampled = torch.tensor([lp is not None for lp in lps[0]])[:, None]  # a y1 from the base model has none
+    lp_old[m1 & sampled] = torch.tensor([x for lp in lps[0] if lp is not None for x in lp])
     if turns == 2:
-        lp_old[m2] = torch.tensor([x for lp in lp2s for x in lp])
-    t0 = time.time()
-    reps = [p for p in problems for _ in range(k)]
-    text = lambda y: tok.decode([t for t in y if t not in tok.stop_ids])
-    t1, t2 = [text(y) for y in y1s], [text(y) for y in y2s]
-    r1 = torch.tensor(data.rewards(reps, t1), device=dev)
-    r2 = torch.tensor(data.rewards(reps, t2), device=dev) if turns == 2 else r1  # one turn: no change to log
-    cut = lambda ys: sum(len(y) == args.max_new_tokens and y[-1] not in tok.stop_ids for y in ys)
-    return SimpleNamespace(tokens=tokens.to(dev), m1=m1.to(dev), m2=m2.to(dev), lp_old=lp_old.to(dev), r1=r1, r2=r2,
-                           group=torch.arange(len(problems), device=dev).repeat_interleave(k),
-                           first_from_pi=(~from_base).to(dev), n_generated=int(m1.sum() + m2.sum()), y1=t1, y2=t2,
-                           len_y1=sum(map(len, y1s)), len_y2=sum(map(len, y2s)) if turns == 2 else 0,
-                           cut=cut(y1s) + (cut(y2s) if turns == 2 else 0),
-                           n_context=sum(map(len, seqs)), n_shared=sum((k - 1) * (len(x) - 1) for x in prompts),
-                           t_sample=t_sample, t_score=time.time() - t0)
+        lp_old[m2] = torch.tensor([x for lp in lps[1] for x in lp])
+    return SimpleNamespace(tokens=tokens, m1=m1, m2=m2, lp_old=lp_old, lengths=list(map(len, seqs)))
 
 
 def lora_policy(init, args, dev, compute):

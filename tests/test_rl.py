@@ -518,7 +518,7 @@ def test_logged_cut_is_the_fraction_of_attempts_cut(tiny, tmp_path, monkeypatch)
     monkeypatch.setattr(rl, "rollout", recording)
     for turns, objective in ((2, train_stage2.objective), (1, train_single_turn.objective)):
         seen.clear()
-        a = run_args(base, str(tmp_path / f"t{turns}"), 2, stage=1, extra=["--max-new-tokens", "3"])
+        a = run_args(base, str(tmp_path / f"t{turns}"), 2, stage=turns, extra=["--max-new-tokens", "3"])
         a.turns = turns
         rl.run(a, objective, "cut")
         log = [json.loads(x) for x in (tmp_path / f"t{turns}" / "log.jsonl").read_text().splitlines()]
