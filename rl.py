@@ -733,26 +733,36 @@ def get_args(stage, argv=None, run=None, unused=None):
     return args
 
 
-def check_args(a):
-    """The first nonsense among the numeric flags, as a one-line message naming the flag; None if all is well."""
-    for flag in ("steps", "batch", "k", "micro_batch", "max_new_tokens", "save_every"):
-        if getattr(a, flag) < 1:
-            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
-    for flag in ("n_train", "gen_batch"):  # None: all problems / all rows at once
-        if getattr(a, flag) is not None and getattr(a, flag) < 1:
-            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
+def check_numbers(a):
+    """The first nonsense among the numeric flags a script has (the stages', train_sft.py's), as a one-line
+    message naming the flag; None if all is well. A flag the script lacks is not checked, nor is one that is None
+    (all problems, all rows at once, the whole batch; a weight the script does not use)."""
+    value, name = lambda flag: getattr(a, flag, None), lambda flag: "--" + flag.replace("_", "-")
+    for flag in ("steps", "batch", "k", "micro_batch", "max_new_tokens", "save_every", "n_train", "gen_batch",
+                 "problems", "epochs"):
+        if value(flag) is not None and value(flag) < 1:
+            return f"{name(flag)} must be at least 1 (got {value(flag)})"
     for flag in ("keep_every", "threads"):
-        if getattr(a, flag) < 0:
-            return f"--{flag.replace('_', '-')} must be at least 0 (got {getattr(a, flag)})"
+        if value(flag) is not None and value(flag) < 0:
+            return f"{name(flag)} must be at least 0 (got {value(flag)})"
     if not (math.isfinite(a.lr) and a.lr > 0):
         return f"--lr must be a positive number (got {a.lr})"
     if not (math.isfinite(a.temperature) and a.temperature > 0):
         return f"--temperature must be positive: RL samples its rollouts (got {a.temperature})"
-    for flag in ("alpha", "beta1", "beta2", "grad_clip"):  # None: unused by the script
-        if getattr(a, flag) is not None and not (math.isfinite(getattr(a, flag)) and getattr(a, flag) >= 0):
-            return f"--{flag.replace('_', '-')} must be a number at least 0 (got {getattr(a, flag)})"
+    for flag in ("alpha", "beta1", "beta2", "grad_clip"):
+        if value(flag) is not None and not (math.isfinite(value(flag)) and value(flag) >= 0):
+            return f"{name(flag)} must be a number at least 0 (got {value(flag)})"
     if not 0.0 <= a.base_first <= 1.0:  # also false for nan
         return f"--base-first is a fraction in [0, 1] (got {a.base_first})"
+    return None
+
+
+def check_args(a):
+    """A stage script's flags: check_numbers, then the rules of RL's batches and of LoRA, as a one-line message
+    naming the flag; None if all is well."""
+    error = check_numbers(a)
+    if error:
+        return error
     if a.k < 2 and a.baseline == "loo":
         return "--k 1 leaves the leave-one-out baseline no other sample: use --k 2 or more, or --baseline none"
     if a.batch % a.k or a.micro_batch % a.k:
@@ -764,4 +774,3 @@ def check_args(a):
     if a.lora_alpha is not None and not (math.isfinite(a.lora_alpha) and a.lora_alpha > 0):
         return f"--lora-alpha must be a positive number (got {a.lora_alpha})"
     return None
-
