@@ -536,3 +536,23 @@ def test_humaneval_canonical_solutions_pass_and_stubs_fail():
     assert [p["task_id"] for p, ok in zip(problems, canonical) if not ok] == []
     assert sum(not ok for ok in stubs) >= 160
     assert not _leftovers()
+
+
+def test_reward_copied_with_its_harness_runs_code_alone(tmp_path):
+    """reward.py and sandbox_harness.py copied into an empty directory run a passing and a failing program there;
+    reward.py without its harness fails at import, loudly, instead of scoring every program 0."""
+    import shutil
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("reward.py", "sandbox_harness.py"):
+        shutil.copy(os.path.join(root, name), tmp_path / name)
+    check = "import reward; print(reward.run_code('def f(): return 1', 'assert f() == 1'), " \
+            "reward.run_code('def f(): return 2', 'assert f() == 1'))"
+    run = lambda: subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+                                 env={"PATH": os.environ["PATH"]}, timeout=60)
+    res = run()
+    assert res.returncode == 0 and res.stdout == "True False\n", res.stderr
+    (tmp_path / "sandbox_harness.py").unlink()
+    res = run()
+    assert res.returncode != 0 and "sandbox_harness.py" in res.stderr.splitlines()[-1], res.stderr

@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint
 import data
 import rl
 import train_single_turn
@@ -422,12 +423,12 @@ def test_a_save_gathers_and_writes_once_for_all_its_copies(tiny, tmp_path, monke
             calls[name] += 1
             return f(*a, **kw)
         return g
-    monkeypatch.setattr(rl.torch, "save", counted("torch.save", torch.save))
+    monkeypatch.setattr(torch, "save", counted("torch.save", torch.save))
     monkeypatch.setattr(GPT, "save_pretrained", counted("save_pretrained", GPT.save_pretrained))
-    monkeypatch.setattr(rl, "save_checkpoint", counted("save_checkpoint", rl.save_checkpoint))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", counted("save_checkpoint", checkpoint.save_checkpoint))
     if sharded:
-        monkeypatch.setattr(rl.shard, "is_sharded", lambda model: True)
-        monkeypatch.setattr(rl.shard, "full_state", counted("gather", lambda m, o: (m.state_dict(), o.state_dict())))
+        monkeypatch.setattr(checkpoint.shard, "is_sharded", lambda model: True)
+        monkeypatch.setattr(checkpoint.shard, "full_state", counted("gather", lambda m, o: (m.state_dict(), o.state_dict())))
     a = SimpleNamespace(task="demo", p1=data.DEMO_P1, max_new_tokens=5)
     dirs = [tmp_path / d for d in ("ckpt", "best", "step_000002")]
     (tmp_path / "best").mkdir()
