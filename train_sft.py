@@ -33,7 +33,7 @@ import data
 import rl
 import shard
 from model import GPT, auto_dtype, token_logprobs, warn_if_emulated
-from sample import layout
+from sample import layout, seed_of
 from tokenizer import Tokenizer
 
 
@@ -154,10 +154,10 @@ def main(argv=None):
     compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     base = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval().requires_grad_(False)  # samples
     problems = rl.load_problems(args, tok, base.config.max_seq_len, print)
-    order = random.Random(rl.seed_of(args.seed, "problems")).sample(range(len(problems)), len(problems))
+    order = random.Random(seed_of(args.seed, "problems")).sample(range(len(problems)), len(problems))
     problems = [problems[i] for i in (order * math.ceil(args.problems / len(problems)))[:args.problems]]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])
-    rng = random.Random(rl.seed_of(args.seed, "pairs"))
+    rng = random.Random(seed_of(args.seed, "pairs"))
     examples, traces, counts, t0 = [], [], [0, 0, 0, 0], time.time()
     per = max(1, args.gen_batch // args.k)  # problems per rollout
     for c, a in enumerate(range(0, len(problems), per)):
@@ -187,7 +187,7 @@ def main(argv=None):
     model = GPT.from_pretrained(args.base, device=dev, dtype=torch.float32).train()  # fp32 masters
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     steps = args.epochs * math.ceil(len(examples) / args.batch)
-    shuffle = random.Random(rl.seed_of(args.seed, "batches"))
+    shuffle = random.Random(seed_of(args.seed, "batches"))
     log, t0 = [], time.time()
     for epoch in range(args.epochs):
         order = shuffle.sample(range(len(examples)), len(examples))
