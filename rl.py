@@ -55,7 +55,8 @@ import data
 import memory
 import shard
 from checkpoint import check_resume, latest, save
-from model import GPT, adapters_off, add_lora, auto_dtype, merge_lora, token_logprobs, warn_if_emulated
+from model import (GPT, adapters_off, add_lora, auto_dtype, load_config, merge_lora, token_logprobs,
+                   warn_if_emulated)
 from sample import generate, generate_turns, layout, max_new_that_fits, seed_of
 from shard import all_reduce_grads, setup_distributed
 from tokenizer import Tokenizer
@@ -413,6 +414,8 @@ def train(args, objective, name):
         if not os.path.exists(os.path.join(path, "config.json")):
             raise SystemExit(f"{what} {path}: not a checkpoint (no config.json); run the previous step first")
     tok = Tokenizer.from_pretrained(args.base)
+    if not args.lora:  # (a LoRA policy's frozen weights are checked to be --base's: lora_policy)
+        check_same_model(load_config(init), load_config(args.base), tok, init, args.base)  # before any weight is read
     compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.lora:  # one copy of the weights: the reference is the policy with its adapters off, it samples itself
         policy = ref = sampler = lora_policy(init, args, dev, compute)
@@ -426,7 +429,6 @@ def train(args, objective, name):
         ref = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval()
         ref.requires_grad_(False)
         sampler = make_sampler(policy, compute)
-        check_same_model(policy.config, ref.config, tok, init, args.base)
     opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.lr)  # fp32 state, as the masters
     if args.resume:
         shard.load_optimizer(policy, opt, state["opt"])
