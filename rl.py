@@ -214,8 +214,9 @@ def rollout(policy, ref, tok, problems, args, seed):
     k, dev = args.k, policy.embed_tokens.weight.device
     t0 = time.time()
     ys, lps, from_base = sample_attempts(policy, ref, tok, prompts, followup, args, seed)
-    t_sample, t0 = time.time() - t0, time.time()
+    t_sample = time.time() - t0
     ro = lay_out(prompts, ys, lps, followup, tok.eot_id, k)
+    t0 = time.time()
     texts = [[tok.decode([t for t in y if t not in tok.stop_ids]) for y in turn] for turn in ys]
     reps = [p for p in problems for _ in range(k)]
     r = [torch.tensor(data.rewards(reps, t), device=dev) for t in texts]  # one turn: r2 is r1, no change to log
@@ -312,7 +313,7 @@ def check_same_model(policy, ref, ours, init, base):
         tok = Tokenizer.from_pretrained(init)  # a checkpoint without tokenizer files is read with --base's
     except FileNotFoundError:
         tok = None
-    if tok is not None and (tok.enc._mergeable_ranks, tok.special) != (ours.enc._mergeable_ranks, ours.special):
+    if tok is not None and not tok.same_as(ours):
         differ.append(f"tokenizer {tok.enc.name} ({tok.vocab_size} tokens) against {ours.enc.name} "
                       f"({ours.vocab_size} tokens)")
     if differ:
@@ -321,11 +322,12 @@ def check_same_model(policy, ref, ours, init, base):
 
 
 def make_sampler(policy, dtype):
-    """The model that samples the rollouts: the policy itself in fp32 on one process; else a whole copy of it in
-    the compute dtype, refreshed before every step (refresh_sampler): in bf16 so that decoding does not cast
-    the fp32 masters at every token (it computes exactly what autocast over the masters computes: the residual
-    stream is bf16 in both); under FSDP2, in fp32 too, so that decoding does not gather every block of the
-    sharded policy at every token: the copy is gathered once per step."""
+    """The model that samples the rollouts of a full fine-tuning (a LoRA policy samples itself, train): the policy
+    itself in fp32 on one process; else a whole copy of it in the compute dtype, refreshed before every step
+    (refresh_sampler): in bf16 so that decoding does not cast the fp32 masters at every token (it computes
+    exactly what autocast over the masters computes: the residual stream is bf16 in both); under FSDP2, in fp32
+    too, so that decoding does not gather every block of the sharded policy at every token: the copy is
+    gathered once per step."""
     if dtype == torch.float32 and not shard.is_sharded(policy):
         return policy
     with torch.device("meta"):
@@ -484,8 +486,8 @@ def train(args, objective, name):
                    loss=loss, grad_norm=grad_norm, lp_mismatch=mismatch, tokens=int(counts[4]), context=int(counts[8]),
                    trained=int(counts[8] - counts[9]),
                    len_y1=counts[5].item() / args.batch, len_y2=counts[6].item() / args.batch,
-                   cut=counts[7].item() / (getattr(args, "turns", 2) * args.batch), t_sample=ro.t_sample, t_score=ro.t_score,
-                   t_update=t_update, seconds=time.time() - t0)
+                   cut=counts[7].item() / (getattr(args, "turns", 2) * args.batch),  # of the attempts sampled
+                   t_sample=ro.t_sample, t_score=ro.t_score, t_update=t_update, seconds=time.time() - t0)
         say(f"{args.label + ': ' if args.label else ''}step {step}/{args.steps} | acc t1 {acc_t1:.1%} t2 {acc_t2:.1%} (i->c {i2c:.1%}, c->i {c2i:.1%}) | "
             f"KL t1 {kl1:.4f} t2 {kl2:.4f} | loss {loss:+.4f} | |g| {grad_norm:.3f} | {rate:.0f} tok/s | "
             f"ETA {eta:.1f} min", flush=True)
