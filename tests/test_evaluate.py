@@ -65,7 +65,7 @@ def test_metrics_three_turns_by_hand():
              ["5+2", "4+1", "5+2"],        # 1 0 1, changed
              ["none", " none\n", "2+5"],  # 0 0 1, no answer twice: unchanged; the same text again: verbatim
              ["1+9", "9+1", "4+1"],        # 0 0 0, unchanged
-             ["x", "so 5+2", "9+4"]]       # 0 1 0, changed (none -> 2+5)
+             ["x", " 5+2", "9+4"]]         # 0 1 0, changed (none -> 2+5)
     rep = evaluate.metrics(demo(6), [list(t) for t in zip(*texts)])
     want = dict(acc_t1=2 / 6, acc_t2=3 / 6, acc_t3=3 / 6, delta=1 / 6, delta_i2c=2 / 6, delta_c2i=1 / 6,
                 changed=3 / 6, verbatim=1 / 6, n=6)
