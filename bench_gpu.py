@@ -384,14 +384,14 @@ def script(c, *argv, env=None):
 def same_tensors(a, b):
     """Names of the tensors (in two torch.load'ed dicts, nested) that are not bit-identical."""
     if torch.is_tensor(a):
-        return [] if torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) else ["."]
+        return [] if torch.is_tensor(b) and a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b) else [""]
     if isinstance(a, dict):
         if not isinstance(b, dict) or a.keys() != b.keys():
-            return ["(keys)"]
-        return [f"{k}{d}" for k in a for d in same_tensors(a[k], b[k])]
+            return [" (other keys)"]
+        return [f"/{k}{d}" for k in a for d in same_tensors(a[k], b[k])]
     if isinstance(a, (list, tuple)):
-        return [f"[{i}]{d}" for i, (x, y) in enumerate(zip(a, b)) for d in same_tensors(x, y)] if len(a) == len(b) \
-            else ["(length)"]
+        return [f"/{i}{d}" for i, (x, y) in enumerate(zip(a, b)) for d in same_tensors(x, y)] if len(a) == len(b) \
+            else [" (other length)"]
     return []
 
 
@@ -429,12 +429,12 @@ def part_entry(c):
         script(c, *run, "--out", f"{w}/s{stage}r", "--steps", "1")
         script(c, *run, "--out", f"{w}/s{stage}r", "--steps", "2", "--resume")
         (wa, sa), (wb, sb) = (ckpt_tensors(f"{w}/{d}/ckpt") for d in (f"s{stage}", f"s{stage}r"))
-        differ = [f"model.pt{d}" for d in same_tensors(wa, wb)] + [f"Adam{d}" for d in same_tensors(sa, sb)]
+        differ = [f"model.pt{d}" for d in same_tensors(wa, wb)] + [f"state.pt/opt{d}" for d in same_tensors(sa, sb)]
         moved = sum((wa[n].float() != v.float()).sum().item() for n, v in ckpt_tensors(init)[0].items())
         c.row(f"train_stage{stage}.py: weights changed by the 2 steps", f"{moved / sum(v.numel() for v in wa.values()):.1%}",
               "> 0", "ok" if moved else "FAIL")
         c.cmp(f"train_stage{stage}.py: 1 step, then --resume to 2, against 2 uninterrupted: tensors not bit-identical "
-              f"(weights and Adam state){' ' + ', '.join(differ[:3]) if differ else ''}", len(differ), 0, fmt="{}")
+              f"(weights and Adam state){': ' + ', '.join(differ[:2]) if differ else ''}", len(differ), 0, fmt="{}")
     out, t = script(c, "evaluate.py", "--ckpt", f"{w}/s2/ckpt", "--task", "math", "--data", f"{w}/math500.jsonl",
                     "--out", f"{w}/report.json")
     rep = json.load(open(f"{w}/report.json"))

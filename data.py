@@ -252,6 +252,8 @@ def load_task(name, path=None, n=None, seed=0, split="train"):
     if name not in TASKS:
         raise DataError(f"unknown task {name!r}: choose {', '.join(TASKS)}")
     if name == "demo":
+        if path is not None:  # never silently ignored
+            raise DataError(f"the demo task generates its problems, it reads no file (--data {path})")
         return make_demo(n or 500, seed, split)
     if path is None:
         raise DataError(f"task {name!r} needs a data path (--data)")
@@ -268,18 +270,19 @@ def program_of(problem, response):
     """The program to run for a code answer: the last ```python block. For HumanEval the prompt runs first
     in any case, as common harnesses run it: a block that only gives the body's continuation gets the
     whole prompt (the header) prepended; one that defines the entry point gets the prompt's code before
-    that definition (its imports, such as `from typing import List`, and any helper it defines)."""
+    that definition (its imports, such as `from typing import List`, and any helper it defines). "Defines" is
+    one pattern for both: a line `def ENTRY(`, not a helper whose name starts with ENTRY."""
     code = reward.extract_code(response)
     if code is None:
         return None
     entry = problem.meta.get("entry_point")
     if not entry:
         return code
-    header = problem.meta["header"]
-    if f"def {entry}" not in code:
+    header, defines = problem.meta["header"], re.compile(rf"^def\s+{re.escape(entry)}\s*\(", re.M)  # not a prefix
+    if not defines.search(code):
         return header + code
-    start = header.find(f"def {entry}(")
-    return (header[:start] if start >= 0 else "") + code
+    start = defines.search(header)
+    return (header[:start.start()] if start else "") + code
 
 
 def answer_of(problem, response):

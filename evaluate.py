@@ -33,8 +33,8 @@ import torch.distributed as dist
 import data
 import reward
 import shard
-from model import GPT, auto_dtype, device_error, merge_lora, write_error
-from sample import HelpFormatter, generate_turns, is_checkpoint, max_new_that_fits
+from model import GPT, auto_dtype, device_error, merge_lora, warn_if_emulated, write_error
+from sample import HelpFormatter, generate_turns, is_checkpoint, max_new_that_fits, seed_of
 from tokenizer import Tokenizer
 
 DEFAULT_MAX_NEW = {"demo": 16, "math": 1024, "mbpp": 1024, "humaneval": 1024}
@@ -44,7 +44,9 @@ def attempts(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temper
              progress=None):
     """Texts of each turn: a list over turns of lists over rows (problem-major, k rows per problem).
     Under torchrun each rank generates for its share of the problems and every rank gets all texts.
-    progress: a label; rank 0 then prints a line per batch (problems done, rate, ETA) to stderr."""
+    progress: a label; rank 0 then prints a line per batch (problems done, rate, ETA) to stderr.
+    seed: None (greedy), or an int or a tuple, the key of the sampling's randomness: each rank's chunk draws
+    from a stream of its own (sample.seed_of)."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = problems[rank::world]
     followup = tok.render_followup([{"role": "user", "content": p1}])
@@ -54,7 +56,7 @@ def attempts(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temper
         prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in mine[i:i + batch]]
         ys = generate_turns(model, prompts, followup, max_new_tokens, turns=turns, k=k, temperature=temperature,
                             stop_ids=tok.stop_ids, eot_id=tok.eot_id,
-                            seed=None if seed is None else seed + 7919 * rank + i)
+                            seed=None if seed is None else seed_of(seed, rank, i))
         for t in range(turns):
             out[t] += [tok.decode([x for x in y if x not in tok.stop_ids]) for y in ys[t]]
         if progress and rank == 0 and len(mine) > batch:
@@ -133,9 +135,9 @@ def scaling(model, tok, problems, K, p1, max_new_tokens, batch, seed, temperatur
     majority vote over the K second attempts) against 2K parallel first attempts (majority vote)."""
     label = lambda s: progress and f"{progress}, {s}"
     seq = attempts(model, tok, problems, 2, p1, max_new_tokens, max(1, batch // K), k=K, temperature=temperature,
-                   seed=seed, progress=label(f"{K} samples corrected once"))
+                   seed=(seed, "corrected once"), progress=label(f"{K} samples corrected once"))
     par = attempts(model, tok, problems, 1, p1, max_new_tokens, max(1, batch // (2 * K)), k=2 * K,
-                   temperature=temperature, seed=seed + 1, progress=label(f"{2 * K} parallel samples"))
+                   temperature=temperature, seed=(seed, "parallel"), progress=label(f"{2 * K} parallel samples"))
     return {f"maj@{K}_self_corrected": majority_correct(problems, seq[1], K),
             f"maj@{2 * K}_parallel": majority_correct(problems, par[0], 2 * K)}
 
@@ -352,6 +354,7 @@ def main(argv=None):
         error(str(e))
     rank, _, device = shard.setup_distributed(args.device)  # under torchrun: problems split over the ranks
     dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
+    warn_if_emulated(dtype, device)
     # each checkpoint's p1 and max_new_tokens, and whether every problem fits, before any model runs
     plans = []
     for ckpt, info in zip(args.ckpt, infos):

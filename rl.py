@@ -32,17 +32,17 @@ differentiable objective runs: update() asks nothing of it but a per-row loss.
 
 Precision: the policy is always trained on fp32 master weights (fp32 Adam state), whatever the
 checkpoint's dtype; --dtype bf16 runs the policy's forward and backward under torch.autocast, on the
-CPU as on the GPU. The reference is stored in the compute dtype, and a bf16 copy of the policy, refreshed
-every step, samples the rollouts (make_sampler): the same numbers, without casting every decoded token.
+CPU as on the GPU. The reference is stored in the compute dtype. The rollouts are sampled by a copy of the
+policy in the compute dtype, refreshed every step (make_sampler: in bf16, the same numbers without casting
+every decoded token; under FSDP2 a whole copy, gathered once per step), or, in fp32 on one process and with
+--lora (whose frozen weights are already in the compute dtype), by the policy itself.
 """
 import argparse
-import hashlib
 import json
 import math
 import os
 import random
 import shlex
-import shutil
 import signal
 import sys
 import time
@@ -54,9 +54,10 @@ import torch.distributed as dist
 import data
 import memory
 import shard
-from model import (GPT, CheckpointError, adapters_off, add_lora, auto_dtype, device_error, load_tensors, merge_lora,
-                   save_checkpoint, token_logprobs, write_error)
-from sample import HelpFormatter, generate, generate_turns, layout, max_new_that_fits
+from checkpoint import check_resume, latest, save
+from model import (GPT, CheckpointError, adapters_off, add_lora, auto_dtype, device_error, load_checkpoint, load_config,
+                   load_tensors, merge_lora, read_lora, token_logprobs, warn_if_emulated, write_error)
+from sample import HelpFormatter, generate, generate_turns, layout, max_new_that_fits, seed_of
 from shard import all_reduce_grads, setup_distributed
 from tokenizer import Tokenizer
 
@@ -115,53 +116,61 @@ def generated_hidden(idx, sel, m1, k):
         # policy sharded by FSDP2 (the prompt's pass reaches the loss only through the cache, not through the
         # blocks' outputs, where FSDP2 hooks the gathering of a block's weights for its backward)
         if checkpoint or shard.is_sharded(model):
-            return model.hidden(idx[:, :-1], checkpoint=checkpoint)[sel]
-        return model.hidden_shared(prefix, shared[::k], suffix, group)[sel_suffix]
+            h = model.hidden(idx[:, :-1], checkpoint=checkpoint)[sel]
+        else:
+            h = model.hidden_shared(prefix, shared[::k], suffix, group)[sel_suffix]
+        # the head's weight read after the forward: FSDP2 leaves the root's parameters gathered after it (the
+        # root is never resharded after forward), so it is whole here, not a shard
+        return h, model.head_weight
     return hidden
 
 
-def micro_batch(policy, ref, ro, rows, args):
-    """What the stage's objective reads, for the rollouts `rows` (whole groups of k): the policy's
-    log-probs of each generated token from the chunked head (model.token_logprobs: the (N, V) logits
-    never exist), differentiable; the frozen reference's, without gradient; both summed per row and turn
+def objective_input(policy, ref, ro, rows, args):
+    """What the stage's objective reads (b, the module docstring), for the rollouts `rows` (whole groups of k):
+    the policy's log-probs of each generated token from the chunked head (model.token_logprobs: the (N, V)
+    logits never exist), differentiable; the frozen reference's, without gradient; both summed per row and turn
     by turn_sums. Prompt, instruction and padding tokens never count."""
     m1, m2 = ro.m1[rows], ro.m2[rows]
     sel = m1 | m2  # the generated tokens' target positions
     L = int(sel.any(0).nonzero().max()) + 2  # drop the padding columns no row of this micro-batch needs
     idx, m2, sel = ro.tokens[rows, :L], m2[:, :L - 1], sel[:, :L - 1]
-    tgt, lp_old = idx[:, 1:][sel], ro.lp_old[rows, :L - 1][sel]  # (n,) each generated token, the sampler's log pi
-    row, turn2 = sel.nonzero()[:, 0], m2[sel]  # (n,) each generated token's row and turn
+    tgt = idx[:, 1:][sel]  # (n,) each generated token
     hidden = generated_hidden(idx, sel, m1[:, :L - 1], args.k)
     with torch.no_grad(), adapters_off(ref):  # with LoRA the reference is the policy with its adapters off
-        lp_ref = token_logprobs(hidden(ref), ref.head_weight, tgt, args.temperature)  # (n,) log pi_ref
-    lp = token_logprobs(hidden(policy, getattr(args, "checkpoint_activations", False)), policy.head_weight, tgt,
+        lp_ref = token_logprobs(*hidden(ref), tgt, args.temperature)  # (n,) log pi_ref
+    lp = token_logprobs(*hidden(policy, getattr(args, "checkpoint_activations", False)), tgt,
                         args.temperature)  # (n,) log pi: the training path
-    return turn_sums(lp, lp_ref, lp_old, row, turn2, ro.first_from_pi[rows], ro.r1[rows], ro.r2[rows],
-                     ro.group[rows] - ro.group[rows].min(), args)
+    tokens = SimpleNamespace(lp=lp, lp_ref=lp_ref, lp_old=ro.lp_old[rows, :L - 1][sel],  # the sampler's log pi
+                             row=sel.nonzero()[:, 0], turn2=m2[sel])  # (n,) each generated token's row and turn
+    return turn_sums(tokens, SimpleNamespace(first_from_pi=ro.first_from_pi[rows], r1=ro.r1[rows], r2=ro.r2[rows],
+                                             group=ro.group[rows] - ro.group[rows].min()), args)
 
 
-def turn_sums(lp, lp_ref, lp_old, row, turn2, first_from_pi, r1, r2, group, args):
-    """The objective's input b (module docstring) from per-token log-probs: lp (n,) the policy's, with
-    gradient; lp_ref (n,) the reference's; lp_old (n,) the sampler's, for the KL in the reward; row (n,)
-    and turn2 (n,) each token's row (of m) and turn; first_from_pi (m,) False where y1 came from the base
-    model: that y1 is not pi's sample, so its tokens enter no turn-1 sum (only turn 2 learns from it).
-    Also, for the logs: the k3 KL estimate exp(-d) - 1 + d >= 0 (d = log pi - log pi_ref) summed over
-    each turn's tokens, and |log pi - sampler log pi| summed over the tokens pi sampled."""
-    t1 = ~turn2 & first_from_pi[row]  # (n,) turn-1 tokens that pi sampled
-    per_row = lambda x, turn: torch.zeros(len(r1), device=x.device, dtype=x.dtype).index_add(0, row, x * turn)
+def turn_sums(tokens, rows, args):
+    """The objective's input b (module docstring) from per-token log-probs.
+    tokens, each (n,), per generated token: lp the policy's log-prob, with gradient; lp_ref the reference's;
+      lp_old the sampler's (for the KL in the reward); row its row (of m); turn2 whether it is turn 2's.
+    rows, each (m,): r1, r2 the rewards; group the prompt; first_from_pi False where y1 came from the base
+      model: that y1 is not pi's sample, so its tokens enter no turn-1 sum (only turn 2 learns from it).
+    b.log holds sums for the logs: k3_t1, k3_t2 the k3 KL estimate exp(-d) - 1 + d >= 0 (d = log pi -
+    log pi_ref) over each turn's tokens; lp_diff |log pi - sampler log pi| over the n_sampled tokens pi sampled."""
+    lp, lp_ref, row, turn2 = tokens.lp, tokens.lp_ref, tokens.row, tokens.turn2
+    t1 = ~turn2 & rows.first_from_pi[row]  # (n,) turn-1 tokens that pi sampled
+    per_row = lambda x, turn: torch.zeros(len(rows.r1), device=x.device, dtype=x.dtype).index_add(0, row, x * turn)
     # --kl reward: log pi - log pi_ref of each sampled token, a constant (it goes into the return);
     # --kl loss: the per-token k2 = 0.5 (log pi - log pi_ref)^2, with gradient
-    kl = lp_old - lp_ref if args.kl == "reward" else kl_term(lp, lp_ref)
+    kl = tokens.lp_old - lp_ref if args.kl == "reward" else kl_term(lp, lp_ref)
     d = lp.detach() - lp_ref
     k3 = torch.expm1(-d) + d
+    log = SimpleNamespace(k3_t1=(k3 * t1).sum(), k3_t2=(k3 * turn2).sum(), n_sampled=(t1 | turn2).sum(),
+                          lp_diff=((lp.detach() - tokens.lp_old).abs() * (t1 | turn2)).sum())
     return SimpleNamespace(logp1=per_row(lp, t1), logp2=per_row(lp, turn2), kl1=per_row(kl, t1), kl2=per_row(kl, turn2),
-                           r1=r1, r2=r2, group=group, k3_1=(k3 * t1).sum(), k3_2=(k3 * turn2).sum(),
-                           mismatch=((lp.detach() - lp_old).abs() * (t1 | turn2)).sum(), n_sampled=(t1 | turn2).sum())
+                           r1=rows.r1, r2=rows.r2, group=rows.group, log=log)
 
 
 def update(policy, ref, opt, ro, objective, args, world=1):
     """One optimizer step over a batch of rollouts, accumulated over micro-batches of whole groups: for
-    each, the stage's objective on the micro-batch's log-probs (micro_batch), summed over rows, divided by
+    each, the stage's objective on the micro-batch's log-probs (objective_input), summed over rows, divided by
     the global batch R, backward(). With several processes each holds 1/world of the batch and the ranks'
     gradients are summed (FSDP2's reduce-scatter after each backward where the policy is sharded, else one
     all-reduce after the last micro-batch), so the update is the one a single process would make on the whole
@@ -169,68 +178,97 @@ def update(policy, ref, opt, ro, objective, args, world=1):
     sampler log-prob| per generated token)."""
     R = ro.tokens.shape[0] * world  # rollouts in the global batch
     opt.zero_grad(set_to_none=True)
-    stats = torch.zeros(6, device=ro.tokens.device)  # loss, KL t1, KL t2, non-finite, |lp - lp_old|, tokens
+    total = {}  # sums over the micro-batches (and the ranks) of what the logs report
     for s in range(0, ro.tokens.shape[0], args.micro_batch):
         rows = torch.arange(s, min(s + args.micro_batch, ro.tokens.shape[0]), device=ro.tokens.device)
-        b = micro_batch(policy, ref, ro, rows, args)
+        b = objective_input(policy, ref, ro, rows, args)
         loss = objective(b, args).sum() / R  # the stage's objective, as its script writes it
         loss.backward()  # even if not finite (the step is refused below): FSDP2's backward is a collective
-        stats += torch.stack([loss.detach().float(), b.k3_1 / R, b.k3_2 / R, (~torch.isfinite(loss)).float(),
-                              b.mismatch, b.n_sampled.float()])
+        part = dict(loss=loss.detach().float(), nonfinite=(~torch.isfinite(loss)).float(), kl_t1=b.log.k3_t1 / R,
+                    kl_t2=b.log.k3_t2 / R, lp_diff=b.log.lp_diff, n_sampled=b.log.n_sampled.float())
+        total = {name: total.get(name, 0) + x for name, x in part.items()}
+    flat = torch.stack(list(total.values()))  # one tensor: one collective
     if world > 1:  # every rank takes part in every collective, even after a bad loss: no deadlock
-        dist.all_reduce(stats)
+        dist.all_reduce(flat)
         if not shard.is_sharded(policy):
             all_reduce_grads(policy)
-    if stats[3] > 0:
-        raise FloatingPointError(f"loss is {'nan' if stats[0].isnan() else stats[0].item()}")
-    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf"))
+    t = SimpleNamespace(**dict(zip(total, flat.tolist())))
+    if t.nonfinite > 0:
+        raise FloatingPointError(f"loss is {t.loss}")
+    # the norm of the whole gradient, the same on every rank (summed over them): a finite loss can still have a
+    # non-finite gradient, and one step on it makes every weight NaN; refused before the step, on every rank
+    norm = torch.nn.utils.clip_grad_norm_(policy.parameters(), args.grad_clip or float("inf")).item()
+    if not math.isfinite(norm):
+        raise FloatingPointError(f"the gradient's norm is {norm} (the loss is finite)")
     opt.step()
-    return stats[0].item(), stats[1].item(), stats[2].item(), norm.item(), (stats[4] / stats[5].clamp(min=1)).item()
+    return t.loss, t.kl_t1, t.kl_t2, norm, t.lp_diff / max(t.n_sampled, 1)
 
 
 # ------------------------------------------------------------------------------- rollouts
-def seed_of(*key):
-    """The seed of one stream of random numbers, named by its key: (the run's --seed, the step, the rank), then
-    the purpose and the chunk. A hash, so no two keys share a stream (seeds such as seed and seed + 1 would:
-    each step's streams would be the next step's). The CPU's generator keeps 32 bits of it: two of a run's
-    streams meet only by chance, about once in 2^32 pairs, never by a pattern."""
-    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
-
-
 def rollout(policy, ref, tok, problems, args, seed):
-    """Two attempts for each of `problems` (k samples each, prompt-major), their rewards, the sampler's
-    log-probs of the sampled tokens, and the token layout of each rollout (sample.layout), generated in
-    chunks of at most args.gen_batch rows (whole prompt groups) so that the KV cache stays bounded.
-    seed: an int or a tuple, the key of this rollout's randomness; the coin flips of --base-first, the base
-    model's first attempts and the policy's samples each draw from a stream of their own (seed_of)."""
+    """Two attempts for each of `problems` (k samples each, prompt-major; args.turns = 1: the first only),
+    their rewards, the sampler's log-probs of the sampled tokens, and the token layout of each rollout, with
+    counts for the logs. seed: an int or a tuple, the key of this rollout's randomness (sample_attempts)."""
     prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in problems]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])
-    R, k = len(problems) * args.k, args.k
+    k, dev = args.k, policy.embed_tokens.weight.device
+    t0 = time.time()
+    ys, lps, from_base = sample_attempts(policy, ref, tok, prompts, followup, args, seed)
+    t_sample = time.time() - t0
+    ro = lay_out(prompts, ys, lps, followup, tok.eot_id, k)
+    t0 = time.time()
+    texts = [[tok.decode([t for t in y if t not in tok.stop_ids]) for y in turn] for turn in ys]
+    reps = [p for p in problems for _ in range(k)]
+    r = [torch.tensor(data.rewards(reps, t), device=dev) for t in texts]  # one turn: r2 is r1, no change to log
+    cut = lambda y: len(y) == args.max_new_tokens and y[-1] not in tok.stop_ids  # ran out of tokens
+    return SimpleNamespace(tokens=ro.tokens.to(dev), m1=ro.m1.to(dev), m2=ro.m2.to(dev), lp_old=ro.lp_old.to(dev),
+                           r1=r[0], r2=r[-1], group=torch.arange(len(problems), device=dev).repeat_interleave(k),
+                           first_from_pi=(~from_base).to(dev), y1=texts[0], y2=texts[-1],
+                           n_generated=int(ro.m1.sum() + ro.m2.sum()), len_y1=sum(map(len, ys[0])),
+                           len_y2=sum(map(len, ys[1])) if len(ys) == 2 else 0, cut=sum(cut(y) for t in ys for y in t),
+                           n_context=sum(ro.lengths), n_shared=sum((k - 1) * (len(x) - 1) for x in prompts),
+                           t_sample=t_sample, t_score=time.time() - t0)
+
+
+def sample_attempts(policy, ref, tok, prompts, followup, args, seed):
+    """The attempts of each prompt's k samples: (ys, lps, from_base), ys and lps lists over turns (args.turns,
+    default 2) of lists over rows of token ids and of the sampler's log-prob of each (None for a y1 drawn from
+    the base model, --base-first, paper 5.3, marked in from_base (R,)). Generated in chunks of at most
+    args.gen_batch rows (whole prompt groups), so that the KV cache stays bounded. The coin flips of
+    --base-first, the base model's first attempts and the policy's samples each draw from a stream of their
+    own, named by seed and the chunk (seed_of)."""
+    R, k = len(prompts) * args.k, args.k
     turns = getattr(args, "turns", 2)  # 1: single-turn RL (train_single_turn.py) samples no second attempt
     from_base = torch.rand(R, generator=torch.Generator().manual_seed(seed_of(seed, "base-first"))) < args.base_first
     per = max(1, (getattr(args, "gen_batch", None) or R) // k)  # prompts per chunk
-    y1s, y2s, lp1s, lp2s = [], [], [], []
-    t0 = time.time()
+    ys, lps = [[] for _ in range(turns)], [[] for _ in range(turns)]
     for c, a in enumerate(range(0, len(prompts), per)):
-        ps, rows = prompts[a:a + per], range(a * k, min(a + per, len(prompts)) * k)
-        first = None
+        rows, first = range(a * k, min(a + per, len(prompts)) * k), None
         base_rows = [r for r in rows if from_base[r]]
         if base_rows:  # paper 5.3: some first attempts come from the base model
             with adapters_off(ref):  # with LoRA the base model is the policy with its adapters off
-                ys = generate(ref, [prompts[r // k] for r in base_rows], args.max_new_tokens, args.temperature,
+                y1 = generate(ref, [prompts[r // k] for r in base_rows], args.max_new_tokens, args.temperature,
                               stop_ids=tok.stop_ids, seed=seed_of(seed, "base", c))
             first = [None] * len(rows)
-            for r, y in zip(base_rows, ys):
+            for r, y in zip(base_rows, y1):
                 first[r - a * k] = y
-        ys, lps = generate_turns(
-            policy, ps, followup, args.max_new_tokens, turns=turns, k=k, temperature=args.temperature,
-            stop_ids=tok.stop_ids, eot_id=tok.eot_id, seed=seed_of(seed, "policy", c), first=first,
-            return_logprobs=True)
-        y1s += ys[0]; lp1s += lps[0]
-        y2s += ys[-1]; lp2s += lps[-1]  # one turn: the "second" attempt is the first, and is never trained
-    t_sample = time.time() - t0
-    seqs, spans = zip(*(layout(prompts[r // k], [y1s[r], y2s[r]][:turns], followup, tok.eot_id) for r in range(R)))
-    L, dev = max(map(len, seqs)), policy.embed_tokens.weight.device
+        y, lp = generate_turns(policy, prompts[a:a + per], followup, args.max_new_tokens, turns=turns, k=k,
+                               temperature=args.temperature, stop_ids=tok.stop_ids, eot_id=tok.eot_id,
+                               seed=seed_of(seed, "policy", c), first=first, return_logprobs=True)
+        for t in range(turns):
+            ys[t] += y[t]
+            lps[t] += lp[t]
+    return ys, lps, from_base
+
+
+def lay_out(prompts, ys, lps, followup, eot_id, k):
+    """Each rollout's tokens in sample.layout's order, (R, L) zero-padded; m1, m2 (R, L - 1) the target positions
+    of turn 1's and turn 2's tokens (position j predicts token j + 1; m2 all False with one turn); lp_old
+    (R, L - 1) the sampler's log-prob of each generated token at its target position (0 where there is none:
+    a y1 from the base model); lengths, each rollout's."""
+    R, turns = len(ys[0]), len(ys)
+    seqs, spans = zip(*(layout(prompts[r // k], [y[r] for y in ys], followup, eot_id) for r in range(R)))
+    L = max(map(len, seqs))
     tokens = torch.tensor([s + [0] * (L - len(s)) for s in seqs])  # (R, L), zero-padded
     j = torch.arange(L - 1)  # target positions: token j + 1 is predicted at j
 
@@ -238,26 +276,13 @@ def rollout(policy, ref, tok, problems, args, seed):
         a, b = (torch.tensor([sp[t] for sp in spans]) - 1).T[:, :, None]
         return (j >= a) & (j < b)
     m1 = targets(0)
-    m2 = targets(-1) if turns == 2 else torch.zeros_like(m1)
-    lp_old = torch.zeros(R, L - 1)  # the sampler's log pi of each generated token, at its target position
-    sampled = torch.tensor([lp is not None for lp in lp1s])[:, None]  # a y1 from the base model has none
-    lp_old[m1 & sampled] = torch.tensor([x for lp in lp1s if lp is not None for x in lp])
+    m2 = targets(1) if turns == 2 else torch.zeros_like(m1)
+    lp_old = torch.zeros(R, L - 1)
+    sampled = torch.tensor([lp is not None for lp in lps[0]])[:, None]  # a y1 from the base model has none
+    lp_old[m1 & sampled] = torch.tensor([x for lp in lps[0] if lp is not None for x in lp])
     if turns == 2:
-        lp_old[m2] = torch.tensor([x for lp in lp2s for x in lp])
-    t0 = time.time()
-    reps = [p for p in problems for _ in range(k)]
-    text = lambda y: tok.decode([t for t in y if t not in tok.stop_ids])
-    t1, t2 = [text(y) for y in y1s], [text(y) for y in y2s]
-    r1 = torch.tensor(data.rewards(reps, t1), device=dev)
-    r2 = torch.tensor(data.rewards(reps, t2), device=dev) if turns == 2 else r1  # one turn: no change to log
-    cut = lambda ys: sum(len(y) == args.max_new_tokens and y[-1] not in tok.stop_ids for y in ys)
-    return SimpleNamespace(tokens=tokens.to(dev), m1=m1.to(dev), m2=m2.to(dev), lp_old=lp_old.to(dev), r1=r1, r2=r2,
-                           group=torch.arange(len(problems), device=dev).repeat_interleave(k),
-                           first_from_pi=(~from_base).to(dev), n_generated=int(m1.sum() + m2.sum()), y1=t1, y2=t2,
-                           len_y1=sum(map(len, y1s)), len_y2=sum(map(len, y2s)) if turns == 2 else 0,
-                           cut=cut(y1s) + (cut(y2s) if turns == 2 else 0),
-                           n_context=sum(map(len, seqs)), n_shared=sum((k - 1) * (len(x) - 1) for x in prompts),
-                           t_sample=t_sample, t_score=time.time() - t0)
+        lp_old[m2] = torch.tensor([x for lp in lps[1] for x in lp])
+    return SimpleNamespace(tokens=tokens, m1=m1, m2=m2, lp_old=lp_old, lengths=list(map(len, seqs)))
 
 
 def lora_policy(init, args, dev, compute):
@@ -278,12 +303,31 @@ def lora_policy(init, args, dev, compute):
     return policy
 
 
+def check_same_model(policy, ref, ours, init, base):
+    """The KL to pi_ref is a comparison of two distributions over one vocabulary, computed by one architecture:
+    a policy (--init) whose configuration (max_seq_len aside) or tokenizer differs from the reference's (--base,
+    whose tokenizer `ours` the run uses) is refused, naming both."""
+    fields = [f for f in vars(ref) if f != "max_seq_len" and getattr(policy, f) != getattr(ref, f)]
+    differ = [f"{f} {getattr(policy, f)} against {getattr(ref, f)}" for f in fields]
+    try:
+        tok = Tokenizer.from_pretrained(init)  # a checkpoint without tokenizer files is read with --base's
+    except FileNotFoundError:
+        tok = None
+    if tok is not None and not tok.same_as(ours):
+        differ.append(f"tokenizer {tok.enc.name} ({tok.vocab_size} tokens) against {ours.enc.name} "
+                      f"({ours.vocab_size} tokens)")
+    if differ:
+        raise SystemExit(f"--init {init} is not a model of --base {base}'s shape ({'; '.join(differ)}): the KL to "
+                         f"a reference of another architecture or tokenizer means nothing")
+
+
 def make_sampler(policy, dtype):
-    """The model that samples the rollouts: the policy itself in fp32 on one process; else a whole copy of it in
-    the compute dtype, refreshed before every step (refresh_sampler): in bf16 so that decoding does not cast
-    the fp32 masters at every token (it computes exactly what autocast over the masters computes: the residual
-    stream is bf16 in both); under FSDP2, in fp32 too, so that decoding does not gather every block of the
-    sharded policy at every token: the copy is gathered once per step."""
+    """The model that samples the rollouts of a full fine-tuning (a LoRA policy samples itself, train): the policy
+    itself in fp32 on one process; else a whole copy of it in the compute dtype, refreshed before every step
+    (refresh_sampler): in bf16 so that decoding does not cast the fp32 masters at every token (it computes
+    exactly what autocast over the masters computes: the residual stream is bf16 in both); under FSDP2, in fp32
+    too, so that decoding does not gather every block of the sharded policy at every token: the copy is
+    gathered once per step."""
     if dtype == torch.float32 and not shard.is_sharded(policy):
         return policy
     with torch.device("meta"):
@@ -382,6 +426,10 @@ def train(args, objective, name):
                 "a training script's --out DIR writes DIR/ckpt (python train_stage1.py for Stage II's --init)"
             raise SystemExit(f"{what} {path}: not a checkpoint (no config.json); make it first: {make}")
     tok = Tokenizer.from_pretrained(args.base)
+    if not args.lora:  # (a LoRA policy's frozen weights are checked to be --base's: lora_policy)
+        # each one's weights against its own config.json first (memory-mapped: no weight is read), then the two
+        config = [load_config(p) if read_lora(p) else load_checkpoint(p)[0] for p in (init, args.base)]
+        check_same_model(*config, tok, init, args.base)
     compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
     if args.lora:  # one copy of the weights: the reference is the policy with its adapters off, it samples itself
         policy = ref = sampler = lora_policy(init, args, dev, compute)
@@ -453,8 +501,8 @@ def train(args, objective, name):
                    loss=loss, grad_norm=grad_norm, lp_mismatch=mismatch, tokens=int(counts[4]), context=int(counts[8]),
                    trained=int(counts[8] - counts[9]),
                    len_y1=counts[5].item() / args.batch, len_y2=counts[6].item() / args.batch,
-                   cut=counts[7].item() / (2 * args.batch), t_sample=ro.t_sample, t_score=ro.t_score,
-                   t_update=t_update, seconds=time.time() - t0)
+                   cut=counts[7].item() / (getattr(args, "turns", 2) * args.batch),  # of the attempts sampled
+                   t_sample=ro.t_sample, t_score=ro.t_score, t_update=t_update, seconds=time.time() - t0)
         say(f"{args.label + ': ' if args.label else ''}step {step}/{args.steps} | acc t1 {acc_t1:.1%} t2 {acc_t2:.1%} (i->c {i2c:.1%}, c->i {c2i:.1%}) | "
             f"KL t1 {kl1:.4f} t2 {kl2:.4f} | loss {loss:+.4f} | |g| {grad_norm:.3f} | {rate:.0f} tok/s | "
             f"ETA {eta:.1f} min", flush=True)
@@ -463,16 +511,16 @@ def train(args, objective, name):
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
         # every rank saves (a sharded policy is gathered to rank 0, which writes) and keeps the same best
+        paths = []
         if step % args.save_every == 0 or step == args.steps:
             reward = sum(window) / len(window)  # the final attempt's training reward since the last save
-            if reward > best:
-                best = reward
-            save(os.path.join(args.out, "ckpt"), policy, tok, opt, step, args, {"best_reward": best})
-            if best == reward:  # the paper evaluates the checkpoints with the highest training reward
-                save(os.path.join(args.out, "best"), policy, tok, opt, step, args, {"best_reward": best})
+            best = max(best, reward)
+            paths += ["ckpt"] + (["best"] if best == reward else [])  # the paper evaluates the best training reward's
             window = []
         if args.keep_every and step % args.keep_every == 0:
-            save(os.path.join(args.out, f"step_{step:06d}"), policy, tok, opt, step, args, {"best_reward": best})
+            paths.append(f"step_{step:06d}")
+        if paths:  # gathered and written once, the others copies
+            save([os.path.join(args.out, p) for p in paths], policy, tok, opt, step, args, {"best_reward": best})
         if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
     say(f"{name}: done; checkpoint {os.path.join(args.out, 'ckpt')}, best training reward {best:.1%} in "
@@ -482,56 +530,7 @@ def train(args, objective, name):
         shard.teardown()
 
 
-# ------------------------------------------------------------------------------- checkpoints
-# Flags that change what a run computes: --resume refuses to continue a run with other values.
-# gen_batch too: the chunks draw from streams of their own, so another chunking samples other rollouts.
-RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "alpha", "beta1", "beta2", "kl",
-             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype", "gen_batch",
-             "lora", "lora_alpha")
-
-
-def save(path, policy, tok, opt, step, args, extra=None):
-    """Write a whole checkpoint at `path` (the policy's fp32 masters, the tokenizer, task.json, and
-    state.pt with the Adam state (opt.state_dict()), step and args) into a temporary directory, then
-    swap it in: `path` is always a complete checkpoint (the previous one stays as path.old until the swap
-    is done). Every rank calls it; rank 0 writes. The same files whatever the number of processes (a sharded
-    policy and its Adam state are gathered whole: shard.full_state), so a run resumes on any number."""
-    weights, adam = shard.full_state(policy, opt)  # whole, on rank 0 (sharded: gathered)
-    if dist.is_initialized() and dist.get_rank() != 0:
-        return
-    tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    if shard.is_sharded(policy):
-        save_checkpoint(tmp, policy.config, weights)  # what save_pretrained writes of the whole model
-    else:
-        policy.save_pretrained(tmp)
-    tok.save_pretrained(tmp)
-    data.save_task_info(tmp, args.task, args.p1, args.max_new_tokens)  # what evaluate.py and sample.py default to
-    torch.save({"opt": adam, "step": step, "args": vars(args), **(extra or {})}, os.path.join(tmp, "state.pt"))
-    if os.path.exists(path):
-        shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
-
-
-def latest(out):
-    """The run's latest complete checkpoint directory, or None."""
-    for d in ("ckpt", "ckpt.old"):
-        p = os.path.join(out, d)
-        if os.path.exists(os.path.join(p, "state.pt")):
-            return p
-    return None
-
-
-def check_resume(saved, args):
-    """--resume continues the same run: a flag that changes it is an error naming the flag."""
-    for k in RUN_FLAGS:
-        if k in saved and saved[k] != getattr(args, k):
-            raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r} but the run in {args.out} "
-                             f"was started with {saved[k]!r}; only --steps may change (or start a new --out)")
-
-
+# ------------------------------------------------------------------------------- problems
 def load_problems(args, tok, max_len, say):
     """The training problems: the task's, minus MBPP's test split (task ids 11-510) and minus those whose
     two turns cannot fit the model's context (each with a printed count): never a crash mid-run."""
@@ -582,9 +581,11 @@ PRESETS = {
 }
 
 
-def get_args(stage, argv=None, run=None):
+def get_args(stage, argv=None, run=None, unused=None):
     """Arguments of a stage script: a preset's values as defaults, every knob overridable. `run` names
-    the default run directory under the preset's root (default: stage1 or stage2)."""
+    the default run directory under the preset's root (default: stage1 or stage2). `unused`: the weights the
+    script's objective does not read (default: alpha in Stage I, beta2 in Stage II): given, they are refused."""
+    unused = unused if unused is not None else ("alpha",) if stage == 1 else ("beta2",)
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--preset", default="demo", choices=sorted(PRESETS))
     name = pre.parse_known_args(argv)[0].preset
@@ -646,19 +647,26 @@ def get_args(stage, argv=None, run=None):
     p.add_argument("--threads", type=int, help="torch CPU threads (0: torch's default)")
     p.add_argument("--label", help="the run's name, at the start of every progress line (default: the stage's, "
                                    "at the start and end only)")
-    p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2")})
+    for action in p._actions:
+        if action.dest in unused:
+            action.help = f"unused by {p.prog}: its objective has no {action.dest} (refused)"
+    p.set_defaults(**{k: v for k, v in preset.items() if k not in ("root", "stage2", "data", *unused)})
     if stage == 2:
         p.set_defaults(**preset.get("stage2", {}))
     p.set_defaults(out=f"{preset['root']}/{run or f'stage{stage}'}")
     args = p.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)  # what the line that resumes the run repeats
-    error = check_args(args)
+    if args.data is None and args.task == preset["task"]:  # the preset's data is its task's, not another's
+        args.data = preset["data"]
+    args.unused, given = list(unused), [f for f in unused if getattr(args, f) is not None]
+    error = f"--{given[0]} is unused by {p.prog}: its objective has no {given[0]}" if given else check_args(args)
     if error:  # one line, before anything is read or written
         p.exit(2, f"{p.prog}: error: {error}\n")
     if args.init is None:  # Stage I's policy starts from the base model it is held to, unless told otherwise
         args.init = args.base if stage == 1 else f"{preset['root']}/stage1/ckpt"
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
+    warn_if_emulated(args.dtype, args.device)
     if args.p1 is None:
         args.p1 = data.instruction(args.task)
     if args.lora_alpha is None:
@@ -666,26 +674,36 @@ def get_args(stage, argv=None, run=None):
     return args
 
 
-def check_args(a):
-    """The first nonsense among the numeric flags, as a one-line message naming the flag; None if all is well."""
-    for flag in ("steps", "batch", "k", "micro_batch", "max_new_tokens", "save_every"):
-        if getattr(a, flag) < 1:
-            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
-    for flag in ("n_train", "gen_batch"):  # None: all problems / all rows at once
-        if getattr(a, flag) is not None and getattr(a, flag) < 1:
-            return f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(a, flag)})"
+def check_numbers(a):
+    """The first nonsense among the numeric flags a script has (the stages', train_sft.py's), as a one-line
+    message naming the flag; None if all is well. A flag the script lacks is not checked, nor is one that is None
+    (all problems, all rows at once, the whole batch; a weight the script does not use)."""
+    value, name = lambda flag: getattr(a, flag, None), lambda flag: "--" + flag.replace("_", "-")
+    for flag in ("steps", "batch", "k", "micro_batch", "max_new_tokens", "save_every", "n_train", "gen_batch",
+                 "problems", "epochs"):
+        if value(flag) is not None and value(flag) < 1:
+            return f"{name(flag)} must be at least 1 (got {value(flag)})"
     for flag in ("keep_every", "threads"):
-        if getattr(a, flag) < 0:
-            return f"--{flag.replace('_', '-')} must be at least 0 (got {getattr(a, flag)})"
+        if value(flag) is not None and value(flag) < 0:
+            return f"{name(flag)} must be at least 0 (got {value(flag)})"
     if not (math.isfinite(a.lr) and a.lr > 0):
         return f"--lr must be a positive number (got {a.lr})"
     if not (math.isfinite(a.temperature) and a.temperature > 0):
         return f"--temperature must be positive: RL samples its rollouts (got {a.temperature})"
     for flag in ("alpha", "beta1", "beta2", "grad_clip"):
-        if not (math.isfinite(getattr(a, flag)) and getattr(a, flag) >= 0):
-            return f"--{flag.replace('_', '-')} must be a number at least 0 (got {getattr(a, flag)})"
+        if value(flag) is not None and not (math.isfinite(value(flag)) and value(flag) >= 0):
+            return f"{name(flag)} must be a number at least 0 (got {value(flag)})"
     if not 0.0 <= a.base_first <= 1.0:  # also false for nan
         return f"--base-first is a fraction in [0, 1] (got {a.base_first})"
+    return None
+
+
+def check_args(a):
+    """A stage script's flags: check_numbers, then the rules of RL's batches and of LoRA, as a one-line message
+    naming the flag; None if all is well."""
+    error = check_numbers(a)
+    if error:
+        return error
     if a.k < 2 and a.baseline == "loo":
         return "--k 1 leaves the leave-one-out baseline no other sample: use --k 2 or more, or --baseline none"
     if a.batch % a.k or a.micro_batch % a.k:
@@ -699,4 +717,3 @@ def check_args(a):
     if a.n_train is not None and a.n_train < a.batch // a.k:
         return f"--n-train {a.n_train} is fewer problems than a step's {a.batch // a.k} prompts (--batch / --k)"
     return device_error(a.device) or write_error(a.out) and f"--out {a.out}: {write_error(a.out)}"
-

@@ -34,13 +34,22 @@ returned too, in fp32: the trainer uses them for the KL in the reward (it sample
 This file imports only model.py (and torch), so it can be copied with model.py alone.
 """
 import argparse
+import hashlib
 import os
 from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from model import GPT, KVCache, compute_dtype, device_error, merge_lora
+from model import GPT, KVCache, compute_dtype, device_error, merge_lora, warn_if_emulated
+
+
+def seed_of(*key):
+    """The seed of one stream of random numbers, named by its key: (the run's --seed, the step, the rank), then
+    the purpose and the chunk. A hash, so no two keys share a stream (seeds such as seed and seed + 1 would:
+    each step's streams would be the next step's). The CPU's generator keeps 32 bits of it: two of a run's
+    streams meet only by chance, about once in 2^32 pairs, never by a pattern."""
+    return int.from_bytes(hashlib.sha256(repr(key).encode()).digest()[:8], "little") >> 1
 
 
 def sample_next(logits, temperature=1.0, top_p=1.0, generator=None):
@@ -364,6 +373,7 @@ def main(argv=None):
         error(f"--ckpt {args.ckpt}: {e}")
     p1 = args.p1 or info.get("p1") or data.instruction("math")
     dtype = args.dtype or ("bf16" if str(args.device).startswith("cuda") else "fp32")
+    warn_if_emulated(dtype, args.device)
     ctx = tok.render([{"role": "user", "content": args.prompt}])
     # the followup closes an attempt and opens the next assistant turn; it does not depend on the attempt
     followup = tok.render_followup([{"role": "user", "content": p1}])

@@ -13,7 +13,7 @@ copy of the frozen weights that every rank needs whole at every decoded token, a
 adapters and their Adam state) is small. Its adapters' gradients are summed by one all-reduce
 (all_reduce_grads), as are the demo base's (train_base.py).
 
-Checkpoints stay those of one process (rl.save): the weights and Adam's state whole, in the layout of
+Checkpoints stay those of one process (checkpoint.save): the weights and Adam's state whole, in the layout of
 model.state_dict() and opt.state_dict(), gathered to rank 0 one tensor at a time (full_state); at a
 resume each rank slices its shard from the whole state (load_optimizer), so a run written by N processes
 resumes on M. FSDP2 and DTensor are imported only when the policy is sharded: their import takes half a
@@ -61,6 +61,11 @@ def teardown():
         torch._C._clear_DTensor_sharding_propagator_cache()
         clear_redistribute_planner_cache()
         gc.collect()
+        # torch 2.11: sharding strategies that a C++ cache still holds keep device meshes alive, and each mesh holds
+        # its groups in a registry of its own; emptied, the group goes with destroy_process_group
+        for m in gc.get_objects():
+            if type(m).__name__ == "DeviceMesh" and isinstance(getattr(m, "_pg_registry", None), dict):
+                m._pg_registry.clear()
     dist.destroy_process_group()
 
 
@@ -91,12 +96,10 @@ def full(t, sharded):
 
 
 def full_state(model, opt):
-    """(weights, Adam's state) whole, in the layout of one process's model.state_dict() and opt.state_dict()
-    (Adam's state keyed by the parameter's index), whatever the number of processes: where the model is
-    sharded, gathered one tensor at a time (a collective: every rank calls it) to rank 0's CPU; the other
-    ranks get None."""
-    if not is_sharded(model):
-        return model.state_dict(), opt.state_dict()
+    """(weights, Adam's state) of a model that FSDP2 shards, whole, in the layout of one process's
+    model.state_dict() and opt.state_dict() (Adam's state keyed by the parameter's index): gathered one tensor
+    at a time (a collective: every rank calls it) to rank 0's CPU; the other ranks get (None, None). (A model
+    every rank holds whole needs none of this: checkpoint.save writes it with save_pretrained and opt.state_dict().)"""
     rank0 = dist.get_rank() == 0
 
     def whole(t):  # every rank gathers; rank 0 keeps a CPU copy

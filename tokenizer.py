@@ -308,6 +308,11 @@ class Tokenizer:
         tok.words = words
         return tok
 
+    def same_as(self, other):
+        """Whether two tokenizers give every text the same ids: the same ranks, pre-tokenizer, special tokens."""
+        key = lambda t: (t.enc._mergeable_ranks, t.enc._pat_str, t.special, t.nfc)
+        return key(self) == key(other)
+
     def save_pretrained(self, out_dir):
         """Write the tokenizer into a checkpoint dir so from_pretrained reads it back."""
         os.makedirs(out_dir, exist_ok=True)

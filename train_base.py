@@ -34,9 +34,10 @@ import torch.distributed as dist
 import data
 import evaluate
 import shard
-from model import GPT, GPTConfig, auto_dtype, token_logprobs, write_error
+from model import GPT, GPTConfig, auto_dtype, warn_if_emulated, write_error
 from sample import HelpFormatter
 from tokenizer import Tokenizer
+from train_sft import sft_step
 
 
 def get_args(argv=None):
@@ -76,6 +77,7 @@ def get_args(argv=None):
         p.exit(2, f"{p.prog}: error: {error}\n")
     if args.dtype == "auto":
         args.dtype = auto_dtype("cpu")
+    warn_if_emulated(args.dtype, "cpu")
     return args
 
 
@@ -125,35 +127,6 @@ def example(tok, prob, rng, two_turn, change=0.0, change_to="near", numbers="tok
         followup = tok.render_followup([{"role": "user", "content": data.DEMO_P1}])
         ids, mask = ids + followup + y, mask + [False] * len(followup) + [True] * len(y)
     return ids, mask
-
-
-def sft_step(model, opt, batch, dtype, micro_batch=None, world=1):
-    """One supervised step, shared with train_sft.py: batch is a list of (ids, mask), mask marking the
-    positions whose next token is trained on; the mean negative log-likelihood of those tokens over the
-    batch, through the chunked head, accumulated over micro-batches of rows; under torchrun the ranks'
-    gradients averaged; clipped to norm 1; one optimizer step. Returns the loss."""
-    n_tok = sum(sum(mask) for _, mask in batch)
-    opt.zero_grad(set_to_none=True)
-    total = 0.0
-    for s in range(0, len(batch), micro_batch or len(batch)):
-        part = batch[s:s + (micro_batch or len(batch))]
-        T = max(len(ids) for ids, _ in part)
-        idx = torch.zeros(len(part), T, dtype=torch.long, device=model.head_weight.device)
-        loss_mask = torch.zeros(len(part), T - 1, dtype=torch.bool, device=idx.device)
-        for i, (ids, mask) in enumerate(part):
-            idx[i, :len(ids)] = torch.tensor(ids)
-            loss_mask[i, :len(mask)] = torch.tensor(mask)
-        with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):  # fp32 masters
-            h = model.hidden(idx[:, :-1])  # (B, T-1, d)
-            logp = token_logprobs(h[loss_mask], model.head_weight, idx[:, 1:][loss_mask])
-        loss = -logp.sum() / n_tok
-        loss.backward()
-        total += loss.item()
-    if world > 1:
-        shard.all_reduce_grads(model, average=True)
-    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-    opt.step()
-    return total
 
 
 def greedy_accuracy(model, tok, problems):

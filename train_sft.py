@@ -13,7 +13,7 @@ model generated itself, kept by the oracle, does not teach self-correction. Two 
 
 Collection: --k two-turn samples (temperature 1) of each of --problems training problems from the base,
 batched as RL's rollouts are (rl.rollout, in chunks of --gen-batch rows); the kept traces go to
-OUT/traces.jsonl for a reader to look at. Fine-tuning: train_base.sft_step (the base's own supervised
+OUT/traces.jsonl for a reader to look at. Fine-tuning: sft_step (the demo base's own supervised
 loop, fp32 masters under --dtype's autocast), the loss on the second attempt's tokens only, --epochs passes
 over the kept traces in batches of --batch. The checkpoint (OUT/ckpt) is evaluated like every RL row.
 
@@ -31,10 +31,39 @@ import torch
 
 import data
 import rl
-from model import GPT, CheckpointError, auto_dtype, device_error, write_error
-from sample import HelpFormatter, layout
+import shard
+from model import GPT, CheckpointError, auto_dtype, device_error, token_logprobs, warn_if_emulated, write_error
+from sample import HelpFormatter, layout, seed_of
 from tokenizer import Tokenizer
-from train_base import sft_step
+
+
+def sft_step(model, opt, batch, dtype, micro_batch=None, world=1):
+    """One supervised step (the SFT baselines', and the demo base's in train_base.py): batch is a list of (ids, mask), mask marking the
+    positions whose next token is trained on; the mean negative log-likelihood of those tokens over the
+    batch, through the chunked head, accumulated over micro-batches of rows; under torchrun the ranks'
+    gradients averaged; clipped to norm 1; one optimizer step. Returns the loss."""
+    n_tok = sum(sum(mask) for _, mask in batch)
+    opt.zero_grad(set_to_none=True)
+    total = 0.0
+    for s in range(0, len(batch), micro_batch or len(batch)):
+        part = batch[s:s + (micro_batch or len(batch))]
+        T = max(len(ids) for ids, _ in part)
+        idx = torch.zeros(len(part), T, dtype=torch.long, device=model.head_weight.device)
+        loss_mask = torch.zeros(len(part), T - 1, dtype=torch.bool, device=idx.device)
+        for i, (ids, mask) in enumerate(part):
+            idx[i, :len(ids)] = torch.tensor(ids)
+            loss_mask[i, :len(mask)] = torch.tensor(mask)
+        with torch.autocast(idx.device.type, dtype=torch.bfloat16, enabled=dtype == "bf16"):  # fp32 masters
+            h = model.hidden(idx[:, :-1])  # (B, T-1, d)
+            logp = token_logprobs(h[loss_mask], model.head_weight, idx[:, 1:][loss_mask])
+        loss = -logp.sum() / n_tok
+        loss.backward()
+        total += loss.item()
+    if world > 1:
+        shard.all_reduce_grads(model, average=True)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    opt.step()
+    return total
 
 
 def get_args(argv=None):
@@ -67,25 +96,18 @@ def get_args(argv=None):
     error = lambda msg: p.exit(2, f"{p.prog}: error: {msg}\n")  # one line, without the usage
     args.task, args.n_train, args.p1 = preset["task"], preset["n_train"], data.instruction(preset["task"])
     args.temperature, args.base_first = 1.0, 0.0  # the base's own samples, every first attempt its own
-    for flag in ("problems", "k", "gen_batch", "epochs", "batch", "max_new_tokens"):
-        if getattr(args, flag) < 1:
-            error(f"--{flag.replace('_', '-')} must be at least 1 (got {getattr(args, flag)})")
-    if args.micro_batch is not None and args.micro_batch < 1:
-        error(f"--micro-batch must be at least 1 (got {args.micro_batch})")
-    if not (math.isfinite(args.lr) and args.lr > 0):
-        error(f"--lr must be a positive number (got {args.lr})")
-    if args.k < 2 and args.method == "pair":
-        error("--method pair pairs a sample with another sample of the same problem: --k must be at least 2")
-    if args.threads < 0:
-        error(f"--threads must be at least 0 (got {args.threads})")
-    if device_error(args.device):
-        error(device_error(args.device))
+    wrong = rl.check_numbers(args) or (args.k < 2 and args.method == "pair" and
+                                       "--method pair pairs a sample with another sample of the same problem: "
+                                       "--k must be at least 2") or device_error(args.device)
+    if wrong:  # one line, before anything is read or written
+        error(wrong)
     if args.out is None:
         args.out = os.path.join(preset["root"], args.method + ("_plus" if args.plus else ""))
     if write_error(args.out):
         error(f"--out {args.out}: {write_error(args.out)}")
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
+    warn_if_emulated(args.dtype, args.device)
     return args
 
 
@@ -138,10 +160,10 @@ def main(argv=None):
     except (CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"--base {args.base}: {e}") from None
     problems = rl.load_problems(args, tok, base.config.max_seq_len, print)
-    order = random.Random(rl.seed_of(args.seed, "problems")).sample(range(len(problems)), len(problems))
+    order = random.Random(seed_of(args.seed, "problems")).sample(range(len(problems)), len(problems))
     problems = [problems[i] for i in (order * math.ceil(args.problems / len(problems)))[:args.problems]]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])
-    rng = random.Random(rl.seed_of(args.seed, "pairs"))
+    rng = random.Random(seed_of(args.seed, "pairs"))
     examples, traces, counts, t0 = [], [], [0, 0, 0, 0], time.time()
     per = max(1, args.gen_batch // args.k)  # problems per rollout
     for c, a in enumerate(range(0, len(problems), per)):
@@ -171,7 +193,7 @@ def main(argv=None):
     model = GPT.from_pretrained(args.base, device=dev, dtype=torch.float32).train()  # fp32 masters
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, betas=(0.9, 0.99), weight_decay=0.0)
     steps = args.epochs * math.ceil(len(examples) / args.batch)
-    shuffle = random.Random(rl.seed_of(args.seed, "batches"))
+    shuffle = random.Random(seed_of(args.seed, "batches"))
     log, t0 = [], time.time()
     for epoch in range(args.epochs):
         order = shuffle.sample(range(len(examples)), len(examples))

@@ -20,7 +20,7 @@ def objective(b, args):
 
 
 if __name__ == "__main__":
-    args = rl.get_args(stage=1, run="single_turn")
+    args = rl.get_args(stage=1, run="single_turn", unused=("alpha", "beta2"))
     if args.base_first:
         raise SystemExit("train_single_turn.py: --base-first must be 0 (a first attempt from the base model "
                          "gets no turn-1 terms, and turn 2 is not trained: such rows would teach nothing)")

@@ -92,9 +92,9 @@ def adam(policy):
 
 
 def save(out, policy, opt):
-    """rl.save's checkpoint of the Stage II fp32 case after its first two batches (step 2)."""
+    """checkpoint.save's checkpoint of the Stage II fp32 case after its first two batches (step 2)."""
     args = SimpleNamespace(task="demo", p1=data.DEMO_P1, max_new_tokens=ARGS.max_new_tokens)
-    rl.save(out, policy, Tokenizer.byte_level(), opt, 2, args)
+    rl.save([out], policy, Tokenizer.byte_level(), opt, 2, args)
 
 
 def resume(ckpt, world=1, rank=0):

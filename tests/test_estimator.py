@@ -2,7 +2,7 @@
 sequence-level objective E[r] - beta * KL(pi || pi_ref), by enumerating every outcome: no sampling.
 The per-token k2 in the loss (--kl loss) misses the effect of a token on the KL of the tokens after it;
 its gap is measured. Then each stage's per-turn weights on hand-written cases. Both run the loss that
-rl.update backpropagates: per-token log-probs summed per row and turn by rl.turn_sums (as rl.micro_batch
+rl.update backpropagates: per-token log-probs summed per row and turn by rl.turn_sums (as rl.objective_input
 does with the model's), the stage's objective on the sums, backward()."""
 import itertools
 from types import SimpleNamespace
@@ -91,9 +91,11 @@ def expected_estimator_gradient(theta, ref, reward, place, a, k):
     lp = lp_tok[y].reshape(-1)  # (m * steps,) every token of every row, row-major
     r = torch.ones(2, m, dtype=F64)  # the empty turn's reward: r(y1) = 1 for Stage II's turn 2; elsewhere it
     r[turn] = reward[y]              # weights a log-prob sum of 0
-    b = rl.turn_sums(lp, ref_tok[y].reshape(-1), lp.detach(), torch.arange(m).repeat_interleave(steps),
-                     torch.full((m * steps,), turn == 1), torch.ones(m, dtype=torch.bool), r[0], r[1],
-                     torch.arange(len(tuples)).repeat_interleave(k), a)
+    tokens = SimpleNamespace(lp=lp, lp_ref=ref_tok[y].reshape(-1), lp_old=lp.detach(),
+                             row=torch.arange(m).repeat_interleave(steps), turn2=torch.full((m * steps,), turn == 1))
+    rows = SimpleNamespace(first_from_pi=torch.ones(m, dtype=torch.bool), r1=r[0], r2=r[1],
+                           group=torch.arange(len(tuples)).repeat_interleave(k))
+    b = rl.turn_sums(tokens, rows, a)
     prob = lp_tok.detach().sum(1).exp()[tuples].prod(1).repeat_interleave(k)  # (m,) the probability of the row's tuple
     return torch.autograd.grad((prob * objective(b, a)).sum() / k, theta)
 
@@ -213,8 +215,9 @@ def hand_weights(objective, a, on_policy):
     def grad_at(dist):
         lp = torch.zeros(8, dtype=F64, requires_grad=True)
         lp_ref = -t(KL1 + KL2) if a.kl == "reward" else lp.detach() - dist  # lp_old = lp = 0
-        b = rl.turn_sums(lp, lp_ref, lp.detach(), row, turn2, t(on_policy) > 0, t(R1), t(R2),
-                         torch.zeros(4, dtype=torch.long), a)
+        b = rl.turn_sums(SimpleNamespace(lp=lp, lp_ref=lp_ref, lp_old=lp.detach(), row=row, turn2=turn2),
+                         SimpleNamespace(first_from_pi=t(on_policy) > 0, r1=t(R1), r2=t(R2),
+                                         group=torch.zeros(4, dtype=torch.long)), a)
         return torch.autograd.grad(objective(b, a).sum(), lp)[0].view(2, 4)
     if a.kl == "reward":
         return grad_at(None), torch.zeros(2, 4, dtype=F64)

@@ -65,7 +65,7 @@ def test_metrics_three_turns_by_hand():
              ["5+2", "4+1", "5+2"],        # 1 0 1, changed
              ["none", " none\n", "2+5"],  # 0 0 1, no answer twice: unchanged; the same text again: verbatim
              ["1+9", "9+1", "4+1"],        # 0 0 0, unchanged
-             ["x", "so 5+2", "9+4"]]       # 0 1 0, changed (none -> 2+5)
+             ["x", " 5+2", "9+4"]]         # 0 1 0, changed (none -> 2+5)
     rep = evaluate.metrics(demo(6), [list(t) for t in zip(*texts)])
     want = dict(acc_t1=2 / 6, acc_t2=3 / 6, acc_t3=3 / 6, delta=1 / 6, delta_i2c=2 / 6, delta_c2i=1 / 6,
                 changed=3 / 6, verbatim=1 / 6, n=6)
@@ -164,6 +164,20 @@ def test_scaling_samples_K_and_2K_at_07(monkeypatch):
     assert {c["temperature"] for c in calls} == {0.3}
 
 
+def test_no_two_arms_or_chunks_of_scaling_share_a_stream(monkeypatch):
+    """Each chunk of each arm of --scaling samples from a stream of its own: the seeds the sampler gets are all
+    different (an additive scheme, seed + chunk for one arm and seed + 1 + chunk for the other, replays them)."""
+    seeds = []
+
+    def fake(model, prompts, followup, max_new_tokens, turns=2, k=1, seed=None, **kw):
+        seeds.append(seed)
+        return [[[0]] * (len(prompts) * k) for _ in range(turns)]
+    monkeypatch.setattr(evaluate, "generate_turns", fake)
+    K = 2
+    evaluate.scaling(None, Tokenizer.byte_level(), demo(4), K, "p1", 4, K, seed=0)  # one problem per chunk
+    assert len(seeds) == 8 and None not in seeds and len(set(seeds)) == 8, seeds
+
+
 def test_scaling_temperature_flag_reaches_scaling(monkeypatch, ckpt, capsys):
     seen = []
     monkeypatch.setattr(evaluate, "attempts", lambda *a, k=1, temperature=0.0, **kw:
@@ -207,9 +221,15 @@ def test_defaults_from_each_checkpoint(monkeypatch, tmp_path, ckpt, capsys):
 
 
 def test_dtype_autocast_over_fp32_weights(monkeypatch, ckpt, capsys):
+    """--dtype bf16 is autocast over fp32 weights; on a CPU without bf16 units (faked) it says in one line that
+    bf16 is emulated and slow."""
     calls = recorder(monkeypatch)
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
     evaluate.main(["--ckpt", ckpt, "--n", "2", "--device", "cpu"])
+    assert "emulated" not in capsys.readouterr().err
     evaluate.main(["--ckpt", ckpt, "--n", "2", "--device", "cpu", "--dtype", "bf16"])
+    assert capsys.readouterr().err.count("--dtype bf16: this CPU has no bf16 matrix instructions") == 1
     evaluate.main(["--ckpt", ckpt, "--n", "2", "--device", "cpu", "--dtype", "fp32"])
     assert [c["param_dtype"] for c in calls] == [torch.float32] * 3
     assert [c["autocast"] for c in calls] == [False, True, False]
@@ -447,7 +467,8 @@ def test_load_task_messages_and_mbpp_task_id(tmp_path):
 
 def test_humaneval_runs_the_prompts_code_before_the_answer(tmp_path):
     """A whole function that relies on the prompt's import (or its helper) scores as the same function
-    with the import written; a body alone gets the whole prompt; a wrong function still scores 0."""
+    with the import written; a body alone gets the whole prompt, also when it defines a helper whose name starts
+    with the entry point's; a wrong function still scores 0."""
     row = {"task_id": "t/0", "entry_point": "total",
            "prompt": 'from typing import List\n\n\ndef _twice(x):\n    return 2 * x\n\n\n'
                      'def total(xs: List[int]) -> int:\n    """Twice the sum."""\n',
@@ -460,6 +481,8 @@ def test_humaneval_runs_the_prompts_code_before_the_answer(tmp_path):
                (block("def total(xs):\n    return sum(_twice(x) for x in xs)\n"), 1.0),       # uses the helper
                (block("from typing import List\ndef total(xs: List[int]) -> int:\n    return 2 * sum(xs)\n"), 1.0),
                (block("    return 2 * sum(xs)\n"), 1.0),                                       # the body alone
+               (block("    def total_of(ys):\n        return sum(ys)\n    return 2 * total_of(xs)\n"), 1.0),  # a helper
+               (block("    return 2 * total_twice(xs) // 2\n\ndef total_twice(xs):\n    return 2 * sum(xs)\n"), 1.0),
                (block("def total(xs: List[int]) -> int:\n    return sum(xs)\n"), 0.0)]        # wrong
     got = data.rewards(problems * len(answers), [a for a, _ in answers])
     assert got == [want for _, want in answers]

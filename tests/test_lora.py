@@ -61,6 +61,25 @@ def test_adapters_off_is_the_base_and_merged_equals_unmerged():
         assert torch.allclose(merged.layers[1].mlp.down_proj.weight, m.weight + 2.0 * m.lora_B @ m.lora_A, atol=1e-6)
 
 
+def test_adapters_off_nests_and_restores_each_adapter():
+    """adapters_off inside adapters_off: after the inner one ends, the outer forward is still the base's; after
+    the outer one, the policy's; an adapter that was off before stays off."""
+    base, lora = lora_pair()
+    idx = torch.randint(0, 97, (2, 12))
+    with torch.no_grad():
+        on = lora(idx)
+        with adapters_off(lora):
+            with adapters_off(lora):
+                pass
+            assert torch.equal(lora(idx), base(idx))  # still the reference, not the policy
+        assert torch.equal(lora(idx), on)
+        m = lora.layers[0].mlp.down_proj
+        m.enabled = False
+        with adapters_off(lora):
+            pass
+        assert m.enabled is False and lora.layers[1].mlp.down_proj.enabled is True
+
+
 def test_adapter_gradients_are_the_chain_rule_of_the_weight_gradient():
     """dL/dA = s B^T dL/dW and dL/dB = s dL/dW A^T, with dL/dW the gradient of the same loss with respect to
     the effective weight W + s B A of a plain model, by hand for every adapter."""

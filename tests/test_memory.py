@@ -104,7 +104,7 @@ def saved_bytes(model, dtype, fn):
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 @pytest.mark.parametrize("cfg", CONFIGS)
 def test_activations_are_what_autograd_saves(cfg, dtype, lora, mode, monkeypatch):
-    """The policy's pass of rl.micro_batch (rl.generated_hidden: each prompt once for its k rows; each row whole
+    """The policy's pass of rl.objective_input (rl.generated_hidden: each prompt once for its k rows; each row whole
     where FSDP2 shards the policy (world 2, full fine-tuning only) or with activation checkpointing), full
     fine-tuning and LoRA (its weights frozen in the compute dtype). With checkpointing the term adds, to what
     the forward keeps, one block's recomputation: what autograd saves in a block's forward over the whole rows."""

@@ -354,7 +354,8 @@ def test_fp32_masters_under_autocast_compute_what_bf16_weights_compute():
 
 def test_auto_dtype_follows_the_cpus_bf16_units(monkeypatch):
     """bf16 only where its products are fast: a GPU, or a CPU with AVX512-BF16 or AMX (an AVX2 CPU
-    emulates them ~50x slower than fp32); the scripts resolve --dtype auto before anything runs."""
+    emulates them, 5x to 6x slower than fp32 at the demo's size); the scripts resolve --dtype auto before
+    anything runs."""
     import rl
     from model import auto_dtype
     for avx512_bf16, amx, want in ((False, False, "fp32"), (True, False, "bf16"), (False, True, "bf16")):
@@ -364,3 +365,32 @@ def test_auto_dtype_follows_the_cpus_bf16_units(monkeypatch):
         assert auto_dtype("cuda:0") == "bf16"
         assert rl.get_args(1, ["--device", "cpu"]).dtype == want  # the demo preset's default is auto
         assert rl.get_args(1, ["--device", "cpu", "--dtype", "fp32"]).dtype == "fp32"
+
+
+EMULATED = ("--dtype bf16: this CPU has no bf16 matrix instructions (AVX512-BF16 or AMX), so bf16 is emulated and "
+            "slow (about 5x slower than fp32 at the demo's size); --dtype fp32 is faster here\n")
+
+
+def test_bf16_on_a_cpu_that_emulates_it_says_so_in_one_line(monkeypatch, capsys):
+    """--dtype bf16 on a CPU without bf16 units (faked: neither AVX512-BF16 nor AMX): each training script says
+    in one line that bf16 is emulated and slow; with either unit, on a GPU, in fp32 or with auto: nothing."""
+    import rl
+    import train_base
+    import train_sft
+    parse = {"stage": lambda f: rl.get_args(1, ["--device", "cpu", *f]),
+             "sft": lambda f: train_sft.get_args(["--method", "star", "--device", "cpu", *f]),
+             "base": lambda f: train_base.get_args(f)}
+    for avx512_bf16, amx in ((False, False), (True, False), (False, True)):
+        monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda v=avx512_bf16: v)
+        monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda v=amx: v)
+        for name, get_args in parse.items():
+            capsys.readouterr()
+            get_args(["--dtype", "bf16"])
+            err = capsys.readouterr().err
+            assert err == ("" if avx512_bf16 or amx else EMULATED), (name, avx512_bf16, amx, err)
+            for other in (["--dtype", "fp32"], ["--dtype", "auto"]):
+                get_args(other)
+                assert capsys.readouterr().err == "", (name, other)
+    monkeypatch.setattr(rl, "device_error", lambda device: None)  # a GPU, faked as the CPU's units are
+    rl.get_args(1, ["--device", "cuda", "--dtype", "bf16"])
+    assert capsys.readouterr().err == ""

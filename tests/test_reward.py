@@ -330,13 +330,12 @@ def test_extract_pair():
 
 def test_pair_sum_equal():
     nums, target = [23, 5, 60, 17, 41, 88], 83
-    assert pair_sum_equal("sum 83: 23+60", nums, target)
-    assert pair_sum_equal("60 + 23", nums, target)  # either order
+    assert pair_sum_equal("23+60", nums, target)
+    assert pair_sum_equal(" 60 + 23", nums, target)  # either order, spaces around the numbers
+    assert pair_sum_equal(" 23+ 60\n", nums, target)
     assert not pair_sum_equal("23+59", nums, target)  # wrong sum
     assert not pair_sum_equal("42+41", nums, target)  # sums to target, 42 not in the list
     assert not pair_sum_equal("5+78", nums, target)  # 78 not in the list
-    assert not pair_sum_equal("23+60, no: 5+17", nums, target)  # the last pair counts
-    assert pair_sum_equal("5+17? no: 23+60", nums, target)
     assert not pair_sum_equal("garbage", nums, target)
     assert not pair_sum_equal("x" * 10_000 + "1" * 5000 + "+" + "2" * 5000, nums, target)
     assert not pair_sum_equal("41+41", [41, 5, 7], 82)  # the same entry twice
@@ -344,6 +343,16 @@ def test_pair_sum_equal():
     assert not pair_sum_equal("23+60", None, 83)  # bad arguments: False, never an exception
     assert not pair_sum_equal(None, nums, target)
 
+
+
+def test_pair_sum_equal_wants_exactly_one_pair():
+    """The task's answer is one pair: a right pair with anything else around it scores 0 (the forms the SFT
+    baselines' traces held), as does a pair inside prose."""
+    nums, target = [9, 13, 20, 4, 8], 22
+    assert pair_sum_equal(" 9+ 13", nums, target) and pair_sum_equal(" 13+ 9", nums, target)
+    for junk in (" 20 9+ 13", "assistant\n 9+ 13", " 4+ 9+ 13", " 9+ 13+ 4", " 9+ 13 20", " 9+ 13.",
+                 "sum 22: 9+13", "8+4? no: 9+13", "9+13, 20+4", "+9+13", " 9+ 13 assistant"):
+        assert not pair_sum_equal(junk, nums, target), junk
 
 # ------------------------------------------------------------------------------- code: the sandbox
 SQUARE = "def square(x):\n    return x * x\n"
@@ -527,3 +536,23 @@ def test_humaneval_canonical_solutions_pass_and_stubs_fail():
     assert [p["task_id"] for p, ok in zip(problems, canonical) if not ok] == []
     assert sum(not ok for ok in stubs) >= 160
     assert not _leftovers()
+
+
+def test_reward_copied_with_its_harness_runs_code_alone(tmp_path):
+    """reward.py and sandbox_harness.py copied into an empty directory run a passing and a failing program there;
+    reward.py without its harness fails at import, loudly, instead of scoring every program 0."""
+    import shutil
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    for name in ("reward.py", "sandbox_harness.py"):
+        shutil.copy(os.path.join(root, name), tmp_path / name)
+    check = "import reward; print(reward.run_code('def f(): return 1', 'assert f() == 1'), " \
+            "reward.run_code('def f(): return 2', 'assert f() == 1'))"
+    run = lambda: subprocess.run([sys.executable, "-c", check], cwd=tmp_path, capture_output=True, text=True,
+                                 env={"PATH": os.environ["PATH"]}, timeout=60)
+    res = run()
+    assert res.returncode == 0 and res.stdout == "True False\n", res.stderr
+    (tmp_path / "sandbox_harness.py").unlink()
+    res = run()
+    assert res.returncode != 0 and "sandbox_harness.py" in res.stderr.splitlines()[-1], res.stderr

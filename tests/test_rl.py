@@ -13,6 +13,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+import checkpoint
 import data
 import rl
 import train_single_turn
@@ -278,7 +279,7 @@ BAD_FLAGS = [  # (flags, the error line's message): one rule each
     (["--lr", "inf"], "--lr must be a positive number (got inf)"),
     (["--temperature", "0"], "--temperature must be positive: RL samples its rollouts (got 0.0)"),
     (["--temperature", "nan"], "--temperature must be positive: RL samples its rollouts (got nan)"),
-    (["--alpha", "-1"], "--alpha must be a number at least 0 (got -1.0)"),
+    (["--alpha", "1"], "--alpha is unused by train_stage1.py: its objective has no alpha"),
     (["--beta1", "nan"], "--beta1 must be a number at least 0 (got nan)"),
     (["--beta2", "-0.1"], "--beta2 must be a number at least 0 (got -0.1)"),
     (["--grad-clip", "-1"], "--grad-clip must be a number at least 0 (got -1.0)"),
@@ -312,9 +313,58 @@ def test_a_bad_flag_is_one_line_and_writes_nothing(tiny, tmp_path, monkeypatch, 
 
 def test_k1_without_the_baseline_and_zero_weights_are_accepted(tiny):
     _, _, base = tiny
-    a = rl.get_args(1, ["--base", base, "--k", "1", "--batch", "4", "--micro-batch", "2", "--baseline", "none",
-                        "--alpha", "0", "--beta1", "0", "--beta2", "0", "--grad-clip", "0", "--base-first", "1"])
-    assert (a.k, a.alpha, a.beta1, a.beta2, a.base_first) == (1, 0.0, 0.0, 0.0, 1.0)
+    flags = ["--base", base, "--k", "1", "--batch", "4", "--micro-batch", "2", "--baseline", "none", "--beta1", "0",
+             "--grad-clip", "0", "--base-first", "1"]
+    a = rl.get_args(1, flags + ["--beta2", "0"])
+    assert (a.k, a.alpha, a.beta1, a.beta2, a.base_first) == (1, None, 0.0, 0.0, 1.0)
+    a = rl.get_args(2, flags + ["--alpha", "0"])
+    assert (a.k, a.alpha, a.beta1, a.beta2, a.base_first) == (1, 0.0, 0.0, None, 1.0)
+
+
+@pytest.mark.parametrize("script,flag", [("train_stage1.py", "--alpha"), ("train_stage2.py", "--beta2"),
+                                         ("train_single_turn.py", "--alpha"), ("train_single_turn.py", "--beta2")])
+def test_a_weight_the_objective_does_not_read_is_refused(tiny, tmp_path, monkeypatch, capsys, script, flag):
+    """alpha is Stage II's, beta2 Stage I's, and the single-turn ablation has neither: a script that does not
+    use the flag says so in --help and refuses it in one line, writing nothing; its own weights are checked."""
+    _, _, base = tiny
+    path = os.path.join(ROOT, script)
+    argv = ["--base", base, "--init", base, "--out", str(tmp_path / "run"), "--steps", "1", "--device", "cpu"]
+
+    def run(*flags):
+        monkeypatch.setattr(sys, "argv", [path, *argv, *flags])
+        with pytest.raises(SystemExit) as e:
+            runpy.run_path(path, run_name="__main__")
+        return e.value.code, capsys.readouterr()
+
+    code, out = run("--help")
+    assert code == 0 and f"unused by {script}: its objective has no {flag[2:]}" in " ".join(out.out.split())
+    code, out = run(flag, "0")
+    assert code == 2 and out.err == f"{script}: error: {flag} is unused by {script}: its objective has no {flag[2:]}\n"
+    assert os.listdir(tmp_path) == []
+    if script == "train_stage2.py":
+        code, out = run("--alpha", "-1")
+        assert code == 2 and out.err == f"{script}: error: --alpha must be a number at least 0 (got -1.0)\n"
+
+
+def test_data_with_the_demo_task_is_an_error(tiny, tmp_path, capsys):
+    """The demo task generates its problems: a --data beside it is refused in one line (training, the SFT
+    baselines, evaluation), before anything is written; the math preset's data does not follow --task demo."""
+    _, _, base = tiny
+    with pytest.raises(SystemExit) as e:
+        rl.run(run_args(base, str(tmp_path / "run"), 1, extra=["--data", "x.jsonl"]), train_stage2.objective, "II")
+    assert e.value.code == "demo: the demo task generates its problems, it reads no file (--data x.jsonl)"
+    assert not (tmp_path / "run").exists()
+    assert rl.get_args(1, ["--preset", "math", "--task", "demo"]).data is None
+    assert rl.get_args(1, ["--preset", "math"]).data == rl.PRESETS["math"]["data"]
+    import train_sft
+    with pytest.raises(SystemExit) as e:
+        train_sft.main(["--method", "star", "--base", base, "--data", "x.jsonl", "--out", str(tmp_path / "sft")])
+    assert e.value.code == "demo: the demo task generates its problems, it reads no file (--data x.jsonl)"
+    import evaluate
+    with pytest.raises(SystemExit):
+        evaluate.main(["--ckpt", base, "--task", "demo", "--data", "x.jsonl"])
+    assert capsys.readouterr().err.endswith("error: the demo task generates its problems, it reads no file "
+                                            "(--data x.jsonl)\n")
 
 
 def test_stage1_starts_from_base_unless_init_says_otherwise():
@@ -330,6 +380,69 @@ def run_args(base, out, steps, stage=2, extra=()):
     return rl.get_args(stage, ["--base", base, "--init", base + "/init", "--out", out, "--steps", str(steps), "--batch", "8",
                                "--k", "2", "--micro-batch", "4", "--max-new-tokens", "5", "--n-train", "50",
                                "--save-every", "2", "--lr", "1e-3", "--device", "cpu", *extra])
+
+
+def test_a_policy_of_another_shape_or_tokenizer_is_refused(tiny, tmp_path):
+    """--init a model of another shape than --base (2 layers of d = 64 against 2 of d = 32), or of the same shape
+    with another tokenizer: refused at start-up in one line naming what differs, both values; nothing written."""
+    _, tok, base = tiny
+    cfg = GPT.from_pretrained(base).config
+    other = GPTConfig(**{**vars(cfg), "n_embd": 64, "intermediate_size": 128, "head_dim": 0})
+    GPT(other).init_weights().save_pretrained(tmp_path / "wide")
+    tok.save_pretrained(tmp_path / "wide")
+    GPT(cfg).init_weights().save_pretrained(tmp_path / "retok")
+    retok = Tokenizer.byte_level(["sum"])
+    retok.save_pretrained(tmp_path / "retok")
+    for init, want in (("wide", "(n_embd 64 against 32; head_dim 32 against 16; intermediate_size 128 against 64)"),
+                       ("retok", f"(tokenizer byte_level ({retok.vocab_size} tokens) against byte_level "
+                                 f"({tok.vocab_size} tokens))")):
+        a = run_args(base, str(tmp_path / "run"), 2, extra=["--init", str(tmp_path / init)])
+        with pytest.raises(SystemExit) as e:
+            rl.run(a, train_stage2.objective, "Stage II")
+        assert e.value.code == (f"--init {tmp_path / init} is not a model of --base {base}'s shape {want}: the KL to "
+                                "a reference of another architecture or tokenizer means nothing"), e.value.code
+        assert not (tmp_path / "run").exists()
+    # the same shape and tokenizer, other weights: a policy of the base (the fixture's init) trains
+    rl.run(run_args(base, str(tmp_path / "ok"), 1), train_stage2.objective, "Stage II")
+
+
+@pytest.mark.parametrize("sharded", [False, True])
+def test_a_save_gathers_and_writes_once_for_all_its_copies(tiny, tmp_path, monkeypatch, sharded):
+    """ckpt/, best/ and step_N/ of one step: the state is gathered (sharded: shard.full_state, faked here on one
+    process) and serialized once; the three directories hold the same files, byte for byte, and each is a
+    whole checkpoint."""
+    _, tok, base = tiny
+    policy = GPT.from_pretrained(base + "/init")
+    opt = torch.optim.Adam(policy.parameters(), lr=1e-3)
+    policy(torch.zeros(1, 4, dtype=torch.long)).sum().backward()
+    opt.step()  # an Adam state to save
+    calls = {"gather": 0, "torch.save": 0, "save_pretrained": 0, "save_checkpoint": 0}
+
+    def counted(name, f):
+        def g(*a, **kw):
+            calls[name] += 1
+            return f(*a, **kw)
+        return g
+    monkeypatch.setattr(torch, "save", counted("torch.save", torch.save))
+    monkeypatch.setattr(GPT, "save_pretrained", counted("save_pretrained", GPT.save_pretrained))
+    monkeypatch.setattr(checkpoint, "save_checkpoint", counted("save_checkpoint", checkpoint.save_checkpoint))
+    if sharded:
+        monkeypatch.setattr(checkpoint.shard, "is_sharded", lambda model: True)
+        monkeypatch.setattr(checkpoint.shard, "full_state", counted("gather", lambda m, o: (m.state_dict(), o.state_dict())))
+    a = SimpleNamespace(task="demo", p1=data.DEMO_P1, max_new_tokens=5)
+    dirs = [tmp_path / d for d in ("ckpt", "best", "step_000002")]
+    (tmp_path / "best").mkdir()
+    (tmp_path / "best" / "stale").write_text("an older best")  # replaced whole, as before
+    rl.save([str(d) for d in dirs], policy, tok, opt, 2, a, {"best_reward": 0.5})
+    assert calls == {"gather": int(sharded), "torch.save": 2, "save_pretrained": int(not sharded),  # model, state
+                     "save_checkpoint": int(sharded)}, calls
+    files = {d.name: {f: (d / f).read_bytes() for f in sorted(os.listdir(d))} for d in dirs}
+    assert files["ckpt"] == files["best"] == files["step_000002"] and "state.pt" in files["ckpt"]
+    assert sorted(os.listdir(tmp_path)) == ["best", "ckpt", "step_000002"]  # no .tmp or .old left
+    for d in dirs:
+        loaded = GPT.from_pretrained(d).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in policy.state_dict().items())
+        assert torch.load(d / "state.pt", weights_only=False)["step"] == 2
 
 
 def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch, capsys):
@@ -391,6 +504,31 @@ def test_logged_accuracies_count_the_steps_rollouts(tiny, tmp_path, monkeypatch)
                 "delta_c2i": sum(a == 1 and b == 0 for a, b in zip(r1, r2)) / n}
         assert {k: rec[k] for k in want} == pytest.approx(want, abs=1e-12), rec["step"]
     assert sum(rec["delta_i2c"] > 0 for rec in log) and sum(rec["delta_c2i"] > 0 for rec in log)
+
+
+def test_logged_cut_is_the_fraction_of_attempts_cut(tiny, tmp_path, monkeypatch):
+    """The log's cut (attempts that hit --max-new-tokens without a stop token) against a count made here of the
+    step's sampled tokens, for two turns and for the single-turn ablation (one attempt per rollout)."""
+    _, tok, base = tiny
+    seen, real = [], rl.rollout
+
+    def recording(*a, **kw):
+        seen.append(real(*a, **kw))
+        return seen[-1]
+
+    monkeypatch.setattr(rl, "rollout", recording)
+    for turns, objective in ((2, train_stage2.objective), (1, train_single_turn.objective)):
+        seen.clear()
+        a = run_args(base, str(tmp_path / f"t{turns}"), 2, stage=turns, extra=["--max-new-tokens", "3"])
+        a.turns = turns
+        rl.run(a, objective, "cut")
+        log = [json.loads(x) for x in (tmp_path / f"t{turns}" / "log.jsonl").read_text().splitlines()]
+        for rec, ro in zip(log, seen):
+            masks = (ro.m1, ro.m2)[:turns]
+            ys = [ro.tokens[r, 1:][m[r]].tolist() for m in masks for r in range(len(ro.tokens))]
+            cut = sum(len(y) == 3 and y[-1] not in tok.stop_ids for y in ys)
+            assert rec["cut"] == pytest.approx(cut / len(ys)), (turns, rec["step"])
+        assert sum(rec["cut"] for rec in log) > 0
 
 
 def test_resume_keeps_the_runs_gen_batch(tiny, tmp_path):
@@ -469,6 +607,40 @@ def test_nan_loss_stops_with_last_good_checkpoint(tiny, tmp_path):
         rl.run(run_args(base, str(tmp_path / "r"), 4, stage=1), poisoned, "Stage I")
     assert torch.load(tmp_path / "r" / "ckpt" / "state.pt", weights_only=False)["step"] == 2
     GPT.from_pretrained(tmp_path / "r" / "ckpt")
+
+
+class InfiniteGradient(torch.autograd.Function):
+    """The identity, whose backward returns an infinite gradient: a finite loss with a non-finite gradient."""
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("inf")
+
+
+def test_a_nonfinite_gradient_is_refused_before_the_step(tiny, tmp_path):
+    """Step 3's loss is finite but its gradient is not: the step is refused before opt.step(), the run stops
+    with the one-line message naming the last good checkpoint (step 2), and no checkpoint holds a NaN."""
+    _, _, base = tiny
+    calls = {"n": 0}
+
+    def poisoned(b, args):
+        calls["n"] += 1
+        if calls["n"] > 4:  # steps 1-2 fine: 2 micro-batches each
+            b.logp2 = InfiniteGradient.apply(b.logp2)
+        loss = train_stage1.objective(b, args)
+        assert torch.isfinite(loss).all()
+        return loss
+
+    with pytest.raises(SystemExit, match=r"step 3: the gradient's norm is (nan|inf) \(the loss is finite\); "
+                                         r"stopping\. The last good checkpoint is .*ckpt"):
+        rl.run(run_args(base, str(tmp_path / "r"), 4, stage=1), poisoned, "Stage I")
+    for d in ("ckpt", "best"):
+        assert torch.load(tmp_path / "r" / d / "state.pt", weights_only=False)["step"] == 2
+        weights = GPT.from_pretrained(tmp_path / "r" / d).state_dict()
+        assert all(torch.isfinite(w).all() for w in weights.values()), d
 
 
 def test_sampler_logprobs_match_the_trainer_in_fp32(tiny):

@@ -13,7 +13,7 @@ import reward
 import train_sft
 from model import GPT, GPTConfig
 from test_real_path import qwen  # noqa: F401 (a fixture)
-from train_base import sft_step
+from train_sft import sft_step
 
 
 def test_keep_by_hand():
@@ -88,3 +88,20 @@ def test_the_math_preset_from_a_bf16_qwen2(qwen, tmp_path, monkeypatch):
     assert data.task_info(out / "ckpt") == {"task": "math", "p1": data.P1, "max_new_tokens": 8}
     state = torch.load(out / "ckpt" / "model.pt", weights_only=True)
     assert {t.dtype for t in state.values()} == {torch.float32}  # fp32 masters from a bf16 checkpoint
+
+
+@pytest.mark.parametrize("flags,message", [
+    (["--problems", "0"], "--problems must be at least 1 (got 0)"),
+    (["--epochs", "0"], "--epochs must be at least 1 (got 0)"),
+    (["--micro-batch", "0"], "--micro-batch must be at least 1 (got 0)"),
+    (["--gen-batch", "-3"], "--gen-batch must be at least 1 (got -3)"),
+    (["--threads", "-1"], "--threads must be at least 0 (got -1)"),
+    (["--lr", "nan"], "--lr must be a positive number (got nan)"),
+    (["--method", "pair", "--k", "1"],
+     "--method pair pairs a sample with another sample of the same problem: --k must be at least 2")])
+def test_a_bad_flag_is_one_line(capsys, flags, message):
+    """train_sft.py's numeric flags are checked by the stages' rules (rl.check_numbers): one line naming the flag."""
+    with pytest.raises(SystemExit) as e:
+        train_sft.get_args(["--method", "star", *flags])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1 and err.endswith(f": error: {message}\n"), err

@@ -1,0 +1,85 @@
+"""
+A run's checkpoints (rl.py writes them, --resume and evaluate.py read them): each a whole directory (the
+policy's fp32 masters, the tokenizer, task.json, and state.pt with Adam's state, the step and the run's
+arguments), the same files whatever the number of processes, written into a temporary directory and swapped
+in, so that a checkpoint on disk is always complete. A step's ckpt/, best/ and step_N/ are gathered and
+written once, the others copies of the finished directory. --resume continues the same run: the flags that
+change what a run computes must be those it was started with.
+"""
+import os
+import shutil
+
+import torch
+import torch.distributed as dist
+
+import data
+import shard
+from model import save_checkpoint
+
+
+# Flags that change what a run computes: --resume refuses to continue a run with other values.
+# gen_batch too: the chunks draw from streams of their own, so another chunking samples other rollouts.
+RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "alpha", "beta1", "beta2", "kl",
+             "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype", "gen_batch",
+             "lora", "lora_alpha")
+
+
+def save(paths, policy, tok, opt, step, args, extra=None):
+    """Write a whole checkpoint (the policy's fp32 masters, the tokenizer, task.json, and state.pt with the Adam
+    state (opt.state_dict()), step and args) at each of `paths` (ckpt/, best/, step_N/): gathered and written
+    once, at the first, the others copies of that finished directory (hard links where the file system allows:
+    a checkpoint's files are never written again, each save writes new ones). Each path is written into a
+    temporary directory, then swapped in: it is always a complete checkpoint (the previous one stays as
+    path.old until the swap is done). Every rank calls it; rank 0 writes. The same files whatever the number of
+    processes (a sharded policy and its Adam state are gathered whole: shard.full_state), so a run resumes on
+    any number."""
+    sharded = shard.is_sharded(policy)
+    weights, adam = shard.full_state(policy, opt) if sharded else (None, opt.state_dict())  # whole, on rank 0
+    if dist.is_initialized() and dist.get_rank() != 0:
+        return
+
+    def swap_in(write, path):
+        tmp, old = path + ".tmp", path + ".old"
+        shutil.rmtree(tmp, ignore_errors=True)
+        write(tmp)
+        if os.path.exists(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
+        shutil.rmtree(old, ignore_errors=True)
+
+    def write(tmp):
+        if sharded:
+            save_checkpoint(tmp, policy.config, weights)  # what save_pretrained writes of the whole model
+        else:
+            policy.save_pretrained(tmp)  # the model's own layout (a LoRA policy: its adapters and its base's path)
+        tok.save_pretrained(tmp)
+        data.save_task_info(tmp, args.task, args.p1, args.max_new_tokens)  # what evaluate.py and sample.py default to
+        torch.save({"opt": adam, "step": step, "args": vars(args), **(extra or {})}, os.path.join(tmp, "state.pt"))
+    swap_in(write, paths[0])
+    for path in paths[1:]:
+        swap_in(lambda tmp: shutil.copytree(paths[0], tmp, copy_function=_link_or_copy), path)
+
+
+def _link_or_copy(src, dst):
+    try:
+        os.link(src, dst)
+    except OSError:  # a file system without hard links
+        shutil.copy2(src, dst)
+
+
+def latest(out):
+    """The run's latest complete checkpoint directory, or None."""
+    for d in ("ckpt", "ckpt.old"):
+        p = os.path.join(out, d)
+        if os.path.exists(os.path.join(p, "state.pt")):
+            return p
+    return None
+
+
+def check_resume(saved, args):
+    """--resume continues the same run: a flag that changes it is an error naming the flag."""
+    for k in RUN_FLAGS:
+        if k in saved and saved[k] != getattr(args, k) and k not in args.unused:  # unused: changes nothing
+            raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r} but the run in {args.out} "
+                             f"was started with {saved[k]!r}; only --steps may change (or start a new --out)")
