@@ -360,8 +360,7 @@ def run(args, objective, name):
     try:
         train(args, objective, name)
     except CheckpointError as e:  # one line naming the file; a damaged checkpoint of this run: the others it kept
-        kept = [d for d in sorted(os.listdir(args.out)) if d == "best" or d.startswith("step_")] \
-            if args.resume and args.out in str(e) else []
+        kept = args.resume and args.out in str(e) and [d for d in sorted(os.listdir(args.out)) if d[:5] in ("best", "step_")]
         raise SystemExit(f"{args.label or name}: {e}" + (f"; the run also kept {', '.join(kept)} in {args.out}: copy "
                          f"one over its ckpt/ to resume from its step" if kept else "")) from None
     except KeyboardInterrupt as e:
@@ -421,10 +420,10 @@ def train(args, objective, name):
             say(f"{name}: the run in {args.out} is at step {step0}, --steps {args.steps}: no step left to run")
     for path, what in ((args.base, "--base"), (init, "--init")):  # --init defaults to --base: name --base first
         if not os.path.exists(os.path.join(path, "config.json")):
-            make = (f"python train_base.py --out {path} (bash run.sh demo1 writes out/demo1/seed0/base)"
-                    if args.task == "demo" else f"python convert.py HF_DIR {path}") if what == "--base" else \
+            raise SystemExit(f"{what} {path}: not a checkpoint (no config.json); make it first: " + (
                 "a training script's --out DIR writes DIR/ckpt (python train_stage1.py for Stage II's --init)"
-            raise SystemExit(f"{what} {path}: not a checkpoint (no config.json); make it first: {make}")
+                if what == "--init" else f"python train_base.py --out {path} (bash run.sh demo1 writes out/demo1/"
+                "seed0/base)" if args.task == "demo" else f"python convert.py HF_DIR {path}"))
     tok = Tokenizer.from_pretrained(args.base)
     if not args.lora:  # (a LoRA policy's frozen weights are checked to be --base's: lora_policy)
         # each one's weights against its own config.json first (memory-mapped: no weight is read), then the two
