@@ -458,7 +458,7 @@ def part_runsh(c):
     out = f"{c.work}/runsh"
     t0 = time.perf_counter()
     r = subprocess.run(["bash", "run.sh", "demo1"], cwd=ROOT, capture_output=True, text=True, timeout=900,
-                       env={**os.environ, "QUICK": "1", "OUT": out, "PYTHONUNBUFFERED": "1"})
+                       env={**os.environ, "QUICK": "1", "OUT": out, "PYTHONUNBUFFERED": "1", "PYTHON": sys.executable})
     t = time.perf_counter() - t0
     table = f"{out}/demo1/table.md"
     ok = r.returncode == 0 and os.path.exists(table)

@@ -14,12 +14,15 @@
 # of an uninterrupted run; a finished run does no more steps). Runs made with other settings (QUICK, DTYPE) are
 # never deleted: run.sh refuses, naming both; FRESH=1 starts over (a converted base stays), or choose another OUT.
 # A failed job or Ctrl-C stops every process run.sh started, with one line that says how to continue.
+# PYTHON names the interpreter (default: python, else python3, as on GPU images that ship python3 alone).
 set -euo pipefail
 case "${1:-}" in -h|--help|help) sed -n '2,/^set -euo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;; esac
 cd "$(dirname "$0")"
 preset=${1:-demo}
 OUT=${OUT:-out}/$preset
 QUICK=${QUICK:-0}
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
+python() { "$PY" "$@"; }  # every python below, in the lanes' subshells too
 t_run=$SECONDS
 if [ "${FRESH:-0}" = 1 ]; then  # the demo's bases too; a converted base stays
   rm -rf "$OUT/settings" "$OUT"/seed* "$OUT/stage1" "$OUT/stage2" "$OUT/report.json" "$OUT/table.md" "$OUT"/*.png
