@@ -21,8 +21,7 @@ cd "$(dirname "$0")"
 preset=${1:-demo}
 OUT=${OUT:-out}/$preset
 QUICK=${QUICK:-0}
-PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}
-python() { "$PY" "$@"; }  # every python below, in the lanes' subshells too
+PY=${PYTHON:-$(command -v python || command -v python3 || echo python)}  # the interpreter every command below runs
 t_run=$SECONDS
 if [ "${FRESH:-0}" = 1 ]; then  # the demo's bases too; a converted base stays
   rm -rf "$OUT/settings" "$OUT"/seed* "$OUT/stage1" "$OUT/stage2" "$OUT/report.json" "$OUT/table.md" "$OUT"/*.png
@@ -44,7 +43,7 @@ trap 'exit 143' TERM
 train() {  # train SCRIPT OUT ARGS...: python SCRIPT --out OUT ARGS, with --resume where OUT has a checkpoint
   local script=$1 out=$2 resume=""; shift 2
   if [ -f "$out/ckpt/state.pt" ] || [ -f "$out/ckpt.old/state.pt" ]; then resume=--resume; fi
-  python "$script" --out "$out" $resume "$@"
+  "$PY" "$script" --out "$out" $resume "$@"
 }
 stage() {  # stage N of M: what, the time since run.sh started, and ($4, seconds) an estimate of what is left
   local eta=""
@@ -94,7 +93,7 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
   # (--resume: the weights of an uninterrupted run) as Stage I only.
   jobs=()
   for seed in $seeds; do
-    jobs+=("base@$seed||200|[ -f $OUT/seed$seed/base.done ] || { rm -rf $OUT/seed$seed/base; python train_base.py \
+    jobs+=("base@$seed||200|[ -f $OUT/seed$seed/base.done ] || { rm -rf $OUT/seed$seed/base; $PY train_base.py \
 --out $OUT/seed$seed/base --seed $seed --threads 1 --dtype $dtype $base_args && touch $OUT/seed$seed/base.done; }")
   done
   for what in stage1 no_stage1 single_turn stage1_only score no_shaping star pair; do
@@ -114,7 +113,7 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
 --label 'SCoRe (seed $seed)'") ;;
         no_shaping) jobs+=("no_shaping@$seed|stage1@$seed|$s2|train train_stage2.py $d/no_shaping $common --init $s1ckpt \
 --steps $s2 --alpha 0 --label 'w/o reward shaping (seed $seed)'") ;;
-        star|pair) jobs+=("$what@$seed|base@$seed|$(( (s1 + s2) / 3 ))|[ -f $d/$what/ckpt/model.pt ] || { rm -rf $d/$what; python train_sft.py \
+        star|pair) jobs+=("$what@$seed|base@$seed|$(( (s1 + s2) / 3 ))|[ -f $d/$what/ckpt/model.pt ] || { rm -rf $d/$what; $PY train_sft.py \
 --method $what --base $d/base --out $d/$what --seed $seed --threads 1 --dtype $dtype $sft_args; }") ;;
       esac
     done
@@ -161,11 +160,11 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
             --ckpt "$d/star/ckpt" --name "STaR@$seed" --ckpt "$d/pair/ckpt" --name "Pair-SFT@$seed")
   done
   echo "===== run.sh: greedy evaluation on $eval_n held-out problems ($(( (SECONDS - t_run) / 60 )) min so far) =====" >&2
-  own_group python evaluate.py --task demo --n $eval_n "${evals[@]}" --seeds SCoRe --out "$OUT/report.json" --markdown "$OUT/table.md"
+  own_group "$PY" evaluate.py --task demo --n $eval_n "${evals[@]}" --seeds SCoRe --out "$OUT/report.json" --markdown "$OUT/table.md"
   # a picture of each run of the first seed (matplotlib is optional: without it plot.py says so in one line)
   set -- $seeds
-  for run in stage1 score no_stage1; do python plot.py "$OUT/seed$1/$run" || true; done
-  python plot.py --table "$OUT/report.json" || true  # Delta per row with its standard error: delta.png
+  for run in stage1 score no_stage1; do "$PY" plot.py "$OUT/seed$1/$run" || true; done
+  "$PY" plot.py --table "$OUT/report.json" || true  # Delta per row with its standard error: delta.png
   echo "run.sh: done in $(( (SECONDS - t_run) / 60 )) min $(( (SECONDS - t_run) % 60 )) s" >&2
 elif [ "$preset" = math ] || [ "$preset" = code ]; then
   if [ "$preset" = math ]; then eval_task=math; eval_data=${EVAL_DATA:-data/MATH500.jsonl}
@@ -179,7 +178,7 @@ elif [ "$preset" = math ] || [ "$preset" = code ]; then
   stage 2 3 "Stage II from Stage I (train_stage2.py)"
   own_group train train_stage2.py "$OUT/stage2" --preset "$preset" --base "$OUT/base" --init "$OUT/stage1/ckpt" ${RL_ARGS:-}
   stage 3 3 "greedy evaluation on $eval_data"
-  own_group python evaluate.py --task $eval_task --data "$eval_data" \
+  own_group "$PY" evaluate.py --task $eval_task --data "$eval_data" \
     --ckpt "$OUT/base" --name base --ckpt "$OUT/stage1/ckpt" --name "Stage I" --ckpt "$OUT/stage2/ckpt" --name SCoRe \
     --out "$OUT/report.json" --markdown "$OUT/table.md" ${EVAL_ARGS:-}
 else
