@@ -673,9 +673,11 @@ PARTS = {"machine": (part_machine, 1), "logits": (part_logits, 10), "sampler": (
 # ------------------------------------------------------------------------------- the report
 def report(parts, out):
     lines = ["| part | check | measured | limit | result |", "|---|---|---|---|---|"]
+    cell = lambda x: str(x).replace("|", "\\|")  # a progress line's | would end the cell
     for name, p in parts.items():
         for i, r in enumerate(p["rows"]):
-            lines.append(f"| {name if i == 0 else ''} | {r['check']} | {r['measured']} | {r['limit']} | {r['result']} |")
+            lines.append(f"| {name if i == 0 else ''} | " + " | ".join(cell(r[k]) for k in ("check", "measured", "limit",
+                                                                                          "result")) + " |")
     lines.append("")
     lines.append("Seconds per part: " + ", ".join(f"{n} {p['seconds']:.0f}" for n, p in parts.items()))
     text = "\n".join(lines) + "\n"
