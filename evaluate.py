@@ -84,6 +84,8 @@ def metrics(problems, texts):
                delta_c2i=sum(x == 1 and y == 0 for x, y in zip(a1, a2)) / n,
                changed=sum(changed(p, x, y) for p, x, y in zip(problems, ans1, ans2)) / n,
                verbatim=sum(x.strip() == y.strip() for x, y in zip(texts[0], texts[1])) / n, n=n)
+    for t in range(2, len(texts)):  # the paper's A.1: what each further attempt gains over the one before
+        rep[f"delta_t{t}_t{t + 1}"] = rep[f"acc_t{t + 1}"] - rep[f"acc_t{t}"]
     return rep
 
 
@@ -171,6 +173,11 @@ def markdown(reports):
 METRICS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed", "verbatim")
 
 
+def later_turns(report):
+    """A report's metrics of attempts 3 on (--turns 3 or more): acc_t3, delta_t2_t3, acc_t4, ..."""
+    return [k for k in report if k.startswith(("acc_t", "delta_t")) and k not in METRICS]
+
+
 def mean_se(xs):
     """Mean and standard error of the mean (sample standard deviation / sqrt(n)); None with one value."""
     n, m = len(xs), sum(xs) / len(xs)
@@ -190,10 +197,10 @@ def over_seeds(reports, reference):
         rows[row][seed] = r
     if reference not in rows:
         raise ValueError(f"no checkpoint is named {reference}@SEED (the reference row); rows: {', '.join(rows)}")
-    ref, out = rows[reference], []
+    ref, out, metrics = rows[reference], [], METRICS + tuple(later_turns(reports[0]))
     for row, runs in rows.items():
         entry = {"row": row, "seeds": sorted(s for s in runs if s is not None),
-                 **{m: mean_se([r[m] for r in runs.values()]) for m in METRICS}}
+                 **{m: mean_se([r[m] for r in runs.values()]) for m in metrics}}
         if row != reference:
             seeds = [s for s in ref if s in runs or list(runs) == [None]]
             if not seeds:
@@ -269,11 +276,12 @@ def targets(rows, reference, base="base", ablations=ABLATIONS, sft=SFT_ROWS):
 def markdown_seeds(rows, checks, reference):
     """The table over seeds (mean +- standard error, in percent), the paired differences, the checks."""
     cell = lambda s: f"{100 * s['mean']:.1f}" + (f" ± {100 * s['se']:.1f}" if s["se"] is not None else "")
-    lines = ["| row | seeds | " + " | ".join(METRICS) + f" | {reference} - row: delta | {reference} - row: acc_t2 |",
-             "|---" * (len(METRICS) + 4) + "|"]
+    metrics = METRICS + tuple(later_turns(rows[0]))
+    lines = ["| row | seeds | " + " | ".join(metrics) + f" | {reference} - row: delta | {reference} - row: acc_t2 |",
+             "|---" * (len(metrics) + 4) + "|"]
     for r in rows:
         paired = [cell(r["paired"][m]) if "paired" in r else "" for m in ("delta", "acc_t2")]
-        lines.append(f"| {r['row']} | {len(r['seeds']) or 1} | " + " | ".join(cell(r[m]) for m in METRICS) + " | "
+        lines.append(f"| {r['row']} | {len(r['seeds']) or 1} | " + " | ".join(cell(r[m]) for m in metrics) + " | "
                      + " | ".join(paired) + " |")
     lines += ["", "| target | measured | |", "|---|---|---|"]
     verdict = {True: "met", False: "missed", None: "not measured"}

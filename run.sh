@@ -160,7 +160,9 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
             --ckpt "$d/star/ckpt" --name "STaR@$seed" --ckpt "$d/pair/ckpt" --name "Pair-SFT@$seed")
   done
   echo "===== run.sh: greedy evaluation on $eval_n held-out problems ($(( (SECONDS - t_run) / 60 )) min so far) =====" >&2
-  own_group "$PY" evaluate.py --task demo --n $eval_n "${evals[@]}" --seeds SCoRe --out "$OUT/report.json" --markdown "$OUT/table.md"
+  # three attempts (the paper's A.1): attempts 1 and 2 are the table's, the third says whether a gain goes on
+  own_group "$PY" evaluate.py --task demo --n $eval_n --turns 3 "${evals[@]}" --seeds SCoRe --out "$OUT/report.json" \
+    --markdown "$OUT/table.md"
   # a picture of each run of the first seed (matplotlib is optional: without it plot.py says so in one line)
   set -- $seeds
   for run in stage1 score no_stage1; do "$PY" plot.py "$OUT/seed$1/$run" || true; done

@@ -68,7 +68,10 @@ def test_metrics_three_turns_by_hand():
              ["x", " 5+2", "9+4"]]         # 0 1 0, changed (none -> 2+5)
     rep = evaluate.metrics(demo(6), [list(t) for t in zip(*texts)])
     want = dict(acc_t1=2 / 6, acc_t2=3 / 6, acc_t3=3 / 6, delta=1 / 6, delta_i2c=2 / 6, delta_c2i=1 / 6,
-                changed=3 / 6, verbatim=1 / 6, n=6)
+                changed=3 / 6, verbatim=1 / 6, n=6, delta_t2_t3=0.0)
+    # a fourth attempt, right on problems 1 and 5 only: acc_t4 2/6, one less than turn 3
+    four = evaluate.metrics(demo(6), [list(t) for t in zip(*texts)] + [["2+5", "x", "x", "x", "2+5", "x"]])
+    assert four["acc_t4"] == pytest.approx(2 / 6) and four["delta_t3_t4"] == pytest.approx(-1 / 6)
     assert rep.keys() == want.keys()
     for key, v in want.items():
         assert rep[key] == pytest.approx(v, abs=1e-12), key
@@ -290,6 +293,14 @@ def test_over_seeds_by_hand():
     assert not checks["SCoRe Delta_c->i at most 2 points"] and checks["SCoRe Delta_i->c at least twice its Delta_c->i"]
     assert not checks["SCoRe Delta above w/o Stage I's by more than 2 standard errors (paired)"]
     assert not checks["SCoRe acc_t2 at least w/o Stage I's"] and checks["SCoRe acc_t2 at least base's"]
+    # attempt 3 (evaluate.py --turns 3): its accuracy and its gain over attempt 2, over seeds, and in the table
+    three = [dict(rep(f"SCoRe@{s}", 0.05), acc_t3=a3, delta_t2_t3=a3 - 0.5) for s, a3 in enumerate((0.51, 0.53, 0.55))]
+    three += [dict(rep("base", -0.2), acc_t3=0.45, delta_t2_t3=-0.05)]
+    rows3 = {r["row"]: r for r in evaluate.over_seeds(three, "SCoRe")}
+    assert rows3["SCoRe"]["delta_t2_t3"]["mean"] == pytest.approx(0.03)
+    assert rows3["SCoRe"]["delta_t2_t3"]["se"] == pytest.approx(0.02 / 3 ** 0.5)
+    table = evaluate.markdown_seeds(list(rows3.values()), [], "SCoRe")
+    assert "| acc_t3 | delta_t2_t3 |" in table and "| 3.0 ± 1.2 |" in table and "| -5.0 |" in table
     # one seed: a paired difference has no standard error, so its check is neither met nor missed
     one = evaluate.over_seeds([rep("SCoRe@0", 0.05), rep("w/o Stage I@0", -0.30), rep("base", -0.2)], "SCoRe")
     checks = {w: (v, ok) for w, v, ok in evaluate.targets(one, "SCoRe")}
