@@ -318,4 +318,8 @@ def convert(src, out, to_hf=False, dtype=None):
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback
+        raise SystemExit("convert.py: stopped by Ctrl-C (SIGINT); what it was writing may be incomplete: run the same "
+                         "command again") from None

@@ -313,4 +313,8 @@ DATA_FILES = """what each writes into DIR:
              MATH/test trees (7,500 + 5,000 per-problem JSON files) from MATH.tar"""
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except KeyboardInterrupt:  # one line, not a traceback
+        raise SystemExit("download.py: stopped by Ctrl-C (SIGINT); run the same command again: downloads resume where "
+                         "they stopped") from None

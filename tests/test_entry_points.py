@@ -261,7 +261,8 @@ def test_evaluate_checks_its_outputs_and_n_before_evaluating(demo_ckpt, tmp_path
 
 
 @pytest.mark.parametrize("script,stops", [("train_base.py", "data.make_demo"), ("train_sft.py", "rl.load_problems"),
-                                          ("evaluate.py", "data.load_task"), ("sample.py", "data.task_info")])
+                                          ("evaluate.py", "data.load_task"), ("sample.py", "data.task_info"),
+                                          ("convert.py", "model.load_checkpoint")])
 def test_ctrl_c_is_one_line(demo_ckpt, tmp_path, monkeypatch, capsys, script, stops):
     """Each script as a user runs it (its __main__), stopped by Ctrl-C (KeyboardInterrupt) while it works."""
     module, fn = stops.split(".")
@@ -271,7 +272,8 @@ def test_ctrl_c_is_one_line(demo_ckpt, tmp_path, monkeypatch, capsys, script, st
     argv = {"train_base.py": ["--out", str(tmp_path / "b"), "--max-steps", "1"],
             "train_sft.py": ["--method", "star", "--base", str(demo_ckpt), "--out", str(tmp_path / "s"), "--device", "cpu"],
             "evaluate.py": ["--ckpt", str(demo_ckpt), "--device", "cpu"],
-            "sample.py": ["--ckpt", str(demo_ckpt), "--prompt", "x", "--device", "cpu"]}[script]
+            "sample.py": ["--ckpt", str(demo_ckpt), "--prompt", "x", "--device", "cpu"],
+            "convert.py": ["--to-hf", str(demo_ckpt), str(tmp_path / "hf")]}[script]
     monkeypatch.setattr(sys, "argv", [script, *argv])
     try:
         with pytest.raises(SystemExit) as e:
@@ -329,3 +331,25 @@ def test_a_read_only_folder_is_named(tmp_path, monkeypatch):
     assert model.write_error(tmp_path / "report.json", folder=False) == f"{tmp_path} is read-only for this user"
     assert model.write_error(tmp_path / "elsewhere" / "report.json", folder=False) == \
         f"{tmp_path / 'elsewhere'} (the folder of {tmp_path / 'elsewhere' / 'report.json'}) does not exist"
+
+
+def test_ctrl_c_in_a_download_is_one_line(tmp_path):
+    """download.py waiting on a server that never answers, stopped by SIGINT as a terminal's Ctrl-C sends it."""
+    import signal
+    import socket
+    import subprocess
+    import time
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        url = f"http://127.0.0.1:{server.getsockname()[1]}"
+        proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "download.py"), "data", "math", str(tmp_path / "d"),
+                                 "--url", url], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        server.settimeout(60)
+        conn, _ = server.accept()  # the download has started
+        time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+        conn.close()
+    assert proc.returncode != 0 and "Traceback" not in err, err
+    assert len(err.strip().splitlines()) == 1 and "Ctrl-C" in err and "run the same command again" in err, err
