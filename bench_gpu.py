@@ -1,6 +1,7 @@
 """
 The GPU check: one command that runs every path a GPU takes, checks each against an independent
-reference, and measures the real shapes, sized to a short lease (about 8 minutes on one H100).
+reference, and measures the real shapes, sized to a short lease (about 9 minutes on one H100, estimated
+part by part below: not yet run on one).
 
     python bench.py --only gpu --out gpu_check          # on a GPU machine (the default --device there is cuda)
     python bench.py --only gpu --device cpu --tiny      # every part at toy shapes on the CPU (tests/test_bench_gpu.py)
