@@ -43,7 +43,6 @@ import contextlib
 import copy
 import gc
 import json
-import math
 import os
 import platform
 import shutil
