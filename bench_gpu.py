@@ -159,9 +159,10 @@ def part_machine(c):
 
 
 # ------------------------------------------------------------------------------- 2. correctness
-def qwen2_pair(shape, seed=0):
-    """transformers' Qwen2 and this project's GPT with the same random weights (every tensor drawn, biases
-    and norms included, so that each mapping counts), fp32, on the CPU."""
+def qwen2_pair(shape, seed=0, device="cpu", dtype=torch.float32, max_len=1024, randomize=True):
+    """transformers' Qwen2 and this project's GPT with the same weights, built on `device` in `dtype`: random,
+    every tensor drawn (biases and norms included, so that each mapping counts), or with randomize=False
+    transformers' own initialization (a timing needs no more)."""
     from transformers import Qwen2Config, Qwen2ForCausalLM
     import transformers
     transformers.logging.set_verbosity_error()
@@ -169,15 +170,18 @@ def qwen2_pair(shape, seed=0):
     s = shape
     hc = Qwen2Config(vocab_size=s["vocab_size"], hidden_size=s["n_embd"], intermediate_size=s["intermediate_size"],
                      num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"], num_key_value_heads=s["n_kv_head"],
-                     max_position_embeddings=1024, tie_word_embeddings=True, rope_theta=10000.0)
+                     max_position_embeddings=max_len, tie_word_embeddings=True, rope_theta=10000.0)
     torch.manual_seed(seed)
-    hf = Qwen2ForCausalLM(hc).eval()
-    with torch.no_grad():
-        for name, p in hf.named_parameters():
-            p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
-    cfg = GPTConfig(**{**s, "max_seq_len": 1024, "rope_theta": 10000.0, "norm_eps": hc.rms_norm_eps,
-                       "qkv_bias": True, "tie_embeddings": True})
-    ours = GPT(cfg)  # the HF names without "model.", the tied head dropped
+    with torch.device(device):
+        hf = Qwen2ForCausalLM(hc).eval()
+        if randomize:
+            with torch.no_grad():
+                for name, p in hf.named_parameters():
+                    p.copy_(1 + 0.2 * torch.randn_like(p) if "norm" in name else 0.1 * torch.randn_like(p))
+        hf = hf.to(dtype)
+        cfg = GPTConfig(**{**s, "max_seq_len": max_len, "rope_theta": 10000.0, "norm_eps": hc.rms_norm_eps,
+                           "qkv_bias": True, "tie_embeddings": True})
+        ours = GPT(cfg).to(dtype)  # the HF names without "model.", the tied head dropped
     ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"})
     return hf, ours.eval()
 
@@ -637,20 +641,11 @@ def hf_two_turns(hf, prompts, followup, n):
 
 
 def part_hf_generate(c):
-    from transformers import Qwen2Config, Qwen2ForCausalLM
     free(c)
     s = TINY if c.tiny else MODELS["Qwen2.5-1.5B"]
     B, L_PROMPT, NEW, L_FOLLOW = (8, 16, 16, 8) if c.tiny else (64, 64, 128, 24)
     dtype = torch.bfloat16 if c.cuda else torch.float32
-    hc = Qwen2Config(vocab_size=s["vocab_size"], hidden_size=s["n_embd"], intermediate_size=s["intermediate_size"],
-                     num_hidden_layers=s["n_layer"], num_attention_heads=s["n_head"], num_key_value_heads=s["n_kv_head"],
-                     max_position_embeddings=4096, tie_word_embeddings=True, rope_theta=10000.0)
-    torch.manual_seed(0)
-    with torch.device(c.dev):
-        hf = Qwen2ForCausalLM(hc).to(dtype).eval()
-        ours = GPT(GPTConfig(**{**s, "tie_embeddings": True, "qkv_bias": True}, max_seq_len=4096, rope_theta=10000.0,
-                             norm_eps=hc.rms_norm_eps)).to(dtype).eval()
-    ours.load_state_dict({k.removeprefix("model."): v for k, v in hf.state_dict().items() if k != "lm_head.weight"})
+    hf, ours = qwen2_pair(s, device=c.dev, dtype=dtype, max_len=4096, randomize=False)
     g = torch.Generator().manual_seed(B)
     prompts = torch.randint(0, s["vocab_size"], (B, L_PROMPT), generator=g).to(c.dev)
     followup = torch.randint(0, s["vocab_size"], (L_FOLLOW,), generator=g).to(c.dev)
