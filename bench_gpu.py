@@ -273,11 +273,11 @@ def make_rollouts(cfg, k=2, groups=3, seed=4):
     R, L = len(seqs), max(map(len, seqs))
     tokens = torch.tensor([s + [0] * (L - len(s)) for s in seqs])
     j = torch.arange(L - 1)
-    m1 = torch.stack([(j >= a - 1) & (j < b - 1) for (a, b), _ in spans])
-    m2 = torch.stack([(j >= a - 1) & (j < b - 1) for _, (a, b) in spans])
-    return SimpleNamespace(tokens=tokens, m1=m1, m2=m2, lp_old=-3 + torch.randn(R, L - 1, generator=g),
-                           r1=torch.randint(0, 2, (R,), generator=g).float(),
-                           r2=torch.randint(0, 2, (R,), generator=g).float(),
+    turn = torch.zeros(R, L - 1, dtype=torch.int8)  # the attempt (1, 2) each target position belongs to
+    for t in range(2):
+        turn[torch.stack([(j >= sp[t][0] - 1) & (j < sp[t][1] - 1) for sp in spans])] = t + 1
+    return SimpleNamespace(tokens=tokens, turn=turn, lp_old=-3 + torch.randn(R, L - 1, generator=g),
+                           r=torch.randint(0, 2, (2, R), generator=g).float(),
                            group=torch.arange(groups).repeat_interleave(k), first_from_pi=torch.ones(R, dtype=torch.bool))
 
 
@@ -295,11 +295,12 @@ def naive_stage2_grads(policy, ref, ro, a):
         lp = policy(idx)[0].log_softmax(-1).gather(1, tgt[:, None])[:, 0]
         with torch.no_grad():
             lp_ref = ref(idx)[0].log_softmax(-1).gather(1, tgt[:, None])[:, 0]
-        for t, m in enumerate((ro.m1[r], ro.m2[r])):
+        for t, m in enumerate((ro.turn[r] == 1, ro.turn[r] == 2)):
             logp[r, t] = lp[m].sum()
             kl[r, t] = (ro.lp_old[r].double()[m] - lp_ref[m]).sum()  # log pi - log pi_ref, the sampler's log pi
-    ret1 = ro.r1.double() - a.beta1 * kl[:, 0]                                         # r(y1) - beta1 KL_1
-    ret2 = ro.r2.double() + a.alpha * (ro.r2 - ro.r1).double() - a.beta1 * kl[:, 1]   # r^(y2) - beta1 KL_2
+    r1, r2 = ro.r.double()
+    ret1 = r1 - a.beta1 * kl[:, 0]                                   # r(y1) - beta1 KL_1
+    ret2 = r2 + a.alpha * (r2 - r1) - a.beta1 * kl[:, 1]            # r^(y2) - beta1 KL_2
     loss = 0
     for ret, t in ((ret1, 0), (ret2, 1)):
         others = (ret.view(-1, k).sum(1, keepdim=True) - ret.view(-1, k)) / (k - 1)  # leave-one-out mean
@@ -595,7 +596,7 @@ def one_step(c, name, shape, lora, ckpt, max_new, micro_batches):
     with autocast:
         t_update, _ = seconds(c, rl.update, policy, ref, opt, sub, train_stage2.objective, a)
     update = peak_mib(c) - base_mib
-    sel = sub.m1 | sub.m2
+    sel = sub.turn > 0
     n_gen = int(sel.sum())
     run_tokens = keep * sub.tokens.shape[1] - (keep - keep // a.k) * (prompt_len - 1)  # each prompt runs once
     d, V = cfg.n_embd, cfg.vocab_size

@@ -21,7 +21,7 @@ from model import save_checkpoint
 # gen_batch too: the chunks draw from streams of their own, so another chunking samples other rollouts.
 RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "alpha", "beta1", "beta2", "kl",
              "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype", "gen_batch",
-             "lora", "lora_alpha")
+             "lora", "lora_alpha", "turns")
 
 
 def save(paths, policy, tok, opt, step, args, extra=None):

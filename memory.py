@@ -49,10 +49,11 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
     head) and four blocks' worth whole: the weights of the running block and of the one gathered ahead, the
     running block's gradients, and the reduce-scatter's copy of the previous block's (FSDP2 keeps it until the
     next reduce-scatter); "load": the whole fp32 policy before it is sharded.
-    Lengths are worst cases: prompt_len (256: a long MATH or MBPP prompt) + 2 * max_new_tokens +
-    followup_len (p1 rendered, 64) + 2 positions per row, and both attempts run to max_new_tokens.
+    Lengths are worst cases: prompt_len (256: a long MATH or MBPP prompt) + T * max_new_tokens +
+    (T - 1) * (followup_len (p1 rendered, 64) + 2) positions per row (T = args.turns attempts, default 2), and
+    every attempt runs to max_new_tokens.
     args: batch, k, micro_batch, max_new_tokens, gen_batch (None: all rows), dtype, device (default cuda),
-    lora (default 0), checkpoint_activations (default False).
+    lora (default 0), checkpoint_activations (default False), turns (default 2).
     Not counted: the CUDA context, the allocators' slack (cached or fragmented free memory), Python."""
     c = config
     d, V, L, D, I = c.n_embd, c.vocab_size, c.n_layer, c.head_dim, c.intermediate_size
@@ -67,10 +68,11 @@ def memory_model(config, args, world=1, prompt_len=256, followup_len=64):
     rows = args.batch // world  # rows sampled at once: all of a rank's, or --gen-batch's whole prompt groups
     if getattr(args, "gen_batch", None):
         rows = min(rows, max(1, args.gen_batch // k) * k)
-    S = prompt_len + 2 * mnt + followup_len + 2  # positions of a row (generate_turns' cache length)
+    turns = getattr(args, "turns", None) or 2  # attempts per rollout
+    S = prompt_len + turns * mnt + (turns - 1) * (followup_len + 2)  # positions of a row (generate_turns' cache)
     S_gen = S + (mnt if getattr(args, "base_first", 0) > 0 else 0)  # a given first attempt takes its own slots
     T2 = followup_len + 2  # turn 2's prefill: the last token of y1, eot, p1
-    N = micro * 2 * mnt  # generated tokens of a micro-batch: the log-prob head's rows
+    N = micro * turns * mnt  # generated tokens of a micro-batch: the log-prob head's rows
     # parameters, from the shapes (model.py's GPT)
     shapes = parameter_shapes(c)
     P = sum(math.prod(s) for s in shapes)

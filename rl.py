@@ -1,12 +1,13 @@
 """
-What both stages of SCoRe share: two-turn rollouts, oracle rewards, per-token log-probs and KL of
+What both stages of SCoRe share: rollouts of two attempts (or T), oracle rewards, per-token log-probs and KL of
 the policy and the frozen reference, the leave-one-out baseline, the optimizer step with gradient
 accumulation, checkpoints, resuming and logging. Each stage script supplies only its objective,
-written with `reinforce`: each turn's reward and KL weight,
+written with `reinforce`: each attempt's reward and KL weight,
 
-    objective(b, args) = reinforce(b, args, turn1=(reward, beta), turn2=(reward, beta)) -> per-row loss (m,)
+    objective(b, args) = reinforce(b, args, [(reward, beta) of turn 1, (reward, beta) of turn 2]) -> per-row loss (m,)
 
-where b holds, for a micro-batch of m two-turn rollouts (whole groups of k samples per prompt):
+where b holds, for a micro-batch of m rollouts (whole groups of k samples per prompt) of T attempts
+(--turns, the paper's 2; the lists b.logp, b.kl, b.r hold each attempt's, b.logp[0] is b.logp1, ...):
     b.logp1, b.logp2  sum over the tokens of y1 / y2 of log pi(token)                      (m,)
     b.kl1, b.kl2      the turn's KL: sum over its tokens of log pi - log pi_ref (--kl reward)
                       or of k2 = 0.5 (log pi - log pi_ref)^2 (--kl loss)                  (m,)
@@ -21,6 +22,9 @@ E[r] - beta * KL(pi || pi_ref) of the sequence (tests/test_estimator.py enumerat
 uses the sampler's log-probs of the sampled tokens, so it costs no extra forward pass of the policy.
 --kl loss puts the per-token k2 into the loss instead: its gradient is each token's KL with the
 tokens before it held fixed, and misses how a token changes the KL of the tokens after it.
+
+With --turns T > 2 each attempt after the first follows p1 and sees every earlier one, as sampled; each
+attempt is credited with its own return (gamma = 0), so the objective names T (reward, beta) pairs.
 
 Rows whose y1 was drawn from the base model (--base-first, paper 5.3) get no turn-1 terms: that y1
 is not pi's sample, so only turn 2 learns from it.
@@ -42,6 +46,7 @@ import json
 import math
 import os
 import random
+import re
 import shlex
 import signal
 import sys
@@ -52,6 +57,7 @@ import torch
 import torch.distributed as dist
 
 import data
+import evaluate
 import memory
 import shard
 from checkpoint import check_resume, latest, save
@@ -81,14 +87,16 @@ def kl_term(lp, lp_ref):
     return 0.5 * (lp - lp_ref) ** 2
 
 
-def reinforce(b, args, turn1, turn2):
-    """The per-row REINFORCE loss of a two-turn rollout, each turn credited with its own return (gamma = 0).
-    turn1, turn2: (reward, beta) of each turn: its reward (m,) or a number, and the weight of its KL.
+def reinforce(b, args, turns):
+    """The per-row REINFORCE loss of a rollout of T attempts, each credited with its own return (gamma = 0).
+    turns: one (reward, beta) per attempt, in order: its reward (m,) or a number, and the weight of its KL.
       --kl reward (RLOO): return R = reward - beta * (log pi(y) - log pi_ref(y)), a constant; loss -A(R) log pi(y)
       --kl loss:          loss -A(reward) log pi(y) + beta * sum of the per-token k2
     A(.) is the return minus the leave-one-out mean of the other samples of the prompt (--baseline loo)."""
+    if len(turns) != len(b.logp):
+        raise ValueError(f"the objective credits {len(turns)} attempt(s); the rollouts hold {len(b.logp)}")
     loss = 0.0
-    for logp, kl, (reward, beta) in ((b.logp1, b.kl1, turn1), (b.logp2, b.kl2, turn2)):
+    for logp, kl, (reward, beta) in zip(b.logp, b.kl, turns):
         reward = torch.zeros_like(b.r1) + reward
         if args.kl == "reward":
             loss = loss - baseline(reward - beta * kl, b.group, args) * logp
@@ -130,42 +138,64 @@ def objective_input(policy, ref, ro, rows, args):
     the policy's log-probs of each generated token from the chunked head (model.token_logprobs: the (N, V)
     logits never exist), differentiable; the frozen reference's, without gradient; both summed per row and turn
     by turn_sums. Prompt, instruction and padding tokens never count."""
-    m1, m2 = ro.m1[rows], ro.m2[rows]
-    sel = m1 | m2  # the generated tokens' target positions
+    turn = ro.turn[rows]
+    sel = turn > 0  # the generated tokens' target positions
     L = int(sel.any(0).nonzero().max()) + 2  # drop the padding columns no row of this micro-batch needs
-    idx, m2, sel = ro.tokens[rows, :L], m2[:, :L - 1], sel[:, :L - 1]
+    idx, turn, sel = ro.tokens[rows, :L], turn[:, :L - 1], sel[:, :L - 1]
     tgt = idx[:, 1:][sel]  # (n,) each generated token
-    hidden = generated_hidden(idx, sel, m1[:, :L - 1], args.k)
+    hidden = generated_hidden(idx, sel, turn == 1, args.k)
     with torch.no_grad(), adapters_off(ref):  # with LoRA the reference is the policy with its adapters off
         lp_ref = token_logprobs(*hidden(ref), tgt, args.temperature)  # (n,) log pi_ref
     lp = token_logprobs(*hidden(policy, getattr(args, "checkpoint_activations", False)), tgt,
                         args.temperature)  # (n,) log pi: the training path
     tokens = SimpleNamespace(lp=lp, lp_ref=lp_ref, lp_old=ro.lp_old[rows, :L - 1][sel],  # the sampler's log pi
-                             row=sel.nonzero()[:, 0], turn2=m2[sel])  # (n,) each generated token's row and turn
-    return turn_sums(tokens, SimpleNamespace(first_from_pi=ro.first_from_pi[rows], r1=ro.r1[rows], r2=ro.r2[rows],
+                             row=sel.nonzero()[:, 0], turn=turn[sel])  # (n,) each generated token's row and turn
+    return turn_sums(tokens, SimpleNamespace(first_from_pi=ro.first_from_pi[rows], r=ro.r[:, rows],
                                              group=ro.group[rows] - ro.group[rows].min()), args)
 
 
 def turn_sums(tokens, rows, args):
     """The objective's input b (module docstring) from per-token log-probs.
     tokens, each (n,), per generated token: lp the policy's log-prob, with gradient; lp_ref the reference's;
-      lp_old the sampler's (for the KL in the reward); row its row (of m); turn2 whether it is turn 2's.
-    rows, each (m,): r1, r2 the rewards; group the prompt; first_from_pi False where y1 came from the base
-      model: that y1 is not pi's sample, so its tokens enter no turn-1 sum (only turn 2 learns from it).
-    b.log holds sums for the logs: k3_t1, k3_t2 the k3 KL estimate exp(-d) - 1 + d >= 0 (d = log pi -
-    log pi_ref) over each turn's tokens; lp_diff |log pi - sampler log pi| over the n_sampled tokens pi sampled."""
-    lp, lp_ref, row, turn2 = tokens.lp, tokens.lp_ref, tokens.row, tokens.turn2
-    t1 = ~turn2 & rows.first_from_pi[row]  # (n,) turn-1 tokens that pi sampled
-    per_row = lambda x, turn: torch.zeros(len(rows.r1), device=x.device, dtype=x.dtype).index_add(0, row, x * turn)
+      lp_old the sampler's (for the KL in the reward); row its row (of m); turn its attempt, 1 to T.
+    rows: r (T, m) the rewards of each attempt; group (m,) the prompt; first_from_pi (m,) False where y1 came
+      from the base model: that y1 is not pi's sample, so its tokens enter no turn-1 sum (only later turns
+      learn from it).
+    b.log holds sums for the logs: k3, per turn, the k3 KL estimate exp(-d) - 1 + d >= 0 (d = log pi -
+    log pi_ref) over the turn's tokens; lp_diff |log pi - sampler log pi| over the n_sampled tokens pi sampled."""
+    lp, lp_ref, row, turn = tokens.lp, tokens.lp_ref, tokens.row, tokens.turn
+    turns = [(turn == 1) & rows.first_from_pi[row]]  # (n,) turn-1 tokens that pi sampled
+    turns += [turn == t for t in range(2, len(rows.r) + 1)]  # (n,) each later turn's tokens
+    sampled = torch.stack(turns).any(0)
+    per_row = lambda x, turn: torch.zeros(rows.r.shape[1], device=x.device, dtype=x.dtype).index_add(0, row, x * turn)
     # --kl reward: log pi - log pi_ref of each sampled token, a constant (it goes into the return);
     # --kl loss: the per-token k2 = 0.5 (log pi - log pi_ref)^2, with gradient
     kl = tokens.lp_old - lp_ref if args.kl == "reward" else kl_term(lp, lp_ref)
     d = lp.detach() - lp_ref
     k3 = torch.expm1(-d) + d
-    log = SimpleNamespace(k3_t1=(k3 * t1).sum(), k3_t2=(k3 * turn2).sum(), n_sampled=(t1 | turn2).sum(),
-                          lp_diff=((lp.detach() - tokens.lp_old).abs() * (t1 | turn2)).sum())
-    return SimpleNamespace(logp1=per_row(lp, t1), logp2=per_row(lp, turn2), kl1=per_row(kl, t1), kl2=per_row(kl, turn2),
-                           r1=rows.r1, r2=rows.r2, group=rows.group, log=log)
+    log = SimpleNamespace(k3=[(k3 * t).sum() for t in turns], n_sampled=sampled.sum(),
+                          lp_diff=((lp.detach() - tokens.lp_old).abs() * sampled).sum())
+    return Batch(logp=[per_row(lp, t) for t in turns], kl=[per_row(kl, t) for t in turns], r=list(rows.r),
+                 group=rows.group, log=log)
+
+
+class Batch(SimpleNamespace):
+    """The objective's input b: lists over the attempts (logp, kl, r), each also read and written by its number,
+    b.logp1 for b.logp[0], b.r2 for b.r[1]: the names the stage scripts write the paper's equations with."""
+    numbered = re.compile(r"(logp|kl|r)([1-9][0-9]*)$")
+
+    def __getattr__(self, name):  # only for what is not an attribute
+        m = self.numbered.match(name)
+        if m and int(m[2]) <= len(self.__dict__.get(m[1], ())):
+            return self.__dict__[m[1]][int(m[2]) - 1]
+        raise AttributeError(f"{name}: the rollouts hold {len(self.__dict__.get('logp', ()))} attempt(s)")
+
+    def __setattr__(self, name, value):
+        m = self.numbered.match(name)
+        if m:
+            getattr(self, m[1])[int(m[2]) - 1] = value  # one place for each attempt's tensor
+        else:
+            super().__setattr__(name, value)
 
 
 def update(policy, ref, opt, ro, objective, args, world=1):
@@ -174,7 +204,7 @@ def update(policy, ref, opt, ro, objective, args, world=1):
     the global batch R, backward(). With several processes each holds 1/world of the batch and the ranks'
     gradients are summed (FSDP2's reduce-scatter after each backward where the policy is sharded, else one
     all-reduce after the last micro-batch), so the update is the one a single process would make on the whole
-    batch. Returns the global (loss, KL turn 1, KL turn 2, gradient norm before clipping, mean |trainer -
+    batch. Returns the global (loss, [KL of each turn], gradient norm before clipping, mean |trainer -
     sampler log-prob| per generated token)."""
     R = ro.tokens.shape[0] * world  # rollouts in the global batch
     opt.zero_grad(set_to_none=True)
@@ -184,8 +214,8 @@ def update(policy, ref, opt, ro, objective, args, world=1):
         b = objective_input(policy, ref, ro, rows, args)
         loss = objective(b, args).sum() / R  # the stage's objective, as its script writes it
         loss.backward()  # even if not finite (the step is refused below): FSDP2's backward is a collective
-        part = dict(loss=loss.detach().float(), nonfinite=(~torch.isfinite(loss)).float(), kl_t1=b.log.k3_t1 / R,
-                    kl_t2=b.log.k3_t2 / R, lp_diff=b.log.lp_diff, n_sampled=b.log.n_sampled.float())
+        part = dict(loss=loss.detach().float(), nonfinite=(~torch.isfinite(loss)).float(), lp_diff=b.log.lp_diff,
+                    n_sampled=b.log.n_sampled.float(), **{f"kl_t{t + 1}": k3 / R for t, k3 in enumerate(b.log.k3)})
         total = {name: total.get(name, 0) + x for name, x in part.items()}
     flat = torch.stack(list(total.values()))  # one tensor: one collective
     if world > 1:  # every rank takes part in every collective, even after a bad loss: no deadlock
@@ -201,13 +231,14 @@ def update(policy, ref, opt, ro, objective, args, world=1):
     if not math.isfinite(norm):
         raise FloatingPointError(f"the gradient's norm is {norm} (the loss is finite)")
     opt.step()
-    return t.loss, t.kl_t1, t.kl_t2, norm, t.lp_diff / max(t.n_sampled, 1)
+    kl = [getattr(t, f"kl_t{i + 1}") for i in range(len(b.log.k3))]
+    return t.loss, kl, norm, t.lp_diff / max(t.n_sampled, 1)
 
 
 # ------------------------------------------------------------------------------- rollouts
 def rollout(policy, ref, tok, problems, args, seed):
-    """Two attempts for each of `problems` (k samples each, prompt-major; args.turns = 1: the first only),
-    their rewards, the sampler's log-probs of the sampled tokens, and the token layout of each rollout, with
+    """args.turns attempts (default 2; 1: the first only) for each of `problems` (k samples each, prompt-major),
+    their rewards (r: (T, R)), the answers' changes (changed (R,): the last attempt's answer against the first's), the sampler's log-probs of the sampled tokens, and the token layout of each rollout, with
     counts for the logs. seed: an int or a tuple, the key of this rollout's randomness (sample_attempts)."""
     prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in problems]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])
@@ -219,13 +250,15 @@ def rollout(policy, ref, tok, problems, args, seed):
     t0 = time.time()
     texts = [[tok.decode([t for t in y if t not in tok.stop_ids]) for y in turn] for turn in ys]
     reps = [p for p in problems for _ in range(k)]
-    r = [torch.tensor(data.rewards(reps, t), device=dev) for t in texts]  # one turn: r2 is r1, no change to log
+    r = torch.tensor([data.rewards(reps, t) for t in texts], device=dev)  # (T, R)
+    answers = [[data.answer_of(p, y) for p, y in zip(reps, t)] for t in (texts[0], texts[-1])]
+    changed = [evaluate.changed(p, a, b) for p, a, b in zip(reps, *answers)]  # paper Figure 6b (one turn: none)
     cut = lambda y: len(y) == args.max_new_tokens and y[-1] not in tok.stop_ids  # ran out of tokens
-    return SimpleNamespace(tokens=ro.tokens.to(dev), m1=ro.m1.to(dev), m2=ro.m2.to(dev), lp_old=ro.lp_old.to(dev),
-                           r1=r[0], r2=r[-1], group=torch.arange(len(problems), device=dev).repeat_interleave(k),
-                           first_from_pi=(~from_base).to(dev), y1=texts[0], y2=texts[-1],
-                           n_generated=int(ro.m1.sum() + ro.m2.sum()), len_y1=sum(map(len, ys[0])),
-                           len_y2=sum(map(len, ys[1])) if len(ys) == 2 else 0, cut=sum(cut(y) for t in ys for y in t),
+    return SimpleNamespace(tokens=ro.tokens.to(dev), turn=ro.turn.to(dev), lp_old=ro.lp_old.to(dev), r=r,
+                           group=torch.arange(len(problems), device=dev).repeat_interleave(k),
+                           first_from_pi=(~from_base).to(dev), texts=texts, changed=changed,
+                           n_generated=int((ro.turn > 0).sum()), len_y=[sum(map(len, y)) for y in ys],
+                           cut=sum(cut(y) for t in ys for y in t),
                            n_context=sum(ro.lengths), n_shared=sum((k - 1) * (len(x) - 1) for x in prompts),
                            t_sample=t_sample, t_score=time.time() - t0)
 
@@ -262,11 +295,11 @@ def sample_attempts(policy, ref, tok, prompts, followup, args, seed):
 
 
 def lay_out(prompts, ys, lps, followup, eot_id, k):
-    """Each rollout's tokens in sample.layout's order, (R, L) zero-padded; m1, m2 (R, L - 1) the target positions
-    of turn 1's and turn 2's tokens (position j predicts token j + 1; m2 all False with one turn); lp_old
-    (R, L - 1) the sampler's log-prob of each generated token at its target position (0 where there is none:
-    a y1 from the base model); lengths, each rollout's."""
-    R, turns = len(ys[0]), len(ys)
+    """Each rollout's tokens in sample.layout's order, (R, L) zero-padded; turn (R, L - 1) the attempt (1 to T) whose
+    token is predicted at each position (position j predicts token j + 1), 0 where none is; lp_old (R, L - 1)
+    the sampler's log-prob of each generated token at its target position (0 where there is none: a y1 from the
+    base model); lengths, each rollout's."""
+    R = len(ys[0])
     seqs, spans = zip(*(layout(prompts[r // k], [y[r] for y in ys], followup, eot_id) for r in range(R)))
     L = max(map(len, seqs))
     tokens = torch.tensor([s + [0] * (L - len(s)) for s in seqs])  # (R, L), zero-padded
@@ -275,14 +308,12 @@ def lay_out(prompts, ys, lps, followup, eot_id, k):
     def targets(t):  # (R, L - 1): turn t's target positions, [start - 1, end - 1) of its span
         a, b = (torch.tensor([sp[t] for sp in spans]) - 1).T[:, :, None]
         return (j >= a) & (j < b)
-    m1 = targets(0)
-    m2 = targets(1) if turns == 2 else torch.zeros_like(m1)
-    lp_old = torch.zeros(R, L - 1)
-    sampled = torch.tensor([lp is not None for lp in lps[0]])[:, None]  # a y1 from the base model has none
-    lp_old[m1 & sampled] = torch.tensor([x for lp in lps[0] if lp is not None for x in lp])
-    if turns == 2:
-        lp_old[m2] = torch.tensor([x for lp in lps[1] for x in lp])
-    return SimpleNamespace(tokens=tokens, m1=m1, m2=m2, lp_old=lp_old, lengths=list(map(len, seqs)))
+    turn, lp_old = torch.zeros(R, L - 1, dtype=torch.int8), torch.zeros(R, L - 1)
+    for t in range(len(ys)):
+        turn[targets(t)] = t + 1
+        sampled = torch.tensor([lp is not None for lp in lps[t]])[:, None]  # a y1 from the base model has none
+        lp_old[targets(t) & sampled] = torch.tensor([x for lp in lps[t] if lp is not None for x in lp])
+    return SimpleNamespace(tokens=tokens, turn=turn, lp_old=lp_old, lengths=list(map(len, seqs)))
 
 
 def lora_policy(init, args, dev, compute):
@@ -481,31 +512,26 @@ def train(args, objective, name):
             policy.train()
             t1 = time.time()
             try:
-                loss, kl1, kl2, grad_norm, mismatch = update(policy, ref, opt, ro, objective, args, world)
+                loss, kl, grad_norm, mismatch = update(policy, ref, opt, ro, objective, args, world)
             except FloatingPointError as e:
                 good = latest(args.out)
                 raise SystemExit(f"step {step}: {e}; stopping. The last good checkpoint is "
                                  f"{good or 'none (no step was saved yet)'}.")
         t_update = time.time() - t1
-        counts = torch.tensor([ro.r1.sum(), ro.r2.sum(), ((1 - ro.r1) * ro.r2).sum(), (ro.r1 * (1 - ro.r2)).sum(),
-                               ro.n_generated, ro.len_y1, ro.len_y2, ro.cut, ro.n_context, ro.n_shared],
-                              dtype=torch.float64, device=dev)
-        if world > 1:
-            dist.all_reduce(counts)
-        tokens_done += int(counts[4])
+        rec = step_record(ro, dev, world, args.batch)  # of the sampled rollouts (temperature T), over the ranks
+        tokens_done += rec["tokens"]
         rate = tokens_done / (time.time() - t_start)
         eta = (time.time() - t_start) / (step - step0) * (args.steps - step) / 60
-        acc_t1, acc_t2, i2c, c2i = (counts[:4] / args.batch).tolist()  # of the sampled rollouts (temperature T)
-        rec = dict(step=step, acc_t1=acc_t1, acc_t2=acc_t2, delta_i2c=i2c, delta_c2i=c2i, kl_t1=kl1, kl_t2=kl2,
-                   loss=loss, grad_norm=grad_norm, lp_mismatch=mismatch, tokens=int(counts[4]), context=int(counts[8]),
-                   trained=int(counts[8] - counts[9]),
-                   len_y1=counts[5].item() / args.batch, len_y2=counts[6].item() / args.batch,
-                   cut=counts[7].item() / (getattr(args, "turns", 2) * args.batch),  # of the attempts sampled
-                   t_sample=ro.t_sample, t_score=ro.t_score, t_update=t_update, seconds=time.time() - t0)
-        say(f"{args.label + ': ' if args.label else ''}step {step}/{args.steps} | acc t1 {acc_t1:.1%} t2 {acc_t2:.1%} (i->c {i2c:.1%}, c->i {c2i:.1%}) | "
-            f"KL t1 {kl1:.4f} t2 {kl2:.4f} | loss {loss:+.4f} | |g| {grad_norm:.3f} | {rate:.0f} tok/s | "
-            f"ETA {eta:.1f} min", flush=True)
-        window.append(acc_t2)
+        T = len(kl)
+        rec = dict(step=step, **rec, **{f"kl_t{t + 1}": kl[t] for t in range(T)}, loss=loss, grad_norm=grad_norm,
+                   lp_mismatch=mismatch, t_sample=ro.t_sample, t_score=ro.t_score, t_update=t_update,
+                   seconds=time.time() - t0)
+        acc = " ".join(f"t{t + 1} {rec[f'acc_t{t + 1}']:.1%}" for t in range(T))
+        fix = f" (i->c {rec['delta_i2c']:.1%}, c->i {rec['delta_c2i']:.1%}, changed {rec['changed']:.1%})" if T > 1 else ""
+        say(f"{args.label + ': ' if args.label else ''}step {step}/{args.steps} | acc {acc}{fix} | "
+            f"KL {' '.join(f't{t + 1} {kl[t]:.4f}' for t in range(T))} | loss {loss:+.4f} | |g| {grad_norm:.3f} | "
+            f"{rate:.0f} tok/s | ETA {eta:.1f} min", flush=True)
+        window.append(rec[f"acc_t{T}"])
         if rank == 0:
             with open(log_path, "a") as f:
                 f.write(json.dumps(rec) + "\n")
@@ -529,10 +555,29 @@ def train(args, objective, name):
         shard.teardown()
 
 
+def step_record(ro, dev, world, batch):
+    """A step's log record of its sampled rollouts, summed over the ranks: acc_t1 .. acc_tT each attempt's
+    accuracy; with T > 1, delta_i2c and delta_c2i (attempt 1 -> 2, the paper's) and changed (the share whose last
+    answer differs from the first's, paper Figure 6b); len_y1 .. len_yT mean tokens; cut, the share of
+    attempts that ran out of tokens; tokens generated, context (positions of every rollout) and trained
+    (positions the update computes, each prompt once for its k samples)."""
+    T = ro.r.shape[0]
+    counts = {**{f"acc_t{t + 1}": ro.r[t].sum() for t in range(T)}, **{f"len_y{t + 1}": ro.len_y[t] for t in range(T)}}
+    if T > 1:
+        counts.update(delta_i2c=((1 - ro.r[0]) * ro.r[1]).sum(), delta_c2i=(ro.r[0] * (1 - ro.r[1])).sum(),
+                      changed=sum(ro.changed))
+    counts.update(cut=ro.cut / T, tokens=ro.n_generated, context=ro.n_context, trained=ro.n_context - ro.n_shared)
+    flat = torch.tensor([float(x) for x in counts.values()], dtype=torch.float64, device=dev)
+    if world > 1:
+        dist.all_reduce(flat)
+    rec = dict(zip(counts, flat.tolist()))
+    return {name: int(x) if name in ("tokens", "context", "trained") else x / batch for name, x in rec.items()}
+
+
 # ------------------------------------------------------------------------------- problems
 def load_problems(args, tok, max_len, say):
     """The training problems: the task's, minus MBPP's test split (task ids 11-510) and minus those whose
-    two turns cannot fit the model's context (each with a printed count): never a crash mid-run."""
+    args.turns attempts cannot fit the model's context (each with a printed count): never a crash mid-run."""
     try:
         problems = data.load_task(args.task, args.data, n=args.n_train, seed=args.seed)
     except data.DataError as e:
@@ -544,10 +589,11 @@ def load_problems(args, tok, max_len, say):
             say(f"dropped {len(problems) - len(kept)} MBPP test-split problems (task ids {lo}-{hi}): never trained on")
         problems = kept
     followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
-    room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup, 2)
+    room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup,
+                                       getattr(args, "turns", 2))  # (train_sft.py's: 2)
     kept = [p for p in problems if args.max_new_tokens <= room(p)]
     if len(kept) < len(problems):
-        say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose two turns of "
+        say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose {getattr(args, 'turns', 2)} turns of "
             f"{args.max_new_tokens} new tokens do not fit the context of {max_len} positions")
     if not kept:
         raise SystemExit(f"{args.task}: no problem left to train on")
@@ -616,7 +662,9 @@ def get_args(stage, argv=None, run=None, unused=None):
                    help="loo: leave-one-out mean of the k samples of a prompt; none: the paper's plain REINFORCE")
     p.add_argument("--base-first", type=float, default=0.0,
                    help="fraction of first attempts y1 drawn from the base model (paper 5.3)")
-    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of both turns")
+    p.add_argument("--turns", type=int, help="attempts per rollout (default 2, the paper's): each after the first "
+                                             "follows p1 and sees every earlier one; the objective credits each")
+    p.add_argument("--temperature", type=float, default=1.0, help="sampling temperature of every turn")
     p.add_argument("--max-new-tokens", type=int, help="per turn")
     p.add_argument("--p1", help="the self-correction instruction (default: the paper's; the demo's is shorter)")
     p.add_argument("--grad-clip", type=float, default=1.0, help="clip the gradient norm (0: off)")
@@ -668,6 +716,8 @@ def get_args(stage, argv=None, run=None, unused=None):
     warn_if_emulated(args.dtype, args.device)
     if args.p1 is None:
         args.p1 = data.instruction(args.task)
+    if args.turns is None:
+        args.turns = 2
     if args.lora_alpha is None:
         args.lora_alpha = 2.0 * args.lora
     return args
@@ -703,6 +753,8 @@ def check_args(a):
     error = check_numbers(a)
     if error:
         return error
+    if a.turns is not None and a.turns < 2:
+        return f"--turns must be at least 2: a stage trains attempts after the first (got {a.turns})"
     if a.k < 2 and a.baseline == "loo":
         return "--k 1 leaves the leave-one-out baseline no other sample: use --k 2 or more, or --baseline none"
     if a.batch % a.k or a.micro_batch % a.k:

@@ -117,7 +117,7 @@ def keep(ro, k, method, plus, rng):
     rollout's own two attempts, wrong then right (--plus: right then right too). Pair-SFT: a wrong first
     attempt and a right first attempt of another sample of the same problem, drawn independently of it
     (--plus: a right first attempt and another right one)."""
-    r1, r2 = ro.r1.tolist(), ro.r2.tolist()
+    r1, r2 = ro.r.tolist()
     out = []
     for g in range(len(r1) // k):
         rows = range(g * k, (g + 1) * k)
@@ -134,8 +134,7 @@ def keep(ro, k, method, plus, rng):
 
 def attempt(ro, row, turn):
     """The token ids of one attempt of a rollout row (turn 1 or 2), as it was sampled."""
-    mask = ro.m1[row] if turn == 1 else ro.m2[row]
-    return ro.tokens[row, 1:][mask].tolist()
+    return ro.tokens[row, 1:][ro.turn[row] == turn].tolist()
 
 
 def second_attempt_example(prompt, y1, y2, followup, eot_id):
@@ -170,14 +169,14 @@ def main(argv=None):
         chunk = problems[a:a + per]
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16"):
             ro = rl.rollout(base, base, tok, chunk, args, seed=(args.seed, "collect", c))
-        for i, (x, y) in enumerate(zip(ro.r1.tolist(), ro.r2.tolist())):
+        for x, y in zip(*ro.r.tolist()):
             counts[int(2 * x + y)] += 1  # wrong->wrong, wrong->right, right->wrong, right->right
         for i, j, turn in keep(ro, args.k, args.method, args.plus, rng):
             prompt = tok.render([{"role": "user", "content": chunk[i // args.k].prompt}])
             y1, y2 = attempt(ro, i, 1), attempt(ro, j, turn)
             examples.append(second_attempt_example(prompt, y1, y2, followup, tok.eot_id))
-            traces.append({"problem": chunk[i // args.k].prompt, "y1": ro.y1[i], "y2": ro.y1[j] if turn == 1 else ro.y2[j],
-                           "r1": ro.r1[i].item(), "r2": (ro.r1 if turn == 1 else ro.r2)[j].item(),
+            traces.append({"problem": chunk[i // args.k].prompt, "y1": ro.texts[0][i], "y2": ro.texts[turn - 1][j],
+                           "r1": ro.r[0, i].item(), "r2": ro.r[turn - 1, j].item(),
                            "rows": [a * args.k + i, a * args.k + j], "second_from_turn": turn})
         print(f"collected {min(a + per, len(problems))}/{len(problems)} problems, kept {len(examples)} traces, "
               f"{time.time() - t0:.0f} s", flush=True)

@@ -7,6 +7,7 @@ close to the base model, so that the two attempts decouple and Stage II does not
 
 The first attempt y1 gets no reward, only the strong pull (beta2) to pi_ref. With --kl reward (the
 paper's RLOO, the default) each KL enters its turn's return as -beta * (log pi(y) - log pi_ref(y)).
+With --turns T, every attempt after the first is trained as y2 is, on its own reward (beta1); y1 is held by beta2.
 
     python train_base.py && python train_stage1.py   # the CPU demo by hand: out/demo/base, then out/demo/stage1
     python train_stage1.py --preset math --base out/math/base
@@ -15,9 +16,9 @@ import rl
 
 
 def objective(b, args):
-    return rl.reinforce(b, args,
-                        turn1=(0.0, args.beta2),    # Eq. 3: no reward on y1; beta2 * KL on turn 1 (strong)
-                        turn2=(b.r2, args.beta1))   # Eq. 3: r(y2) (gamma = 0); beta1 * KL on turn 2
+    turn1 = (0.0, args.beta2)                       # Eq. 3: no reward on y1; beta2 * KL on turn 1 (strong)
+    later = [(r, args.beta1) for r in b.r[1:]]      # Eq. 3: r(y2) (gamma = 0); beta1 * KL on turn 2 (and each later)
+    return rl.reinforce(b, args, [turn1] + later)
 
 
 if __name__ == "__main__":

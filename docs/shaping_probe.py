@@ -52,11 +52,11 @@ for step in range(1, B + 1):
         ro = rl.rollout(sampler, ref, tok, batch, args, (args.seed, step, 0))
         b = rl.objective_input(policy, ref, ro, torch.arange(ro.tokens.shape[0]), args)
         R = ro.tokens.shape[0]
-        g = {"g1": flat(rl.reinforce(b, args, turn1=(b.r1, args.beta1), turn2=zero).sum() / R, True)}
+        g = {"g1": flat(rl.reinforce(b, args, [(b.r1, args.beta1), zero]).sum() / R, True)}
         for i, (name, ret) in enumerate(turn2.items()):
-            g[name] = flat(rl.reinforce(b, args, turn1=zero, turn2=(ret(b), args.beta1)).sum() / R, i < len(turn2) - 1)
+            g[name] = flat(rl.reinforce(b, args, [zero, (ret(b), args.beta1)]).sum() / R, i < len(turn2) - 1)
     grads.append(g)
-    print(f"batch {step}/{B}: acc t1 {ro.r1.mean():.3f} t2 {ro.r2.mean():.3f}", flush=True)
+    print(f"batch {step}/{B}: acc t1 {ro.r[0].mean():.3f} t2 {ro.r[1].mean():.3f}", flush=True)
 half = B // 2
 G1 = torch.stack([g["g1"] for g in grads[half:]]).mean(0)  # loss gradients: a step -lr d gains lr G . d
 G2 = torch.stack([g["alpha 0"] for g in grads[half:]]).mean(0)

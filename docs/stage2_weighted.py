@@ -26,9 +26,8 @@ import rl  # noqa: E402
 
 
 def objective(b, args):
-    return rl.reinforce(b, args,
-                        turn1=(b.r1, args.beta1),                     # r(y1); beta1 * KL on turn 1
-                        turn2=((1 + args.alpha) * b.r2, args.beta1))  # the bonus without -alpha r(y1)
+    return rl.reinforce(b, args, [(b.r1, args.beta1),                     # r(y1); beta1 * KL on turn 1
+                                  ((1 + args.alpha) * b.r2, args.beta1)])  # the bonus without -alpha r(y1)
 
 
 if __name__ == "__main__":

@@ -75,7 +75,7 @@ def test_a_wrong_objective_fails_the_gradient_check(tmp_path, monkeypatch):
     """Stage II without its shaping bonus is not Eq. 4: the naive gradient written out in bench_gpu tells."""
     import rl
     monkeypatch.setattr(train_stage2, "objective",
-                        lambda b, a: rl.reinforce(b, a, turn1=(b.r1, a.beta1), turn2=(b.r2, a.beta1)))
+                        lambda b, a: rl.reinforce(b, a, [(b.r1, a.beta1), (b.r2, a.beta1)]))
     assert results(run_part("grads", tmp_path)) == ["FAIL"] * 3
 
 

@@ -59,16 +59,17 @@ def setup(seed, lora=False):
     ros = []
     for i in range(3):
         ro = rl.rollout(policy, ref, tok, data.make_demo(4, seed=3 + i), ARGS, seed=5 + i)
-        ro.r1 = torch.tensor([1.0, 0, 0, 1, 1, 1, 0, 0]).roll(i)  # varied rewards, so every term has a gradient
-        ro.r2 = torch.tensor([1.0, 1, 0, 0, 1, 0, 1, 0]).roll(i)
+        ro.r = torch.tensor([[1.0, 0, 0, 1, 1, 1, 0, 0],  # varied rewards, so every term has a gradient
+                             [1.0, 1, 0, 0, 1, 0, 1, 0]]).roll(i, 1)
         ros.append(ro)
     return policy, ref, ros
 
 
 def rows_of(ro, rows):
     out = SimpleNamespace(**vars(ro))
-    for name in ("tokens", "m1", "m2", "lp_old", "r1", "r2", "group", "first_from_pi"):
+    for name in ("tokens", "turn", "lp_old", "group", "first_from_pi"):
         setattr(out, name, getattr(ro, name)[rows])
+    out.r = ro.r[:, rows]
     return out
 
 
@@ -156,8 +157,9 @@ def two_processes(tmp_path_factory):
 
 
 def same_update(got, stats, policy):
-    for a, b in zip(got["stats"], stats):  # per step: loss, KL turn 1, KL turn 2, gradient norm, mismatch
-        assert all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(a, b)), (a, b)
+    flat = lambda s: [s[0], *s[1], *s[2:]]  # per step: loss, [KL of each turn], gradient norm, mismatch
+    for a, b in zip(got["stats"], stats):
+        assert all(abs(x - y) <= 1e-5 * max(1.0, abs(y)) for x, y in zip(flat(a), flat(b))), (a, b)
     for n, p in policy.named_parameters():
         if p.requires_grad:
             assert (got["grads"][n] - p.grad).abs().max() <= 1e-5 * p.grad.abs().max(), n
@@ -318,9 +320,10 @@ def short_rollouts(rows, seed):
     tokens = torch.randint(0, WIDE.vocab_size, (rows, width), generator=g)
     tokens[:, :p] = tokens[::ARGS.k, :p].repeat_interleave(ARGS.k, 0)
     j = torch.arange(width - 1).expand(rows, -1)  # target positions
-    return SimpleNamespace(tokens=tokens, m1=(j >= p - 1) & (j < p - 1 + n), m2=j >= width - 1 - n,
-                           lp_old=-torch.rand(rows, width - 1, generator=g), r1=torch.arange(rows) % 2 * 1.0,
-                           r2=torch.arange(rows) // 2 % 2 * 1.0, group=torch.arange(rows) // ARGS.k,
+    turn = ((j >= p - 1) & (j < p - 1 + n)).to(torch.int8) + 2 * (j >= width - 1 - n).to(torch.int8)
+    return SimpleNamespace(tokens=tokens, turn=turn, lp_old=-torch.rand(rows, width - 1, generator=g),
+                           r=torch.stack([torch.arange(rows) % 2 * 1.0, torch.arange(rows) // 2 % 2 * 1.0]),
+                           group=torch.arange(rows) // ARGS.k,
                            first_from_pi=torch.ones(rows, dtype=torch.bool))
 
 

@@ -5,6 +5,8 @@ its gap is measured. Then each stage's per-turn weights on hand-written cases. B
 rl.update backpropagates: per-token log-probs summed per row and turn by rl.turn_sums (as rl.objective_input
 does with the model's), the stage's objective on the sums, backward()."""
 import itertools
+import os
+import runpy
 from types import SimpleNamespace
 
 import pytest
@@ -49,33 +51,43 @@ def sequences(theta, ref):
     return logp, logref, K
 
 
-# Where the toy's sequence goes: (objective, its turn, the KL weight of that turn, the return that
-# turn is credited with as a function of r(y)). The other turn is empty (log-prob and KL sums 0).
-# Stage II's turn 2 is taken with a fixed r(y1) = 1, so its return is (1 + alpha) r(y) - alpha.
+# Where the toy's sequence goes: (objective, the rollouts' attempts T, the toy's turn, the KL weight of that
+# turn, the return that turn is credited with as a function of r(y)). The other turns are empty (log-prob and
+# KL sums 0), with fixed rewards FIXED[t]: Stage II's turn t >= 2 is credited r(y) + alpha (r(y) - FIXED[t - 1]).
+FIXED = [1.0, 0.0, 1.0]
 PLACES = {
-    "stage1-turn1": (train_stage1.objective, 0, lambda a: a.beta2, lambda r, a: 0.0 * r),
-    "stage1-turn2": (train_stage1.objective, 1, lambda a: a.beta1, lambda r, a: r),
-    "stage2-turn1": (train_stage2.objective, 0, lambda a: a.beta1, lambda r, a: r),
-    "stage2-turn2": (train_stage2.objective, 1, lambda a: a.beta1, lambda r, a: (1 + a.alpha) * r - a.alpha),
-    "single-turn-turn1": (train_single_turn.objective, 0, lambda a: a.beta1, lambda r, a: r),
+    "stage1-turn1": (train_stage1.objective, 2, 0, lambda a: a.beta2, lambda r, a: 0.0 * r),
+    "stage1-turn2": (train_stage1.objective, 2, 1, lambda a: a.beta1, lambda r, a: r),
+    "stage2-turn1": (train_stage2.objective, 2, 0, lambda a: a.beta1, lambda r, a: r),
+    "stage2-turn2": (train_stage2.objective, 2, 1, lambda a: a.beta1, lambda r, a: (1 + a.alpha) * r - a.alpha),
+    "single-turn-turn1": (train_single_turn.objective, 1, 0, lambda a: a.beta1, lambda r, a: r),
+    # --turns 3: Stage I trains every attempt after the first on its own reward; Stage II shapes each against the one before
+    "T3-stage1-turn1": (train_stage1.objective, 3, 0, lambda a: a.beta2, lambda r, a: 0.0 * r),
+    "T3-stage1-turn2": (train_stage1.objective, 3, 1, lambda a: a.beta1, lambda r, a: r),
+    "T3-stage1-turn3": (train_stage1.objective, 3, 2, lambda a: a.beta1, lambda r, a: r),
+    "T3-stage2-turn1": (train_stage2.objective, 3, 0, lambda a: a.beta1, lambda r, a: r),
+    "T3-stage2-turn2": (train_stage2.objective, 3, 1, lambda a: a.beta1, lambda r, a: (1 + a.alpha) * r - a.alpha * FIXED[0]),
+    "T3-stage2-turn3": (train_stage2.objective, 3, 2, lambda a: a.beta1, lambda r, a: (1 + a.alpha) * r - a.alpha * FIXED[1]),
 }
 
 
 def exact_gradient(theta, ref, reward, place, a):
     """grad of J = sum_y pi(y) R(y) - beta * sum_y pi(y) (log pi(y) - log pi_ref(y)), by autograd."""
-    _, _, beta, ret = PLACES[place]
+    _, _, _, beta, ret = PLACES[place]
     logp, logref, _ = sequences(theta, ref)
     p = logp.exp()
     J = (p * ret(reward, a)).sum() - beta(a) * (p * (logp - logref)).sum()
     return torch.autograd.grad(J, theta)
 
 
-def expected_estimator_gradient(theta, ref, reward, place, a, k):
+def expected_estimator_gradient(theta, ref, reward, place, a, k, objective=None):
     """E[grad of the loss rl.update backpropagates] over k samples of one prompt, exactly: every k-tuple
     of sequences is one group of a batch; each row's sequence is its tokens' log-probs in the place's
-    turn (the other turn is empty), rl.turn_sums sums them per row and turn, the stage's objective gives
-    each row's loss, and each row's loss is weighted by the probability of its tuple (over k: one group)."""
-    objective, turn, _, _ = PLACES[place]
+    turn (the other turns are empty), rl.turn_sums sums them per row and turn, the stage's objective (or
+    `objective`) gives each row's loss, and each row's loss is weighted by the probability of its tuple
+    (over k: one group)."""
+    stage_objective, turns, turn, _, _ = PLACES[place]
+    objective = objective or stage_objective
     steps = len(theta)
     lpa, ra = theta[0].log_softmax(0), ref[0]
     if steps == 1:  # per sequence, its tokens' log-probs: (N, steps)
@@ -89,11 +101,11 @@ def expected_estimator_gradient(theta, ref, reward, place, a, k):
     y = tuples.reshape(-1)  # (m,) the rows, tuple-major
     m = y.numel()
     lp = lp_tok[y].reshape(-1)  # (m * steps,) every token of every row, row-major
-    r = torch.ones(2, m, dtype=F64)  # the empty turn's reward: r(y1) = 1 for Stage II's turn 2; elsewhere it
-    r[turn] = reward[y]              # weights a log-prob sum of 0
+    r = torch.tensor(FIXED[:turns], dtype=F64)[:, None].repeat(1, m)  # the empty turns' rewards (turn 2's bonus
+    r[turn] = reward[y]                                                # reads r(y1); elsewhere, a log-prob sum of 0)
     tokens = SimpleNamespace(lp=lp, lp_ref=ref_tok[y].reshape(-1), lp_old=lp.detach(),
-                             row=torch.arange(m).repeat_interleave(steps), turn2=torch.full((m * steps,), turn == 1))
-    rows = SimpleNamespace(first_from_pi=torch.ones(m, dtype=torch.bool), r1=r[0], r2=r[1],
+                             row=torch.arange(m).repeat_interleave(steps), turn=torch.full((m * steps,), turn + 1))
+    rows = SimpleNamespace(first_from_pi=torch.ones(m, dtype=torch.bool), r=r,
                            group=torch.arange(len(tuples)).repeat_interleave(k))
     b = rl.turn_sums(tokens, rows, a)
     prob = lp_tok.detach().sum(1).exp()[tuples].prod(1).repeat_interleave(k)  # (m,) the probability of the row's tuple
@@ -123,7 +135,7 @@ def test_kl_in_reward_is_the_gradient_of_the_sequence_objective(place, k, baseli
     want = -flat(exact_gradient(theta, ref, reward, place, a))
     got = flat(expected_estimator_gradient(theta, ref, reward, place, a, k))
     # the KL's share of the gradient is large enough that leaving it out, or getting it wrong, shows
-    beta = PLACES[place][2](a)
+    beta = PLACES[place][3](a)
     assert beta * flat(missing_term(theta, ref, 1.0)).norm() > 0.05
     assert (got - want).abs().max() < 1e-6, f"max |E[grad] + grad J| = {(got - want).abs().max():.3g}"
 
@@ -142,7 +154,7 @@ def test_kl_in_loss_misses_the_later_tokens(place, k):
     gap = (got - want).norm() / want.norm()
     print(f"{place} k={k}: |E[grad] + grad J| / |grad J| = {gap:.4f}")
     assert gap > 0.05, f"--kl loss relative gap {gap:.4f}, expected > 0.05"
-    beta = PLACES[place][2](a)
+    beta = PLACES[place][3](a)
     assert (got - want + flat(missing_term(theta, ref, beta))).abs().max() < 1e-6
 
 
@@ -204,23 +216,24 @@ HAND = {
 }
 
 
-def hand_weights(objective, a, on_policy):
-    """(w_lp, w_kl), each (2, 4) [turn, row]: the gradient of the loss rl.update backpropagates with
+def hand_weights(objective, a, on_policy, turns=2):
+    """(w_lp, w_kl), each (turns, 4) [turn, row]: the gradient of the loss rl.update backpropagates with
     respect to each row's turn-1 and turn-2 log-prob (one token per turn), through rl.turn_sums and the
     objective. --kl reward: the KL sums KL1, KL2 come from the sampler's and the reference's log-probs.
     --kl loss: the gradient is w_lp + w_kl * (log pi - log pi_ref), read at two distances."""
     t = lambda x: torch.tensor(x, dtype=F64)
-    row, turn2 = torch.arange(4).repeat(2), torch.arange(8) >= 4  # tokens: each row's turn 1, then turn 2
+    n = 4 * turns  # tokens: each row's turn 1, then turn 2
+    row, turn = torch.arange(4).repeat(turns), torch.arange(n) // 4 + 1
 
     def grad_at(dist):
-        lp = torch.zeros(8, dtype=F64, requires_grad=True)
-        lp_ref = -t(KL1 + KL2) if a.kl == "reward" else lp.detach() - dist  # lp_old = lp = 0
-        b = rl.turn_sums(SimpleNamespace(lp=lp, lp_ref=lp_ref, lp_old=lp.detach(), row=row, turn2=turn2),
-                         SimpleNamespace(first_from_pi=t(on_policy) > 0, r1=t(R1), r2=t(R2),
+        lp = torch.zeros(n, dtype=F64, requires_grad=True)
+        lp_ref = -t(KL1 + KL2)[:n] if a.kl == "reward" else lp.detach() - dist  # lp_old = lp = 0
+        b = rl.turn_sums(SimpleNamespace(lp=lp, lp_ref=lp_ref, lp_old=lp.detach(), row=row, turn=turn),
+                         SimpleNamespace(first_from_pi=t(on_policy) > 0, r=t([R1, R2][:turns]),
                                          group=torch.zeros(4, dtype=torch.long)), a)
-        return torch.autograd.grad(objective(b, a).sum(), lp)[0].view(2, 4)
+        return torch.autograd.grad(objective(b, a).sum(), lp)[0].view(turns, 4)
     if a.kl == "reward":
-        return grad_at(None), torch.zeros(2, 4, dtype=F64)
+        return grad_at(None), torch.zeros(turns, 4, dtype=F64)
     g1, g2 = grad_at(1.0), grad_at(2.0)
     return 2 * g1 - g2, g2 - g1
 
@@ -236,8 +249,57 @@ def test_per_turn_weights_by_hand(case):
 
 
 def test_single_turn_trains_turn_1_alone():
-    """The ablation "w/o multi-turn training": turn 1 as Stage II's (r1 - beta1 kl1, loo), turn 2 nothing."""
-    w_lp, w_kl = hand_weights(train_single_turn.objective, args(), ON)
+    """The ablation "w/o multi-turn training": its rollouts hold turn 1 alone, trained as Stage II's turn 1
+    (r1 - beta1 kl1, loo); an objective that credits a number of attempts the rollouts do not hold is an error."""
+    w_lp, w_kl = hand_weights(train_single_turn.objective, args(), ON, turns=1)
     # R1 = r1 - 0.5 kl1 = [-0.25, 1.5, 0, -0.125]: Stage II's turn 1 above, -A1
     want = torch.tensor([17 / 24, -13 / 8, 3 / 8, 13 / 24], dtype=F64)
-    assert torch.allclose(w_lp[0], want) and not w_lp[1].any() and not w_kl.any()
+    assert torch.allclose(w_lp[0], want) and not w_kl.any()
+    with pytest.raises(ValueError, match="credits 1 attempt"):
+        hand_weights(train_single_turn.objective, args(), ON, turns=2)
+
+
+# ------------------------------------------------------------------- a wrong credit is seen at T = 3
+def _stage2_unshaped_later(b, a):  # the bonus on turn 2 alone: turn 3 gets plain r(y3)
+    return rl.reinforce(b, a, [(b.r1, a.beta1), (b.r2 + a.alpha * (b.r2 - b.r1), a.beta1)]
+                        + [(r, a.beta1) for r in b.r[2:]])
+
+
+def _stage2_shifted(b, a):  # each later turn credited with the shaped reward of the turn before it
+    shaped = [r + a.alpha * (r - prev) for prev, r in zip(b.r, b.r[1:])]
+    return rl.reinforce(b, a, [(b.r1, a.beta1), (shaped[0], a.beta1)] + [(s, a.beta1) for s in shaped[:-1]])
+
+
+def _stage1_third_held(b, a):  # the third attempt held to the base like the first (beta2), trained on nothing
+    return rl.reinforce(b, a, [(0.0, a.beta2), (b.r2, a.beta1)] + [(0.0, a.beta2) for _ in b.r[2:]])
+
+
+@pytest.mark.parametrize("place, wrong", [("T3-stage2-turn3", _stage2_unshaped_later), ("T3-stage2-turn3", _stage2_shifted),
+                                          ("T3-stage1-turn3", _stage1_third_held)], ids=lambda x: getattr(x, "__name__", x))
+def test_a_wrong_credit_at_the_third_turn_fails_the_enumeration(place, wrong):
+    """The T = 3 check above can fail: objectives that credit the third attempt wrongly (each right at T = 2)
+    give an expected gradient that is not -grad J, by far more than the check's 1e-6."""
+    theta, ref, reward = toy(steps=2)
+    a = args(kl="reward", baseline="loo")
+    want = -flat(exact_gradient(theta, ref, reward, place, a))
+    got = flat(expected_estimator_gradient(theta, ref, reward, place, a, 3, objective=wrong))
+    assert (got - want).abs().max() > 1e-3
+    t2 = place.replace("T3-", "").replace("turn3", "turn2")  # the same objective at T = 2 is right
+    right = flat(expected_estimator_gradient(theta, ref, reward, t2, a, 3, objective=wrong))
+    assert (right + flat(exact_gradient(theta, ref, reward, t2, a))).abs().max() < 1e-6
+
+
+def test_stage2_weighted_has_stage2s_expected_gradient():
+    """docs/stage2_weighted.py (the shaping experiment of docs/RESULTS.md) credits turn 2 with (1 + alpha) r(y2),
+    without the bonus's -alpha r(y1): the same expected gradient as Stage II's, exactly, for both turns, with and
+    without the baseline, while a turn-2 weight of 1 (alpha 0) is not."""
+    weighted = runpy.run_path(os.path.join(os.path.dirname(__file__), "..", "docs", "stage2_weighted.py"))["objective"]
+    theta, ref, reward = toy(steps=2)
+    for baseline in ("loo", "none"):
+        a = args(kl="reward", baseline=baseline)
+        for place in ("stage2-turn1", "stage2-turn2"):
+            want = flat(expected_estimator_gradient(theta, ref, reward, place, a, 3))
+            got = flat(expected_estimator_gradient(theta, ref, reward, place, a, 3, objective=weighted))
+            assert (got - want).abs().max() < 1e-9, (baseline, place)
+        unshaped = flat(expected_estimator_gradient(theta, ref, reward, "stage2-turn2", args(alpha=0.0), 3))
+        assert (unshaped - want).abs().max() > 1e-3

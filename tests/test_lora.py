@@ -132,8 +132,7 @@ def rollouts(policy, ref, n=3, k=2, seed=4):
     a = SimpleNamespace(k=k, max_new_tokens=5, temperature=1.0, p1=data.DEMO_P1, base_first=0.5, micro_batch=2 * k,
                         grad_clip=0.0, alpha=10.0, beta1=0.05, beta2=0.3, baseline="loo", kl="reward", gen_batch=None)
     ro = rl.rollout(policy, ref, tok, data.make_demo(n, seed=seed), a, seed=seed)
-    ro.r1 = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 1.0][:n * k])
-    ro.r2 = torch.tensor([1.0, 1.0, 0.0, 0.0, 0.0, 1.0][:n * k])
+    ro.r = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0, 1.0], [1.0, 1.0, 0.0, 0.0, 0.0, 1.0]])[:, :n * k]
     return ro, a
 
 

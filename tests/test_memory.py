@@ -50,8 +50,8 @@ def test_state_terms_count_the_meta_models_parameters(cfg):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
-@pytest.mark.parametrize("base_first", [0.0, 0.5])
-def test_kv_cache_is_what_generate_turns_allocates(monkeypatch, dtype, base_first):
+@pytest.mark.parametrize("base_first, turns", [(0.0, 2), (0.5, 2), (0.0, 3), (0.5, 3)])
+def test_kv_cache_is_what_generate_turns_allocates(monkeypatch, dtype, base_first, turns):
     cfg = CONFIGS[0]
     prompt_len, followup_len, rows, k, mnt = 11, 5, 6, 3, 7
     caches = []
@@ -65,11 +65,12 @@ def test_kv_cache_is_what_generate_turns_allocates(monkeypatch, dtype, base_firs
     prompts = [[1] * prompt_len, [2] * (prompt_len - 3)]  # the longest prompt sets the cache's length
     first = [[3] * mnt if r % 2 else None for r in range(rows)] if base_first else None
     with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
-        generate_turns(model, prompts, [4] * followup_len, mnt, k=k, seed=0, first=first)
+        generate_turns(model, prompts, [4] * followup_len, mnt, turns=turns, k=k, seed=0, first=first)
     (cache,) = caches
     allocated = sum(t.numel() * t.element_size() for t in cache.k + cache.v)  # after repeating prompts to k rows
     # --gen-batch rows + k - 1: rounded down to whole prompt groups, as rl.rollout chunks
-    m = memory.memory_model(cfg, knobs(gen_batch=rows + k - 1, k=k, max_new_tokens=mnt, dtype=dtype, base_first=base_first),
+    m = memory.memory_model(cfg, knobs(gen_batch=rows + k - 1, k=k, max_new_tokens=mnt, dtype=dtype, base_first=base_first,
+                                       turns=turns),
                         prompt_len=prompt_len, followup_len=followup_len)
     assert m["kv_cache"] == allocated
 

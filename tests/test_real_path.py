@@ -302,16 +302,16 @@ def stage1_args(q, dtype, extra=()):
 
 def turn_logprobs(m, ro):
     """Log-probs of every generated token (both turns), through the model's hidden states and head."""
-    sel = ro.m1 | ro.m2
+    sel = ro.turn > 0
     return token_logprobs(m.hidden(ro.tokens[:, :-1])[sel], m.head_weight, ro.tokens[:, 1:][sel])
 
 
 def turn_kl(lp, lp_ref, ro):
     """Per-row sums of log pi - log pi_ref over each turn's tokens: (2, R)."""
-    sel = ro.m1 | ro.m2
+    sel = ro.turn > 0
     d = torch.zeros(sel.shape)
     d[sel] = (lp - lp_ref).float()
-    return torch.stack([(d * ro.m1).sum(1), (d * ro.m2).sum(1)])
+    return torch.stack([(d * (ro.turn == 1)).sum(1), (d * (ro.turn == 2)).sum(1)])
 
 
 def one_step(q, ro, dtype):
@@ -343,9 +343,8 @@ def test_bf16_stage1_step_matches_fp32(qwen, tmp_path):
     args = stage1_args(q, "fp32")
     policy = GPT.from_pretrained(q["pert"], dtype=torch.float32).eval()
     ro = rl.rollout(policy, GPT.from_pretrained(q["base"], dtype=torch.float32), tok, problems, args, seed=3)
-    ro.r1 = torch.tensor([0.0, 1.0, 1.0, 0.0])  # varied rewards: the reward terms have gradients too
-    ro.r2 = torch.tensor([1.0, 0.0, 1.0, 0.0])
-    assert (ro.m1 | ro.m2).sum() >= 8
+    ro.r = torch.tensor([[0.0, 1.0, 1.0, 0.0], [1.0, 0.0, 1.0, 0.0]])  # varied rewards: the reward terms have gradients too
+    assert (ro.turn > 0).sum() >= 8
     lp32, kl32, g32 = one_step(q, ro, "fp32")
     lp16, kl16, g16 = one_step(q, ro, "bf16")
     assert (lp32 - lp16).abs().max() < 0.1
@@ -397,8 +396,8 @@ def test_gen_batch_same_greedy_rollouts_in_smaller_caches(qwen, monkeypatch):
     (ro_all, peak_all), (ro_2, peak_2) = out[None], out[2]
     assert peak_all == 6 and peak_2 <= 2
     assert torch.equal(ro_all.tokens, ro_2.tokens)
-    assert torch.equal(ro_all.m1, ro_2.m1) and torch.equal(ro_all.m2, ro_2.m2)
-    assert ro_all.m2.sum() > 0
+    assert torch.equal(ro_all.turn, ro_2.turn)
+    assert (ro_all.turn == 2).sum() > 0
 
 
 # ----------------------------------------------------------------------------- 7. resume, keep-every

@@ -19,7 +19,7 @@ import rl
 import train_single_turn
 import train_stage1
 import train_stage2
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, token_logprobs
 from sample import generate
 from tokenizer import Tokenizer
 
@@ -99,27 +99,32 @@ def test_rollout_layout_and_masks(tiny):
         seq = x + y1 + close + followup + y2
         assert ro.tokens[r, :len(seq)].tolist() == seq and not ro.tokens[r, len(seq):].any()
         s1, s2 = len(x), len(x) + len(y1) + len(close) + len(followup)  # where y1 and y2 start
-        want1 = [s1 - 1 <= j < s1 - 1 + len(y1) for j in range(ro.m1.shape[1])]  # position j predicts token j + 1
-        want2 = [s2 - 1 <= j < s2 - 1 + len(y2) for j in range(ro.m2.shape[1])]
-        assert ro.m1[r].tolist() == want1 and ro.m2[r].tolist() == want2
-        assert tok.decode([t for t in y1 if t not in tok.stop_ids]) == ro.y1[r]
+        want = [1 if s1 - 1 <= j < s1 - 1 + len(y1) else 2 if s2 - 1 <= j < s2 - 1 + len(y2) else 0
+                for j in range(ro.turn.shape[1])]  # position j predicts token j + 1
+        assert ro.turn[r].tolist() == want
+        assert tok.decode([t for t in y1 if t not in tok.stop_ids]) == ro.texts[0][r]
     assert closes > 0  # some y1 was cut or stopped on another token, so the closing rule was exercised
 
 
-def test_turn2_is_conditioned_on_y1(tiny):
-    """Greedy turn 2 from the rollout equals generating from scratch over x + y1 + p1, and differs
-    when y1 is replaced: y2 depends on y1."""
+@pytest.mark.parametrize("turns", [2, 3])
+def test_each_turn_is_conditioned_on_the_earlier_ones(tiny, turns):
+    """Greedy turn t from the rollout (its tokens read off ro.turn == t) equals generating from scratch over x,
+    then each earlier attempt closed and followed by p1: with --turns 3, y3 sees y1 and y2."""
     model, tok, _ = tiny
     problems = data.make_demo(4, seed=6)
-    a = SimpleNamespace(k=1, max_new_tokens=6, temperature=0.0, p1=data.DEMO_P1, base_first=0.0, gen_batch=None)
+    a = SimpleNamespace(k=1, max_new_tokens=6, temperature=0.0, p1=data.DEMO_P1, base_first=0.0, gen_batch=None,
+                        turns=turns)
     ro = rl.rollout(model, model, tok, problems, a, seed=0)
     followup = tok.render_followup([{"role": "user", "content": data.DEMO_P1}])
+    assert ro.r.shape == (turns, 4) and len(ro.texts) == turns
     for r, p in enumerate(problems):
-        x = tok.render([{"role": "user", "content": p.prompt}])
-        y1 = ro.tokens[r, 1:][ro.m1[r]].tolist()
-        closed = y1 if y1[-1] == tok.eot_id else y1 + [tok.eot_id]
-        y2 = ro.tokens[r, 1:][ro.m2[r]].tolist()
-        assert generate(model, [x + closed + followup], 6, temperature=0.0, stop_ids=tok.stop_ids)[0] == y2
+        context = tok.render([{"role": "user", "content": p.prompt}])
+        for t in range(1, turns + 1):
+            y = ro.tokens[r, 1:][ro.turn[r] == t].tolist()
+            assert generate(model, [context], 6, temperature=0.0, stop_ids=tok.stop_ids)[0] == y, (r, t)
+            assert tok.decode([x for x in y if x not in tok.stop_ids]) == ro.texts[t - 1][r]
+            seq, context = context + y, context + (y if y[-1] == tok.eot_id else y + [tok.eot_id]) + followup
+        assert ro.tokens[r, :len(seq)].tolist() == seq and not ro.tokens[r, len(seq):].any()  # the whole rollout
 
 
 def test_single_turn_rollout_holds_the_first_attempt_only(tiny):
@@ -135,12 +140,12 @@ def test_single_turn_rollout_holds_the_first_attempt_only(tiny):
         x = tok.render([{"role": "user", "content": problems[r // 2].prompt}])
         y1 = generate(model, [x], 6, temperature=0.0, stop_ids=tok.stop_ids)[0]
         assert ro.tokens[r, :len(x) + len(y1)].tolist() == x + y1 and not ro.tokens[r, len(x) + len(y1):].any()
-        assert ro.m1[r].tolist() == [len(x) - 1 <= j < len(x) - 1 + len(y1) for j in range(ro.m1.shape[1])]
-    assert not ro.m2.any() and ro.len_y2 == 0 and torch.equal(ro.r1, ro.r2)
+        assert ro.turn[r].tolist() == [len(x) - 1 <= j < len(x) - 1 + len(y1) for j in range(ro.turn.shape[1])]
+    assert ro.r.shape == (1, 8) and len(ro.texts) == len(ro.len_y) == 1
     policy = GPT.from_pretrained(base + "/init")
     a.temperature = 1.0
     ro = rl.rollout(policy, model, tok, problems, a, seed=11)
-    ro.r1 = ro.r2 = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
+    ro.r = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0]])
     ref_grads = naive_gradients(policy, model, ro, train_single_turn.objective, a)
     rl.update(policy, model, torch.optim.SGD(policy.parameters(), lr=0.0), ro, train_single_turn.objective, a)
     for n, p in policy.named_parameters():
@@ -187,50 +192,54 @@ def test_no_two_purposes_or_seeds_share_a_stream(tiny):
         from_base = rl.rollout(model, model, tok, [p], a(base_first=1.0), seed=seed)
         from_pi = rl.rollout(model, model, tok, [p], a(), seed=seed + 1)
         assert not from_base.first_from_pi.any() and from_pi.first_from_pi.all()
-        assert from_base.y1 != from_pi.y1, seed
+        assert from_base.texts[0] != from_pi.texts[0], seed
         chunked = rl.rollout(model, model, tok, [p, p], a(gen_batch=4), seed=seed)
         later = rl.rollout(model, model, tok, [p, p], a(gen_batch=4), seed=seed + 7)
-        assert chunked.y1[4:] != later.y1[:4], seed
+        assert chunked.texts[0][4:] != later.texts[0][:4], seed
 
 
 def naive_gradients(policy, ref, ro, objective, a):
     """The objective through full logits and log_softmax, each row on its own, masks applied by hand."""
     policy.zero_grad(set_to_none=True)
     lp = lambda m, r: torch.log_softmax(m(ro.tokens[r:r + 1])[0, :-1], -1).gather(1, ro.tokens[r, 1:, None])[:, 0]
-    sums = []
+    sums, T = [], ro.r.shape[0]
     for r in range(ro.tokens.shape[0]):
         pol, pref = lp(policy, r), lp(ref, r).detach()
         # --kl loss: per-token k2 in the loss; --kl reward: the attempt's log-ratio, a constant in its return
         kl = 0.5 * (pol - pref) ** 2 if a.kl == "loss" else (pol - pref).detach()
         on = float(ro.first_from_pi[r])  # a y1 from the base model: no turn-1 terms
-        sums.append(torch.stack([(pol * ro.m1[r]).sum() * on, (pol * ro.m2[r]).sum(),
-                                 (kl * ro.m1[r]).sum() * on, (kl * ro.m2[r]).sum()]))
+        w = [on] + [1.0] * (T - 1)
+        sums.append(torch.stack([(x * (ro.turn[r] == t + 1)).sum() * w[t] for x in (pol, kl) for t in range(T)]))
     s = torch.stack(sums, 1)
-    b = SimpleNamespace(logp1=s[0], logp2=s[1], kl1=s[2], kl2=s[3], r1=ro.r1, r2=ro.r2, group=ro.group)
+    b = rl.Batch(logp=list(s[:T]), kl=list(s[T:]), r=list(ro.r), group=ro.group)
     (objective(b, a).sum() / ro.tokens.shape[0]).backward()
     return {n: p.grad.clone() for n, p in policy.named_parameters() if p.grad is not None}
 
 
+# synthetic rewards of 8 rollouts: every pattern of attempt 1 -> 2 twice, and of attempt 2 -> 3
+REWARDS = torch.tensor([[0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0],
+                        [1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0],
+                        [1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0, 0.0]])
+
+
 @pytest.mark.parametrize("kl", ["reward", "loss"])
-@pytest.mark.parametrize("stage", [1, 2])
-def test_update_gradients_match_naive_objective(tiny, stage, kl):
+@pytest.mark.parametrize("stage, turns", [(1, 2), (2, 2), (1, 3), (2, 3)])
+def test_update_gradients_match_naive_objective(tiny, stage, turns, kl):
     """rl.update's gradient (the chunked head's log-probs, each prompt run once for its k rows, sums
     per row and turn, micro-batches accumulated) equals autograd through the naive objective over full
     logits, row by row, with some first attempts from the base model, synthetic rewards in all four
-    patterns and the loo baseline."""
+    patterns and the loo baseline; with two attempts and with three (--turns 3)."""
     model, tok, base = tiny
     problems = data.make_demo(4, seed=7)
     a = SimpleNamespace(k=2, max_new_tokens=5, temperature=1.0, p1=data.DEMO_P1, base_first=0.5, micro_batch=4,
-                        grad_clip=0.0, alpha=10.0, beta1=0.01, beta2=0.1, baseline="loo", kl=kl, gen_batch=None)
+                        grad_clip=0.0, alpha=10.0, beta1=0.01, beta2=0.1, baseline="loo", kl=kl, gen_batch=None,
+                        turns=turns)
     ro = rl.rollout(model, model, tok, problems, a, seed=11)
     assert 0 < (~ro.first_from_pi).sum() < 8
-    ro.r1 = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
-    ro.r2 = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
     objective = (train_stage1 if stage == 1 else train_stage2).objective
     policy = GPT.from_pretrained(base + "/init")  # differs from the reference: the KL terms have gradients
     ro = rl.rollout(policy, model, tok, problems, a, seed=11)  # the policy's samples: its log-probs are the sampler's
-    ro.r1 = torch.tensor([0.0, 1.0, 1.0, 0.0, 1.0, 0.0, 1.0, 1.0])
-    ro.r2 = torch.tensor([1.0, 1.0, 0.0, 0.0, 1.0, 1.0, 0.0, 1.0])
+    ro.r = REWARDS[:turns]
     ref_grads = naive_gradients(policy, model, ro, objective, a)
     rl.update(policy, model, torch.optim.SGD(policy.parameters(), lr=0.0), ro, objective, a)
     for n, p in policy.named_parameters():
@@ -246,7 +255,7 @@ def test_a_nonlinear_objective_just_works(tiny):
                         grad_clip=0.0, beta1=0.01, baseline="loo", kl="reward", gen_batch=None)
     policy = GPT.from_pretrained(base + "/init")
     ro = rl.rollout(policy, model, tok, data.make_demo(3, seed=1), a, seed=2)
-    ro.r2 = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
+    ro.r[1] = torch.tensor([1.0, 0.0, 0.0, 1.0, 1.0, 1.0])
 
     def clipped(b, args):
         adv = rl.baseline(b.r2, b.group, args)
@@ -478,32 +487,39 @@ def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch, capsys):
     assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
 
 
-def test_logged_accuracies_count_the_steps_rollouts(tiny, tmp_path, monkeypatch):
-    """Each log record's acc_t1, acc_t2, delta_i2c and delta_c2i against a count made here of the texts
-    the step sampled (recorded as rl.rollout returns them). The oracle is replaced by one that any text
-    can pass (an even length is right), so every pattern of rewards occurs."""
+@pytest.mark.parametrize("turns", [2, 3])
+def test_logged_accuracies_count_the_steps_rollouts(tiny, tmp_path, monkeypatch, turns):
+    """Each log record's accuracy of every attempt, delta_i2c and delta_c2i (attempt 1 -> 2) and changed (the
+    last attempt's answer against the first's) against a count made here of the texts the step sampled (recorded
+    as rl.rollout returns them). The oracle is replaced by one that any text can pass (an even length is
+    right), so every pattern of rewards occurs."""
     _, _, base = tiny
     right = lambda text: float(len(text) % 2 == 0)
     monkeypatch.setattr(data, "rewards", lambda problems, texts: [right(t) for t in texts])
-    texts, real = [], rl.rollout
+    seen, real = [], rl.rollout
 
     def recording(*a, **kw):
-        ro = real(*a, **kw)
-        texts.append((ro.y1, ro.y2))
-        return ro
+        seen.append((a[3], real(*a, **kw)))
+        return seen[-1][1]
 
     monkeypatch.setattr(rl, "rollout", recording)
-    rl.run(run_args(base, str(tmp_path / "r"), 4), train_stage2.objective, "Stage II")
+    rl.run(run_args(base, str(tmp_path / "r"), 4, extra=["--turns", str(turns)]), train_stage2.objective, "Stage II")
     log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
-    assert len(log) == len(texts) == 4
-    for rec, (y1, y2) in zip(log, texts):
-        r1, r2 = [right(t) for t in y1], [right(t) for t in y2]
-        n = len(r1)
-        want = {"acc_t1": sum(r1) / n, "acc_t2": sum(r2) / n,
-                "delta_i2c": sum(a == 0 and b == 1 for a, b in zip(r1, r2)) / n,
-                "delta_c2i": sum(a == 1 and b == 0 for a, b in zip(r1, r2)) / n}
+    assert len(log) == len(seen) == 4
+    for rec, (problems, ro) in zip(log, seen):
+        assert len(ro.texts) == turns
+        r = [[right(t) for t in ys] for ys in ro.texts]
+        n = len(r[0])
+        reps = [p for p in problems for _ in range(2)]  # k = 2
+        answers = [[data.answer_of(p, y) for p, y in zip(reps, ys)] for ys in (ro.texts[0], ro.texts[-1])]
+        want = {**{f"acc_t{t + 1}": sum(r[t]) / n for t in range(turns)},
+                "delta_i2c": sum(a == 0 and b == 1 for a, b in zip(r[0], r[1])) / n,
+                "delta_c2i": sum(a == 1 and b == 0 for a, b in zip(r[0], r[1])) / n,
+                "changed": sum(a != b for a, b in zip(*answers)) / n}  # the demo's answers: canonical strings or None
         assert {k: rec[k] for k in want} == pytest.approx(want, abs=1e-12), rec["step"]
+        assert f"acc_t{turns + 1}" not in rec and f"kl_t{turns}" in rec and f"len_y{turns}" in rec
     assert sum(rec["delta_i2c"] > 0 for rec in log) and sum(rec["delta_c2i"] > 0 for rec in log)
+    assert sum(rec[f"acc_t{turns}"] != rec["acc_t2"] for rec in log) or turns == 2
 
 
 def test_logged_cut_is_the_fraction_of_attempts_cut(tiny, tmp_path, monkeypatch):
@@ -524,8 +540,7 @@ def test_logged_cut_is_the_fraction_of_attempts_cut(tiny, tmp_path, monkeypatch)
         rl.run(a, objective, "cut")
         log = [json.loads(x) for x in (tmp_path / f"t{turns}" / "log.jsonl").read_text().splitlines()]
         for rec, ro in zip(log, seen):
-            masks = (ro.m1, ro.m2)[:turns]
-            ys = [ro.tokens[r, 1:][m[r]].tolist() for m in masks for r in range(len(ro.tokens))]
+            ys = [ro.tokens[r, 1:][ro.turn[r] == t].tolist() for t in range(1, turns + 1) for r in range(len(ro.tokens))]
             cut = sum(len(y) == 3 and y[-1] not in tok.stop_ids for y in ys)
             assert rec["cut"] == pytest.approx(cut / len(ys)), (turns, rec["step"])
         assert sum(rec["cut"] for rec in log) > 0
@@ -653,7 +668,78 @@ def test_sampler_logprobs_match_the_trainer_in_fp32(tiny):
     ro = rl.rollout(policy, model, tok, data.make_demo(3, seed=4), a, seed=9)
     with torch.no_grad():
         full = torch.log_softmax(policy(ro.tokens)[:, :-1].float() / 0.7, -1).gather(2, ro.tokens[:, 1:, None])[..., 0]
-    mine = ro.m2 | (ro.m1 & ro.first_from_pi[:, None])
+    m1, m2 = ro.turn == 1, ro.turn == 2
+    mine = m2 | (m1 & ro.first_from_pi[:, None])
     assert 0 < (~ro.first_from_pi).sum() < 6 and mine.sum() > 20
     assert (ro.lp_old[mine] - full[mine]).abs().max() < 1e-5
-    assert (ro.lp_old[ro.m1 & ~ro.first_from_pi[:, None]] == 0).all()
+    assert (ro.lp_old[m1 & ~ro.first_from_pi[:, None]] == 0).all()
+
+
+# ----------------------------------------------------------------------------- --turns 2 is the two-turn code
+def two_turn_update(policy, ref, opt, ro, stage, a):
+    """rl.update as it was written for two attempts alone (before --turns): turn 1's and turn 2's target masks,
+    the sums logp1, logp2, kl1, kl2, and Eq. 3 / Eq. 4 with both turns spelled out."""
+    m1, m2 = ro.turn == 1, ro.turn == 2
+    R = ro.tokens.shape[0]
+    opt.zero_grad(set_to_none=True)
+    for s in range(0, R, a.micro_batch):
+        rows = torch.arange(s, min(s + a.micro_batch, R))
+        r1m, r2m = m1[rows], m2[rows]
+        sel = r1m | r2m
+        L = int(sel.any(0).nonzero().max()) + 2
+        idx, r2m, sel = ro.tokens[rows, :L], r2m[:, :L - 1], sel[:, :L - 1]
+        tgt = idx[:, 1:][sel]
+        hidden = rl.generated_hidden(idx, sel, r1m[:, :L - 1], a.k)
+        with torch.no_grad():
+            lp_ref = token_logprobs(*hidden(ref), tgt, a.temperature)
+        lp = token_logprobs(*hidden(policy), tgt, a.temperature)
+        row, turn2 = sel.nonzero()[:, 0], r2m[sel]
+        t1 = ~turn2 & ro.first_from_pi[rows][row]
+        kl = ro.lp_old[rows, :L - 1][sel] - lp_ref if a.kl == "reward" else rl.kl_term(lp, lp_ref)
+        per_row = lambda x, turn: torch.zeros(len(rows), dtype=x.dtype).index_add(0, row, x * turn)
+        logp1, logp2, kl1, kl2 = per_row(lp, t1), per_row(lp, turn2), per_row(kl, t1), per_row(kl, turn2)
+        r1, r2, group = ro.r[0, rows], ro.r[1, rows], ro.group[rows] - ro.group[rows].min()
+        if stage == 1:
+            turns = ((torch.zeros_like(r1), a.beta2), (r2, a.beta1))
+        else:
+            turns = ((r1, a.beta1), (r2 + a.alpha * (r2 - r1), a.beta1))
+        loss = 0.0
+        for logp, k, (reward, beta) in zip((logp1, logp2), (kl1, kl2), turns):
+            if a.kl == "reward":
+                loss = loss - rl.baseline(reward - beta * k, group, a) * logp
+            else:
+                loss = loss - rl.baseline(reward, group, a) * logp + beta * k
+        (loss.sum() / R).backward()
+    torch.nn.utils.clip_grad_norm_(policy.parameters(), a.grad_clip or float("inf"))
+    opt.step()
+
+
+@pytest.mark.parametrize("stage, kl, dtype", [(1, "reward", "fp32"), (2, "reward", "fp32"), (2, "loss", "fp32"),
+                                              (1, "reward", "bf16"), (2, "reward", "bf16")])
+def test_two_turns_train_exactly_the_two_turn_code(tiny, stage, kl, dtype):
+    """--turns 2 (the default) makes bit for bit the weights that the two-turn code made (two_turn_update): three
+    Adam steps on rollouts with first attempts from the base model, rewards in every pattern, micro-batches,
+    gradient clipping, in fp32 and under bf16 autocast. (The scripts themselves were compared with the commit
+    before --turns existed: the same bytes in every checkpoint, docs/RESULTS.md.)"""
+    model, tok, base = tiny
+    a = SimpleNamespace(k=2, max_new_tokens=5, temperature=1.0, p1=data.DEMO_P1, base_first=0.5, micro_batch=4,
+                        grad_clip=1.0, alpha=10.0, beta1=0.01, beta2=0.1, baseline="loo", kl=kl, gen_batch=None,
+                        turns=2)
+    objective = (train_stage1 if stage == 1 else train_stage2).objective
+    weights = []
+    for update in ("rl", "two-turn"):
+        policy = GPT.from_pretrained(base + "/init")
+        opt = torch.optim.Adam(policy.parameters(), lr=1e-2)
+        for step in range(3):
+            ro = rl.rollout(model, model, tok, data.make_demo(4, seed=step), a, seed=step)  # the same in both
+            ro.r = REWARDS[:2].roll(step, 1)
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+                if update == "rl":
+                    rl.update(policy, model, opt, ro, objective, a)
+                else:
+                    two_turn_update(policy, model, opt, ro, stage, a)
+        weights.append(policy.state_dict())
+    moved = GPT.from_pretrained(base + "/init").state_dict()
+    assert not torch.equal(weights[0]["embed_tokens.weight"], moved["embed_tokens.weight"])
+    for n in weights[0]:
+        assert torch.equal(weights[0][n], weights[1][n]), n

@@ -18,7 +18,7 @@ from train_sft import sft_step
 
 def test_keep_by_hand():
     """Two problems of k = 4 samples; rewards (r1, r2) per row written out, the kept traces listed by hand."""
-    ro = SimpleNamespace(r1=torch.tensor([0.0, 1, 0, 1, 0, 0, 0, 0]), r2=torch.tensor([1.0, 1, 0, 0, 1, 0, 1, 1]))
+    ro = SimpleNamespace(r=torch.tensor([[0.0, 1, 0, 1, 0, 0, 0, 0], [1.0, 1, 0, 0, 1, 0, 1, 1]]))
     rng = random.Random(0)
     assert train_sft.keep(ro, 4, "star", False, rng) == [(0, 0, 2), (4, 4, 2), (6, 6, 2), (7, 7, 2)]
     assert train_sft.keep(ro, 4, "star", True, rng) == [(0, 0, 2), (1, 1, 2), (4, 4, 2), (6, 6, 2), (7, 7, 2)]
