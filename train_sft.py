@@ -179,8 +179,10 @@ def main(argv=None):
             traces.append({"problem": chunk[i // args.k].prompt, "y1": ro.y1[i], "y2": ro.y1[j] if turn == 1 else ro.y2[j],
                            "r1": ro.r1[i].item(), "r2": (ro.r1 if turn == 1 else ro.r2)[j].item(),
                            "rows": [a * args.k + i, a * args.k + j], "second_from_turn": turn})
-        print(f"collected {min(a + per, len(problems))}/{len(problems)} problems, kept {len(examples)} traces, "
-              f"{time.time() - t0:.0f} s", flush=True)
+        done, dt = min(a + per, len(problems)), time.time() - t0
+        eta = dt / done * (len(problems) - done)
+        print(f"collected {done}/{len(problems)} problems, kept {len(examples)} traces | {done / dt:.2f} problems/s | "
+              f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
     n = sum(counts)
     print(f"the base's samples: w->w {counts[0] / n:.1%}, w->r {counts[1] / n:.1%}, r->w {counts[2] / n:.1%}, "
           f"r->r {counts[3] / n:.1%}; {args.method}{' +' if args.plus else ''} keeps {len(examples)} traces", flush=True)
