@@ -265,6 +265,49 @@ def load_task(name, path=None, n=None, seed=0, split="train"):
     return problems
 
 
+# ------------------------------------------------------------------------------- held-out problems
+# Training-time evaluation needs problems the run never trains on, and never the test set. MATH: 1 in 25 of the
+# training file, by a hash of the problem statement (a property of the problem, as the demo's split is): ~300 of
+# MATH's 7,500 training problems (~480 of the 12,000 of PRM800K's split), enough for a standard error of about
+# 3 points on an accuracy near 50%, at a cost of 4% of the training data. MATH500 stays the test set. MBPP: its
+# validation task ids. The demo: its "tune" split, which its training draws exclude by construction.
+MATH_VALIDATION_SHARE = 25  # one problem in this many
+
+
+def math_statement(problem):
+    """The statement of a MATH problem as the data set gives it (the prompt without the answer format)."""
+    p = problem.prompt
+    return p[:-len(MATH_FORMAT)] if p.endswith(MATH_FORMAT) else p
+
+
+def is_validation(task, problem):
+    """Whether training must never see this problem because training-time evaluation uses it: MATH, when the
+    first 8 bytes of sha256(statement), big-endian, are 0 modulo MATH_VALIDATION_SHARE; MBPP, when its task id is
+    in MBPP_SPLITS["validation"] (511-600); the demo, never (its training draws hold no "tune" problem)."""
+    if task == "math":
+        h = hashlib.sha256(math_statement(problem).encode("utf-8")).digest()
+        return int.from_bytes(h[:8], "big") % MATH_VALIDATION_SHARE == 0
+    if task == "mbpp":
+        lo, hi = MBPP_SPLITS["validation"]
+        return lo <= problem.meta.get("task_id", 0) <= hi
+    return False
+
+
+def load_validation(task, path, n, seed=0):
+    """The first n held-out problems for training-time evaluation: the demo's "tune" split (drawn from seed);
+    for math and mbpp, the training file's problems that is_validation marks, in the file's order."""
+    if task == "demo":
+        return make_demo(n, seed=seed, split="tune")
+    if task not in ("math", "mbpp"):
+        raise DataError(f"task {task!r} has no validation problems (it is not trained on)")
+    held = [p for p in load_task(task, path) if is_validation(task, p)][:n]
+    if not held:
+        which = (f"1 in {MATH_VALIDATION_SHARE} MATH problems, by a hash of the statement" if task == "math"
+                 else "MBPP task ids {}-{}".format(*MBPP_SPLITS["validation"]))
+        raise DataError(f"{path}: none of its problems is a validation problem ({which})")
+    return held
+
+
 # ------------------------------------------------------------------------------- oracles
 def program_of(problem, response):
     """The program to run for a code answer: the last ```python block. For HumanEval the prompt runs first

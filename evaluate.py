@@ -10,6 +10,9 @@ only the instruction p1, and answers again (turn 2).
                      by the task's equivalence, as majority voting compares them: 0.5 and 1/2 are one)
     verbatim         fraction of problems whose second attempt is the first one's text again (whitespace
                      at the ends aside): the edit that SFT on corrections collapses into (paper Section 4)
+    edit_ratio       mean over problems of the character-level edit distance between the first and second
+                     attempts over the longer one's length (0: the same text; 1: nothing shared; paper Figure 4a);
+                     the JSON report also lists each problem's as edit_ratios (plot.py --edit-hist draws them)
     acc_t3, ...      with --turns N, the accuracy after each further round of p1
     scaling          with --scaling K: K samples each corrected once, majority vote, against 2K
                      independent samples, majority vote (the paper's Figure 1, right; temperature 0.7)
@@ -17,6 +20,7 @@ only the instruction p1, and answers again (turn 2).
     python evaluate.py --ckpt out/demo1/seed0/score/ckpt --task demo --out report.json   # bash run.sh demo1's SCoRe
     python evaluate.py --ckpt A --name base --ckpt B --name SCoRe --task math --data MATH500.jsonl --markdown t.md
     torchrun --nproc_per_node=8 evaluate.py --ckpt A --task math --data MATH500.jsonl    # problems split over GPUs
+    python evaluate.py --ckpt SCoRe --ckpt STaR --first-from BASE --task demo   # turn 2 on the base's first attempts (Figure 5)
 
 p1 and max_new_tokens default to what each checkpoint was trained with (its task.json), else to
 the task's. With one --ckpt the JSON report is that model's flat dict of metrics; with several, a
@@ -41,14 +45,20 @@ DEFAULT_MAX_NEW = {"demo": 16, "math": 1024, "mbpp": 1024, "humaneval": 1024}
 
 
 def attempts(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temperature=0.0, seed=None,
-             progress=None):
+             progress=None, first=None, ids=False):
     """Texts of each turn: a list over turns of lists over rows (problem-major, k rows per problem).
     Under torchrun each rank generates for its share of the problems and every rank gets all texts.
     progress: a label; rank 0 then prints a line per batch (problems done, rate, ETA) to stderr.
     seed: None (greedy), or an int or a tuple, the key of the sampling's randomness: each rank's chunk draws
-    from a stream of its own (sample.seed_of)."""
+    from a stream of its own (sample.seed_of).
+    first: None, or one token list per problem (tok's ids): its first attempt, given instead of sampled
+    (evaluate.py --first-from); the later turns are conditioned on it. k must then be 1.
+    ids: return token lists (stop tokens kept, as generated) instead of texts."""
+    if first is not None and (k != 1 or len(first) != len(problems)):
+        raise ValueError(f"attempts: first needs k = 1 and one entry per problem ({len(first)} for {len(problems)})")
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
     mine = problems[rank::world]
+    mine_first = None if first is None else first[rank::world]
     followup = tok.render_followup([{"role": "user", "content": p1}])
     out = [[] for _ in range(turns)]
     t0 = time.time()
@@ -56,10 +66,11 @@ def attempts(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temper
         prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in mine[i:i + batch]]
         ys = generate_turns(model, prompts, followup, max_new_tokens, turns=turns, k=k, temperature=temperature,
                             stop_ids=tok.stop_ids, eot_id=tok.eot_id,
-                            seed=None if seed is None else seed_of(seed, rank, i))
+                            seed=None if seed is None else seed_of(seed, rank, i),
+                            first=None if first is None else mine_first[i:i + batch])
         for t in range(turns):
-            out[t] += [tok.decode([x for x in y if x not in tok.stop_ids]) for y in ys[t]]
-        if progress and rank == 0 and len(mine) > batch:
+            out[t] += [list(y) if ids else tok.decode([x for x in y if x not in tok.stop_ids]) for y in ys[t]]
+        if progress and rank == 0:
             done, dt = min(i + batch, len(mine)), time.time() - t0
             eta = dt / done * (len(mine) - done)
             print(f"{progress}: {done}/{len(mine)} problems{' (rank 0)' if world > 1 else ''}, "
@@ -69,6 +80,45 @@ def attempts(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temper
     everyone = [None] * world  # each rank's texts, grouped per problem, back in the problems' order
     dist.all_gather_object(everyone, [[out[t][i * k:(i + 1) * k] for t in range(turns)] for i in range(len(mine))])
     return [[y for i in range(len(problems)) for y in everyone[i % world][i // world][t]] for t in range(turns)]
+
+
+def levenshtein(a, b):
+    """Character-level edit distance (insertions, deletions, substitutions, each 1) between two strings.
+    Bit-parallel (Myers 1999, in Hyyro's form for the global distance): column j of the dynamic programme
+    is held as two bit vectors of vertical +1/-1 steps, one Python integer each, so a pass over `a` costs
+    len(a) big-integer operations of len(b) bits instead of len(a) * len(b) steps (~10 ms for two texts of
+    3,000 characters, against ~2 s for the two-row loop)."""
+    if len(a) < len(b):
+        a, b = b, a
+    m = len(b)
+    if m == 0:
+        return len(a)
+    peq = {}  # character -> bit i set where b[i] is that character
+    for i, c in enumerate(b):
+        peq[c] = peq.get(c, 0) | (1 << i)
+    mask, top = (1 << m) - 1, 1 << (m - 1)
+    pv, mv, dist_ = mask, 0, m  # vertical +1 everywhere: the column of a = "" is 0, 1, ..., m
+    for c in a:
+        eq = peq.get(c, 0)
+        xv = eq | mv
+        xh = (((eq & pv) + pv) ^ pv) | eq
+        ph = mv | ~(xh | pv)  # horizontal +1 steps (negative ints: bits above m are ignored below)
+        mh = pv & xh          # horizontal -1 steps
+        if ph & top:
+            dist_ += 1
+        elif mh & top:
+            dist_ -= 1
+        ph = (ph << 1) | 1    # row 0 grows by one per character of a: a +1 step enters at the bottom
+        mh <<= 1
+        pv = (mh | ~(xv | ph)) & mask
+        mv = ph & xv & mask
+    return dist_
+
+
+def edit_ratio(a, b):
+    """Edit distance between two attempts over the longer one's length (paper Figure 4a): 0 for the same
+    text, 1 for nothing in common; two empty texts 0."""
+    return levenshtein(a, b) / max(len(a), len(b)) if a or b else 0.0
 
 
 def metrics(problems, texts):
@@ -83,7 +133,8 @@ def metrics(problems, texts):
                delta_i2c=sum(x == 0 and y == 1 for x, y in zip(a1, a2)) / n,
                delta_c2i=sum(x == 1 and y == 0 for x, y in zip(a1, a2)) / n,
                changed=sum(changed(p, x, y) for p, x, y in zip(problems, ans1, ans2)) / n,
-               verbatim=sum(x.strip() == y.strip() for x, y in zip(texts[0], texts[1])) / n, n=n)
+               verbatim=sum(x.strip() == y.strip() for x, y in zip(texts[0], texts[1])) / n,
+               edit_ratio=sum(edit_ratio(x, y) for x, y in zip(texts[0], texts[1])) / n, n=n)
     for t in range(2, len(texts)):  # the paper's A.1: what each further attempt gains over the one before
         rep[f"delta_t{t}_t{t + 1}"] = rep[f"acc_t{t + 1}"] - rep[f"acc_t{t}"]
     return rep
@@ -161,16 +212,52 @@ def context_error(tok, max_seq_len, problems, p1, max_new_tokens, turns):
     return f"{what}: use --max-new-tokens {fits[worst]} or less"
 
 
+def same_tokenizer(a, b):
+    """Whether two Tokenizers map every id to the same bytes (and have the same special tokens)."""
+    return (a.vocab_size == b.vocab_size and a.special == b.special
+            and all(a._token_bytes(i) == b._token_bytes(i) for i in range(a.vocab_size)))
+
+
+def given_first(first_ids, first_tok, tok):
+    """--first-from's first attempts (first_tok's ids) as tok's ids: the same tokens when the tokenizers agree
+    (the context is then exactly the one the other model produced), else its text (stop tokens dropped)
+    encoded by tok; the turn then gets tok's end of turn (sample.generate_turns closes it)."""
+    if first_tok is tok or same_tokenizer(first_tok, tok):
+        return first_ids
+    return [tok.encode(first_tok.decode([x for x in y if x not in first_tok.stop_ids])) for y in first_ids]
+
+
+def model_max_seq_len(ckpt):
+    return GPT.from_pretrained(ckpt).config.max_seq_len  # memory-mapped: reads the config only
+
+
+def first_context_error(tok, max_seq_len, problems, p1, max_new_tokens, turns, first):
+    """None if, after each given first attempt, the later turns fit the context (as generate_turns counts a
+    batch: its longest prompt and its longest first attempt), else a one-line message naming a problem."""
+    followup = len(tok.render_followup([{"role": "user", "content": p1}]))
+    longest = max([max_new_tokens] + [len(f) for f in first])
+    for i, p in enumerate(problems):
+        need = len(tok.render([{"role": "user", "content": p.prompt}])) + longest + (turns - 1) * (max_new_tokens + followup + 1)
+        if need > max_seq_len:
+            return (f"problem {i} (counting from 0) needs {need} positions (its prompt, the longest given first attempt "
+                    f"of {longest} tokens, {turns - 1} more turn(s) of {max_new_tokens}) > the context of {max_seq_len}; "
+                    "lower --max-new-tokens")
+    return None
+
+
 def markdown(reports):
-    cols = [c for c in reports[0] if c not in ("name", "ckpt", "n", "p1", "max_new_tokens", "dtype")]
+    cols = [c for c in reports[0] if c not in ("name", "ckpt", "n", "p1", "max_new_tokens", "dtype", "first_from",
+                                               "edit_ratios")]
     pct = lambda v: f"{100 * v:+.1f}" if isinstance(v, float) and v < 0 else f"{100 * v:.1f}"
     lines = ["| model | " + " | ".join(cols) + " |", "|---" * (len(cols) + 1) + "|"]
     for r in reports:
         lines.append(f"| {r['name']} | " + " | ".join(pct(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols) + " |")
-    return "\n".join(lines) + f"\n\n(percent of {reports[0]['n']} problems)"
+    first = reports[0].get("first_from")
+    return "\n".join(lines) + f"\n\n(percent of {reports[0]['n']} problems; edit_ratio: mean edit distance between the " \
+        "attempts over the longer one's length" + (f"; turn 1 from {first}, greedy" if first else "") + ")"
 
 
-METRICS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed", "verbatim")
+METRICS = ("acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed", "verbatim", "edit_ratio")
 
 
 def later_turns(report):
@@ -197,7 +284,8 @@ def over_seeds(reports, reference):
         rows[row][seed] = r
     if reference not in rows:
         raise ValueError(f"no checkpoint is named {reference}@SEED (the reference row); rows: {', '.join(rows)}")
-    ref, out, metrics = rows[reference], [], METRICS + tuple(later_turns(reports[0]))
+    ref, out = rows[reference], []
+    metrics = [m for m in METRICS if all(m in r for r in reports)] + later_turns(reports[0])  # old reports lack some
     for row, runs in rows.items():
         entry = {"row": row, "seeds": sorted(s for s in runs if s is not None),
                  **{m: mean_se([r[m] for r in runs.values()]) for m in metrics}}
@@ -276,7 +364,7 @@ def targets(rows, reference, base="base", ablations=ABLATIONS, sft=SFT_ROWS):
 def markdown_seeds(rows, checks, reference):
     """The table over seeds (mean +- standard error, in percent), the paired differences, the checks."""
     cell = lambda s: f"{100 * s['mean']:.1f}" + (f" ± {100 * s['se']:.1f}" if s["se"] is not None else "")
-    metrics = METRICS + tuple(later_turns(rows[0]))
+    metrics = [m for m in METRICS if m in rows[0]] + later_turns(rows[0])
     lines = ["| row | seeds | " + " | ".join(metrics) + f" | {reference} - row: delta | {reference} - row: acc_t2 |",
              "|---" * (len(metrics) + 4) + "|"]
     for r in rows:
@@ -301,6 +389,12 @@ def main(argv=None):
     p.add_argument("--split", default="eval", choices=data.DEMO_SPLITS,
                    help="demo: eval (the report), tune (choosing settings); both held out from training by construction")
     p.add_argument("--turns", type=int, default=2, help="attempts per problem (p1 between each)")
+    p.add_argument("--first-from", metavar="CKPT",
+                   help="turn 1 from this checkpoint (greedy, its own max_new_tokens unless --max-new-tokens), turn 2 "
+                        "on from each --ckpt, conditioned on it: how a model corrects first attempts that are not its own "
+                        "(paper Figure 5). The first attempts are generated once and given to every --ckpt as tokens when "
+                        "the tokenizers agree, else as text; --scaling still samples each model's own (default: none, "
+                        "each model's own first attempt)"),
     p.add_argument("--scaling", type=int, default=0, metavar="K",
                    help="also run the inference-compute comparison (math and demo: it votes over answers)")
     p.add_argument("--scaling-temperature", type=float, default=0.7, help="sampling temperature of --scaling (the paper's)")
@@ -349,9 +443,10 @@ def main(argv=None):
         except ValueError as e:
             error(f"--seeds {args.seeds}: {e}")
     infos = []
-    for ckpt in args.ckpt:
+    for ckpt in args.ckpt + ([args.first_from] if args.first_from else []):
+        flag = "--first-from" if ckpt is args.first_from else "--ckpt"
         if not is_checkpoint(ckpt):
-            error(f"--ckpt {ckpt}: not a checkpoint (no config.json and model.pt, or LoRA adapters, there)")
+            error(f"{flag} {ckpt}: not a checkpoint (no config.json and model.pt, or LoRA adapters, there)")
         try:
             infos.append(data.task_info(ckpt))
         except data.DataError as e:
@@ -364,6 +459,16 @@ def main(argv=None):
     dtype = auto_dtype(device) if args.dtype == "auto" else args.dtype or ("bf16" if str(device).startswith("cuda") else "fp32")
     warn_if_emulated(dtype, device)
     # each checkpoint's p1 and max_new_tokens, and whether every problem fits, before any model runs
+    first_info = infos.pop() if args.first_from else None
+    if args.first_from:  # its Tokenizer and weights checked now too; its first attempts fit one turn of its own budget
+        first_max = args.max_new_tokens or first_info.get("max_new_tokens") or DEFAULT_MAX_NEW[args.task]
+        try:
+            first_tok, first_cfg = Tokenizer.from_pretrained(args.first_from), GPT.from_pretrained(args.first_from).config
+        except (OSError, ValueError) as e:
+            error(f"--first-from {args.first_from}: {e}")
+        err = context_error(first_tok, first_cfg.max_seq_len, problems, data.instruction(args.task), first_max, 1)
+        if err:
+            error(f"--first-from {args.first_from}: {err}")
     plans = []
     for ckpt, info in zip(args.ckpt, infos):
         p1 = args.p1 or info.get("p1") or data.instruction(args.task)
@@ -376,19 +481,35 @@ def main(argv=None):
         if err:
             error(f"--ckpt {ckpt}: {err}")
         plans.append((tok, p1, max_new))
+    amp = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
+    first_ids = None
+    if args.first_from:  # turn 1 of every problem, once, from the other checkpoint (greedy)
+        model = merge_lora(GPT.from_pretrained(args.first_from, device=device, dtype=torch.float32)).eval()
+        with amp():
+            first_ids = attempts(model, first_tok, problems, 1, data.instruction(args.task), first_max, args.batch,
+                                 progress=f"{args.first_from}: turn 1 for --first-from", ids=True)[0]
+        del model
     reports = []
     for name, ckpt, (tok, p1, max_new) in zip(names, args.ckpt, plans):
+        first = None
+        if first_ids is not None:
+            first = given_first(first_ids, first_tok, tok)
+            err = first_context_error(tok, model_max_seq_len(ckpt), problems, p1, max_new, args.turns, first)
+            if err:
+                error(f"--ckpt {ckpt} with --first-from {args.first_from}: {err}")
         # fp32 weights, autocast computes; a LoRA checkpoint's adapters folded into its weights (no extra products)
         model = merge_lora(GPT.from_pretrained(ckpt, device=device, dtype=torch.float32)).eval()
-        amp = lambda: torch.autocast(torch.device(device).type, dtype=torch.bfloat16, enabled=dtype == "bf16")
         with amp():
-            texts = attempts(model, tok, problems, args.turns, p1, max_new, args.batch, progress=name)
+            texts = attempts(model, tok, problems, args.turns, p1, max_new, args.batch, progress=name, first=first)
         rep = {"name": name, "ckpt": ckpt, **metrics(problems, texts)}
+        if args.first_from:
+            rep["first_from"] = args.first_from
         if args.scaling:
             with amp():
                 rep.update(scaling(model, tok, problems, args.scaling, p1, max_new, args.batch, args.seed,
                                    temperature=args.scaling_temperature, progress=name))
-        reports.append({**rep, "p1": p1, "max_new_tokens": max_new, "dtype": dtype})
+        reports.append({**rep, "p1": p1, "max_new_tokens": max_new, "dtype": dtype,
+                        "edit_ratios": [edit_ratio(x, y) for x, y in zip(texts[0], texts[1])]})  # plot.py --edit-hist
         del model
     if dist.is_initialized():  # every rank has all texts: leave the group now, not at the interpreter's exit
         dist.destroy_process_group()

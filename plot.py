@@ -4,12 +4,21 @@
     python plot.py out/demo1/seed0/score out/demo1/seed0/no_shaping --out curves.png   # runs overlaid
     python plot.py out/demo1/seed0/score --report report.json  # greedy figures of an evaluation as markers
     python plot.py --table results.json --out delta.png  # Delta per row, with error bars
+    python plot.py --edit-hist report.json --out edits.png  # edit-distance ratio between the attempts, per row
 
 Curves: accuracy at turn 1 and turn 2 of the sampled rollouts, i->c and c->i, KL per turn, then
 whatever else the log holds (loss, gradient norm, lengths, cut attempts, seconds per step). Each
 step is a faint dot; the line is a centred moving average over --smooth steps. Where an evaluation
 is known (--report, or RUN_DIR/../report.json as run.sh writes it, for the checkpoints that lie in
-RUN_DIR), its greedy accuracies and corrections are dashed horizontal lines.
+RUN_DIR), its greedy accuracies and corrections are dashed horizontal lines. The share of rollouts whose
+answer changed between the attempts (log field "changed", the paper's Figure 6b) has its own panel. The
+held-out evaluations a run makes during training (records with eval_* fields: eval_acc_t1, eval_acc_t2,
+eval_delta, ...) are a panel "held-out (greedy)", one point per evaluation; the training panels ignore those
+records. Logs without these fields plot as before.
+
+Edit histogram (--edit-hist): evaluate.py's report (its per-problem edit_ratios), one panel per row (a
+row's seeds, ROW@SEED, pooled): the share of problems per bin of the edit-distance ratio between the first
+and the second attempt (0: the same text, 1: nothing shared), its mean a vertical line (paper Figure 4a).
 
 Table: evaluate.py --seeds's report.json (each row's Delta over seeds with its standard error), a JSON
 list of rows {name, delta_mean, delta_se}, or evaluate.py's reports {name, delta}, drawn without error bars. Values are fractions, as
@@ -33,6 +42,7 @@ PANELS = [
     ("accuracy of the sampled rollouts", "accuracy", True, [("acc_t1", "turn 1"), ("acc_t2", "turn 2")]),
     ("changes from turn 1 to turn 2", "share of rollouts", True,
      [("delta_i2c", "i->c (wrong, then right)"), ("delta_c2i", "c->i (right, then wrong)")]),
+    ("answer changed from turn 1 to turn 2", "share of rollouts", True, [("changed", "changed")]),
     ("KL(pi || pi_ref) per turn", "nats per attempt", False, [("kl_t1", "turn 1"), ("kl_t2", "turn 2")]),
     ("loss", "loss", False, [("loss", "loss")]),
     ("gradient norm", "norm (before clipping)", False, [("grad_norm", "grad norm")]),
@@ -41,6 +51,9 @@ PANELS = [
     ("time per step", "seconds", False, [("t_sample", "sampling"), ("t_score", "scoring"), ("t_update", "update")]),
     ("sampler vs trainer log-probs", "mean |difference|", False, [("lp_mismatch", "lp mismatch")]),
 ]
+# the held-out evaluations during training: drawn from the records that hold eval_* fields, point by point
+HELD_OUT = ("held-out (greedy)", "accuracy", True,
+            [("eval_acc_t1", "turn 1"), ("eval_acc_t2", "turn 2"), ("eval_delta", "Delta (t2 - t1)")])
 GREEDY = ("acc_t1", "acc_t2", "delta_i2c", "delta_c2i")  # report fields drawn as markers
 DASHES = ((5, 3), (1.5, 2), (8, 2, 2, 2))  # one dash pattern per report entry of a run (ckpt/, best/)
 DASH_NAMES = ("dashed", "dotted", "dash-dot")
@@ -69,7 +82,7 @@ def read_log(path):
         for i, rec in data.read_jsonl(path):
             if not isinstance(rec.get("step"), int):
                 raise SystemExit(f"plot.py: {path}:{i}: not a step record (a JSON object with an integer 'step')")
-            for panel in PANELS:
+            for panel in PANELS + [HELD_OUT]:
                 for field, _ in panel[3]:
                     v = rec.get(field)
                     if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float))):
@@ -80,6 +93,11 @@ def read_log(path):
     if not recs:
         raise SystemExit(f"plot.py: {path}: no steps logged")
     return recs
+
+
+def is_eval(rec):
+    """Whether a log record is a held-out evaluation (eval_* fields) rather than a training step."""
+    return any(k.startswith("eval_") for k in rec)
 
 
 def read_json(path, what):
@@ -151,7 +169,11 @@ def curves(logs, out, reports=None, window=9):
     'step': x (n,), 'greedy ' + field: one value per report entry}}, in the units shown (percent where
     the axis is in percent)."""
     reports = reports or {}
-    panels = [p for p in PANELS if any(f in r for f, _ in p[3] for recs in logs.values() for r in recs)]
+    train = {label: [r for r in recs if not is_eval(r)] for label, recs in logs.items()}
+    held = {label: [r for r in recs if is_eval(r)] for label, recs in logs.items()}
+    panels = [p for p in PANELS if any(f in r for f, _ in p[3] for recs in train.values() for r in recs)]
+    if any(held.values()):  # beside the sampled rollouts' accuracy
+        panels.insert(1, HELD_OUT)
     rows = math.ceil(len(panels) / COLS)
     fig = pyplot_free_figure(figsize=(COLS * PANEL_W, rows * PANEL_H), layout="constrained")
     from matplotlib.ticker import PercentFormatter  # after the check that matplotlib is there
@@ -160,9 +182,10 @@ def curves(logs, out, reports=None, window=9):
         ax.set_visible(False)
     several = len(logs) > 1
     drawn = {label: {} for label in logs}
-    for ax, (title, ylabel, pct, fields) in zip(axes, panels):
+    for ax, panel in zip(axes, panels):
+        title, ylabel, pct, fields = panel
         scale = 100.0 if pct else 1.0
-        for r_i, (label, recs) in enumerate(logs.items()):
+        for r_i, (label, recs) in enumerate((held if panel is HELD_OUT else train).items()):
             x = np.array([r["step"] for r in recs], dtype=float)
             for f_i, (field, name) in enumerate(fields):
                 if not any(field in r for r in recs):
@@ -170,6 +193,12 @@ def curves(logs, out, reports=None, window=9):
                 y = np.array([np.nan if r.get(field) is None else r[field] for r in recs], dtype=float) * scale
                 color = f"C{r_i if several else f_i}"
                 style = ("-", "--", ":")[f_i] if several else "-"
+                if panel is HELD_OUT:  # a few greedy evaluations: each one a point, joined
+                    line = ax.plot(x, y, "o" + style, color=color, lw=1.5, markersize=4,
+                                   label=f"{label}: {name}" if several else name)[0]
+                    drawn[label]["eval step"] = line.get_xdata()
+                    drawn[label][field] = line.get_ydata()
+                    continue
                 dots = ax.plot(x, y, ".", color=color, alpha=0.25, markersize=4)[0]
                 line = ax.plot(x, smooth(y, window), style, color=color, lw=1.8,
                                label=f"{label}: {name}" if several else name)[0]
@@ -198,7 +227,8 @@ def curves(logs, out, reports=None, window=9):
     for d in drawn.values():
         for k, v in d.items():
             d[k] = np.asarray(v, dtype=float)
-    steps = "; ".join(f"{label}: {len(recs)} steps" for label, recs in logs.items())
+    steps = "; ".join(f"{label}: {len(recs)} steps" + (f", {len(held[label])} held-out evaluations" if held[label] else "")
+                      for label, recs in train.items())
     title = f"{steps}  (dots: each step; lines: centred mean over {window} steps)"
     evals = "; ".join((f"{label}: " if several else "") + ", ".join(
         f"{DASH_NAMES[i % len(DASHES)]} = {r.get('name', '?')}" for i, r in enumerate(reports[label]))
@@ -262,6 +292,58 @@ def delta_bars(rows, out):
     return {"delta": np.array([b.get_width() for b in bars]), "se": got_se}
 
 
+EDIT_BINS = 20  # bins of width 0.05 over [0, 1]
+
+
+def edit_rows(path):
+    """An evaluate.py report -> {row: pooled per-problem edit ratios}, a row's seeds (ROW@SEED) pooled, in the
+    report's order; a report without edit_ratios (older evaluate.py) is a one-line exit."""
+    rows = {}
+    for r in report_entries(path):
+        ratios = r.get("edit_ratios")
+        if not isinstance(ratios, list) or not all(isinstance(v, (int, float)) and 0 <= v <= 1 for v in ratios):
+            raise SystemExit(f"plot.py: report {path}: entry {r.get('name', '?')!r} has no per-problem edit_ratios "
+                             "(numbers in [0, 1]); evaluate.py writes them since it reports edit_ratio")
+        name = str(r.get("name", "?"))
+        rows.setdefault(name.rpartition("@")[0] or name, []).extend(ratios)
+    return rows
+
+
+def edit_hist(rows, out):
+    """Paper Figure 4a: per row, the share of problems in each bin of the edit-distance ratio between the
+    attempts, one panel per row, the mean a dashed vertical line. Returns what was drawn, read back from the
+    figure: {row: {'share': bar heights in percent (EDIT_BINS,), 'mean': the line's x}}."""
+    n = len(rows)
+    cols = min(n, COLS)
+    fig = pyplot_free_figure(figsize=(cols * PANEL_W, math.ceil(n / cols) * PANEL_H), layout="constrained")
+    from matplotlib.ticker import PercentFormatter
+    axes = fig.subplots(math.ceil(n / cols), cols, squeeze=False, sharex=True).ravel()
+    for ax in axes[n:]:
+        ax.set_visible(False)
+    edges, drawn = np.linspace(0.0, 1.0, EDIT_BINS + 1), {}
+    for i, (ax, (row, ratios)) in enumerate(zip(axes, rows.items())):
+        # bin k holds [k / EDIT_BINS, (k + 1) / EDIT_BINS), the last one 1.0 too (np.histogram's float edges
+        # would put 0.3 below 0.30000000000000004)
+        k = np.minimum(np.floor(np.asarray(ratios, dtype=float) * EDIT_BINS), EDIT_BINS - 1).astype(int)
+        counts = np.bincount(k, minlength=EDIT_BINS)
+        bars = ax.bar(edges[:-1], 100.0 * counts / max(len(ratios), 1), width=edges[1] - edges[0], align="edge",
+                      color=f"C{i}", alpha=0.8, edgecolor="white")
+        mean = float(np.mean(ratios)) if ratios else float("nan")
+        line = ax.axvline(mean, color="black", ls="--", lw=1.2, label=f"mean {mean:.2f}")
+        drawn[row] = {"share": np.array([b.get_height() for b in bars]), "mean": line.get_xdata()[0]}
+        ax.set_title(f"{row} ({len(ratios)} problems)", fontsize=11)
+        ax.set_xlabel("edit distance / longer attempt's length")
+        ax.set_ylabel("share of problems")
+        ax.yaxis.set_major_formatter(PercentFormatter(100, decimals=0))
+        ax.set_xlim(0, 1)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=8, frameon=False)
+    fig.suptitle("edit distance between the first and second attempt (0: the same text, 1: nothing shared)",
+                 fontsize=11)
+    fig.savefig(out)
+    return drawn
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("runs", nargs="*", metavar="RUN_DIR", help="a training run's --out (holds log.jsonl)")
@@ -272,13 +354,16 @@ def main(argv=None):
                                                                      "(default: 9)")
     p.add_argument("--table", help="evaluate.py --seeds's report, JSON rows {name, delta_mean, delta_se}, or "
                                    "reports {name, delta}: bar chart")
+    p.add_argument("--edit-hist", metavar="REPORT",
+                   help="evaluate.py's report.json: a histogram per row of the edit-distance ratio between the "
+                        "attempts (paper Figure 4a; default --out: edit_hist.png beside REPORT)")
     args = p.parse_args(argv)
-    if bool(args.runs) == bool(args.table):
-        p.error("give RUN_DIRs or --table, one of the two")
+    if sum(map(bool, (args.runs, args.table, args.edit_hist))) != 1:
+        p.error("give RUN_DIRs, --table or --edit-hist, one of the three")
     if args.smooth < 1:
         p.error("--smooth must be at least 1")
     if args.out and os.path.isdir(args.out):  # a folder: the picture's usual name in it
-        args.out = os.path.join(args.out, "delta.png" if args.table else "curves.png")
+        args.out = os.path.join(args.out, "delta.png" if args.table else "edit_hist.png" if args.edit_hist else "curves.png")
     elif args.out and not args.out.lower().endswith(".png"):  # matplotlib would add .png itself: say the real name
         args.out += ".png"
     if args.out and not os.path.isdir(os.path.dirname(os.path.abspath(args.out))):
@@ -287,6 +372,9 @@ def main(argv=None):
     if args.table:
         out = args.out or os.path.join(os.path.dirname(args.table), "delta.png")
         delta_bars(table_rows(read_json(args.table, "table"), args.table), out)
+    elif args.edit_hist:
+        out = args.out or os.path.join(os.path.dirname(args.edit_hist), "edit_hist.png")
+        edit_hist(edit_rows(args.edit_hist), out)
     else:
         if len(args.runs) > 1 and not args.out:
             p.error("several RUN_DIRs share one picture: name it with --out")

@@ -30,6 +30,7 @@ import time
 import torch
 
 import data
+import loggers
 import rl
 import shard
 from model import GPT, CheckpointError, auto_dtype, device_error, token_logprobs, warn_if_emulated, write_error
@@ -92,8 +93,10 @@ def get_args(argv=None):
     p.add_argument("--seed", type=int, default=0, help="seeds the problems, the sampling and the batches")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cpu or cuda")
     p.add_argument("--threads", type=int, default=0, help="torch CPU threads; 0 leaves torch's own number (default: 0)")
+    loggers.add_arguments(p)  # the fine-tuning's log.jsonl records, also to W&B / TensorBoard
     args = p.parse_args(argv)
     error = lambda msg: p.exit(2, f"{p.prog}: error: {msg}\n")  # one line, without the usage
+    loggers.check(args)
     args.task, args.n_train, args.p1 = preset["task"], preset["n_train"], data.instruction(preset["task"])
     args.temperature, args.base_first = 1.0, 0.0  # the base's own samples, every first attempt its own
     wrong = rl.check_numbers(args) or (args.k < 2 and args.method == "pair" and
@@ -150,6 +153,7 @@ def main(argv=None):
         torch.set_num_threads(args.threads)
     if os.path.exists(os.path.join(args.out, "ckpt")):
         raise SystemExit(f"--out {args.out} already holds a run: choose a new --out (or delete {args.out} first)")
+    watch = loggers.open(args, args.out, config=vars(args))
     torch.manual_seed(args.seed)
     dev = torch.device(args.device)
     compute = {"bf16": torch.bfloat16, "fp32": torch.float32}[args.dtype]
@@ -178,8 +182,10 @@ def main(argv=None):
             traces.append({"problem": chunk[i // args.k].prompt, "y1": ro.texts[0][i], "y2": ro.texts[turn - 1][j],
                            "r1": ro.r[0, i].item(), "r2": ro.r[turn - 1, j].item(),
                            "rows": [a * args.k + i, a * args.k + j], "second_from_turn": turn})
-        print(f"collected {min(a + per, len(problems))}/{len(problems)} problems, kept {len(examples)} traces, "
-              f"{time.time() - t0:.0f} s", flush=True)
+        done, dt = min(a + per, len(problems)), time.time() - t0
+        eta = dt / done * (len(problems) - done)
+        print(f"collected {done}/{len(problems)} problems, kept {len(examples)} traces | {done / dt:.2f} problems/s | "
+              f"ETA {eta // 60:.0f}m{eta % 60:02.0f}s", flush=True)
     n = sum(counts)
     print(f"the base's samples: w->w {counts[0] / n:.1%}, w->r {counts[1] / n:.1%}, r->w {counts[2] / n:.1%}, "
           f"r->r {counts[3] / n:.1%}; {args.method}{' +' if args.plus else ''} keeps {len(examples)} traces", flush=True)
@@ -199,11 +205,13 @@ def main(argv=None):
         for b in range(0, len(order), args.batch):
             loss = sft_step(model, opt, [examples[i] for i in order[b:b + args.batch]], args.dtype, args.micro_batch)
             log.append({"step": len(log) + 1, "loss": loss})
+            watch.log(log[-1])
             if len(log) % 10 == 0 or len(log) == steps:
                 eta = (time.time() - t0) / len(log) * (steps - len(log)) / 60
                 print(f"step {len(log)}/{steps} | loss {loss:.3f} | ETA {eta:.1f} min", flush=True)
     with open(os.path.join(args.out, "log.jsonl"), "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in log)
+    watch.close()
     ckpt = os.path.join(args.out, "ckpt")
     model.save_pretrained(ckpt)
     tok.save_pretrained(ckpt)

@@ -68,7 +68,10 @@ def test_metrics_three_turns_by_hand():
              ["x", " 5+2", "9+4"]]         # 0 1 0, changed (none -> 2+5)
     rep = evaluate.metrics(demo(6), [list(t) for t in zip(*texts)])
     want = dict(acc_t1=2 / 6, acc_t2=3 / 6, acc_t3=3 / 6, delta=1 / 6, delta_i2c=2 / 6, delta_c2i=1 / 6,
-                changed=3 / 6, verbatim=1 / 6, n=6, delta_t2_t3=0.0)
+                changed=3 / 6, verbatim=1 / 6, n=6, delta_t2_t3=0.0,
+                # turn 1 to 2, characters: 2 substitutions of 3 on problems 1, 2, 3 and 5, 2 insertions into 6
+                # characters on 4, 4 edits of 4 on 6
+                edit_ratio=(4 * 2 / 3 + 2 / 6 + 4 / 4) / 6)
     # a fourth attempt, right on problems 1 and 5 only: acc_t4 2/6, one less than turn 3
     four = evaluate.metrics(demo(6), [list(t) for t in zip(*texts)] + [["2+5", "x", "x", "x", "2+5", "x"]])
     assert four["acc_t4"] == pytest.approx(2 / 6) and four["delta_t3_t4"] == pytest.approx(-1 / 6)
@@ -150,7 +153,8 @@ def test_majority_refuses_code():
 def test_scaling_samples_K_and_2K_at_07(monkeypatch):
     K, calls = 3, []
 
-    def fake(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temperature=0.0, seed=None, progress=None):
+    def fake(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temperature=0.0, seed=None, progress=None,
+             first=None):
         calls.append(dict(turns=turns, k=k, temperature=temperature, n=len(problems)))
         if turns == 2:  # K samples, each corrected once: turn 1 right everywhere, turn 2 votes
             t2 = ["1+4", "2+5", "5+2",     # 2+5 wins 2-1 -> right
@@ -204,7 +208,8 @@ def recorder(monkeypatch):
     """Replace generation with a record of what it was asked for and of the precision it ran in."""
     calls = []
 
-    def fake(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temperature=0.0, seed=None, progress=None):
+    def fake(model, tok, problems, turns, p1, max_new_tokens, batch, k=1, temperature=0.0, seed=None, progress=None,
+             first=None):
         calls.append(dict(p1=p1, max_new=max_new_tokens, param_dtype=next(model.parameters()).dtype,
                           autocast=torch.is_autocast_enabled("cpu"), amp_dtype=torch.get_autocast_dtype("cpu")))
         return [["2+5"] * len(problems) * k] * turns

@@ -235,3 +235,62 @@ def test_out_is_the_file_written(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         plot.main([*table, "--out", str(tmp_path / "nowhere" / "x.png")])
     assert e.value.code == f"plot.py: --out {tmp_path / 'nowhere' / 'x.png'}: its folder {tmp_path / 'nowhere'} does not exist"
+
+
+# ----------------------------------------------------------------------------- held-out evaluations, changed
+def test_curves_with_held_out_evaluations_and_changed(tmp_path):
+    """Evaluation records interleaved with the steps: the training panels are the steps' alone (their means
+    too), the held-out panel has one point per evaluation, and "changed" has its panel (Figure 6b)."""
+    log = [dict(r, changed=c) for r, c in zip(LOG, (0.5, 0.4, 0.3, 0.2, 0.1))]
+    ev = lambda s, a1, a2: dict(step=s, eval_n=64, eval_acc_t1=a1, eval_acc_t2=a2, eval_delta=a2 - a1,
+                                eval_delta_i2c=0.1, eval_delta_c2i=0.05, eval_changed=0.2, eval_seconds=3.0)
+    log = [ev(0, 0.25, 0.125)] + log[:2] + [ev(2, 0.375, 0.5)] + log[2:4] + [ev(4, 0.5, 0.75)] + log[4:]
+    run = write_run(tmp_path, log)
+    out = tmp_path / "c.png"
+    drawn = plot.curves({"stage2": plot.read_log(str(run / "log.jsonl"))}, str(out), window=3)["stage2"]
+    assert png_size(out) == (1500, 1200)  # 8 panels: the 6 of LOG, held-out, changed
+    np.testing.assert_allclose(drawn["step"], [1, 2, 3, 4, 5])  # the training records only
+    np.testing.assert_allclose(drawn["acc_t1"], [10, 20, 40, 40, 70])
+    np.testing.assert_allclose(drawn["acc_t1 smooth"], [15, 70 / 3, 100 / 3, 50, 55])  # as without evaluations
+    np.testing.assert_allclose(drawn["changed"], [50, 40, 30, 20, 10])
+    np.testing.assert_allclose(drawn["changed smooth"], [45, 40, 30, 20, 15])
+    np.testing.assert_allclose(drawn["eval step"], [0, 2, 4])
+    np.testing.assert_allclose(drawn["eval_acc_t1"], [25, 37.5, 50])
+    np.testing.assert_allclose(drawn["eval_acc_t2"], [12.5, 50, 75])
+    np.testing.assert_allclose(drawn["eval_delta"], [-12.5, 12.5, 25])
+    # an old log (no eval records, no changed): neither panel
+    old = plot.curves({"s": LOG}, str(tmp_path / "old.png"))["s"]
+    assert "eval_acc_t1" not in old and "changed" not in old and png_size(tmp_path / "old.png") == (1500, 800)
+
+
+def test_bad_eval_field_is_one_line(tmp_path):
+    run = write_run(tmp_path, LOG[:2] + [dict(step=2, eval_n=8, eval_acc_t1="high")])
+    with pytest.raises(SystemExit) as e:
+        plot.read_log(str(run / "log.jsonl"))
+    assert str(e.value) == f"plot.py: {run / 'log.jsonl'}:3: eval_acc_t1 is 'high', not a number"
+
+
+# ----------------------------------------------------------------------------- edit-distance histogram
+def test_edit_hist_per_row(tmp_path, capsys):
+    """evaluate.py --seeds's report: a row's seeds pooled; shares per bin of 0.05 and the mean, by hand."""
+    ck = lambda name, ratios: dict(name=name, acc_t1=0.5, acc_t2=0.5, edit_ratios=ratios)
+    report = {"rows": [], "checkpoints": [ck("base", [0.0, 0.0, 0.02, 1.0]), ck("SCoRe@0", [0.5, 0.52]),
+                                          ck("SCoRe@1", [0.97, 0.3])]}
+    path = tmp_path / "report.json"
+    path.write_text(json.dumps(report))
+    assert plot.edit_rows(str(path)) == {"base": [0.0, 0.0, 0.02, 1.0], "SCoRe": [0.5, 0.52, 0.97, 0.3]}
+    plot.main(["--edit-hist", str(path)])
+    out = tmp_path / "edit_hist.png"
+    assert capsys.readouterr().out.strip() == f"plot.py: wrote {out}" and png_size(out) == (1000, 400)
+    drawn = plot.edit_hist(plot.edit_rows(str(path)), str(tmp_path / "e.png"))
+    base, score = np.zeros(20), np.zeros(20)
+    base[0], base[19] = 75, 25  # 0, 0, 0.02 in [0, 0.05); 1.0 in the last bin
+    score[[10, 19, 6]] = [50, 25, 25]  # 0.5 and 0.52 in [0.5, 0.55); 0.97; 0.3 in [0.3, 0.35)
+    np.testing.assert_allclose(drawn["base"]["share"], base)
+    np.testing.assert_allclose(drawn["SCoRe"]["share"], score)
+    assert drawn["base"]["mean"] == pytest.approx(1.02 / 4) and drawn["SCoRe"]["mean"] == pytest.approx(2.29 / 4)
+    # a report from before edit_ratios: one line
+    path.write_text(json.dumps([dict(name="old", acc_t1=0.5, acc_t2=0.5)]))
+    with pytest.raises(SystemExit) as e:
+        plot.main(["--edit-hist", str(path)])
+    assert str(e.value).startswith(f"plot.py: report {path}: entry 'old' has no per-problem edit_ratios")

@@ -3,8 +3,10 @@ their text; no evaluation or tuning problem collected from; the loss on the seco
 against a hand-written example and the naive log-softmax."""
 import json
 import random
+import re
 from types import SimpleNamespace
 
+import numpy as np
 import pytest
 import torch
 
@@ -40,10 +42,21 @@ def base(tmp_path_factory):
 
 
 @pytest.mark.parametrize("method", ["star", "pair"])
-def test_traces_are_what_the_method_says(base, tmp_path, method):
+def test_traces_are_what_the_method_says(base, tmp_path, method, capsys):
     out = tmp_path / method
     train_sft.main(["--method", method, "--base", str(base), "--out", str(out), "--problems", "96", "--epochs", "1",
-                    "--threads", "1", "--dtype", "fp32", "--k", "4"])
+                    "--threads", "1", "--dtype", "fp32", "--k", "4", "--gen-batch", "128", "--tensorboard", str(tmp_path / "tb")])
+    # the collection says how far it is, at what rate, and when it ends: a line per chunk of 128 / 4 problems
+    lines = [x for x in capsys.readouterr().out.splitlines() if x.startswith("collected ")]
+    assert [x.split()[1] for x in lines] == ["32/96", "64/96", "96/96"]
+    assert all(re.search(r"\| \d+\.\d\d problems/s \| ETA \d+m\d\ds$", x) for x in lines), lines
+    assert lines[-1].endswith("ETA 0m00s")
+    # TensorBoard got log.jsonl's records (float32)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    acc = EventAccumulator(str(tmp_path / "tb"))
+    acc.Reload()
+    log = [json.loads(line) for line in (out / "log.jsonl").read_text().splitlines()]
+    assert [(e.step, e.value) for e in acc.Scalars("loss")] == [(r["step"], float(np.float32(r["loss"]))) for r in log]
     traces = [json.loads(line) for line in (out / "traces.jsonl").read_text().splitlines()]
     assert len(traces) >= 3
     for t in traces:
