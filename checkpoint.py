@@ -7,7 +7,9 @@ written once, the others copies of the finished directory. --resume continues th
 change what a run computes must be those it was started with.
 """
 import os
+import shlex
 import shutil
+import sys
 
 import torch
 import torch.distributed as dist
@@ -21,7 +23,7 @@ from model import save_checkpoint
 # gen_batch too: the chunks draw from streams of their own, so another chunking samples other rollouts.
 RUN_FLAGS = ("preset", "task", "data", "n_train", "base", "batch", "k", "lr", "alpha", "beta1", "beta2", "kl",
              "baseline", "base_first", "temperature", "max_new_tokens", "p1", "grad_clip", "seed", "dtype", "gen_batch",
-             "lora", "lora_alpha", "turns")
+             "lora", "lora_alpha", "turns", "best_by")
 
 
 def save(paths, policy, tok, opt, step, args, extra=None):
@@ -83,3 +85,15 @@ def check_resume(saved, args):
         if k in saved and saved[k] != getattr(args, k) and k not in args.unused:  # unused: changes nothing
             raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r} but the run in {args.out} "
                              f"was started with {saved[k]!r}; only --steps may change (or start a new --out)")
+
+
+def where_to_resume(args, world):
+    """What a stopped run says: its last checkpoint and its step (read memory-mapped: not the Adam state), and the
+    command that continues it (the one that started it, with --resume); or that none was written yet."""
+    ckpt = latest(args.out)
+    if not ckpt:
+        return "no checkpoint was written yet: run the same command to start again"
+    step = torch.load(os.path.join(ckpt, "state.pt"), map_location="cpu", mmap=True, weights_only=False)["step"]
+    launch = [os.path.basename(sys.executable)] if world == 1 else ["torchrun", f"--nproc_per_node={world}"]
+    command = shlex.join(launch + [sys.argv[0]] + [a for a in args.argv if a != "--resume"] + ["--resume"])
+    return f"the last checkpoint is {ckpt} (step {step}; the steps after it are redone); resume with: {command}"

@@ -195,6 +195,40 @@ def scaling(model, tok, problems, K, p1, max_new_tokens, batch, seed, temperatur
             f"maj@{2 * K}_parallel": majority_correct(problems, par[0], 2 * K)}
 
 
+# ------------------------------------------------------------------------------- during training (rl.py)
+def held_out(model, tok, problems, args, step, say):
+    """The held-out evaluation of --eval-every: evaluate.py's greedy attempts and metrics (its batch of 64, two
+    attempts or --turns) on problems the run never trains on, as a log record: every metric prefixed eval_, and
+    eval_seconds. Under torchrun the problems are split over the ranks and every rank gets every text, so the
+    numbers are those one process would compute."""
+    t0, turns = time.time(), max(2, args.turns)  # single-turn RL is evaluated on two attempts, as every row is
+    texts = attempts(model, tok, problems, turns, args.p1, args.max_new_tokens, batch=64,
+                      progress=f"{args.label or 'eval'}: held-out" if args.max_new_tokens > 64 else None)
+    rec = dict(step=step, **{f"eval_{k}": v for k, v in metrics(problems, texts).items()},
+               eval_seconds=time.time() - t0)
+    last = f"eval_acc_t{turns}"
+    say(f"{args.label + ': ' if args.label else ''}eval step {step} | held-out acc t1 {rec['eval_acc_t1']:.1%} "
+        f"t{turns} {rec[last]:.1%} (i->c {rec['eval_delta_i2c']:.1%}, c->i {rec['eval_delta_c2i']:.1%}, changed "
+        f"{rec['eval_changed']:.1%}) | {len(problems)} problems in {rec['eval_seconds']:.1f} s", flush=True)
+    return rec
+
+
+def load_heldout(args, tok, max_len):
+    """--eval-every's problems (data.load_validation: the demo's "tune" split in evaluate.py's order, so that
+    `evaluate.py --split tune --n N` scores the same ones; MATH's and MBPP's held out of their training file), the
+    first --eval-n of those whose attempts fit the context."""
+    try:
+        held = data.load_validation(args.task, args.data, None if args.task != "demo" else args.eval_n or 500,
+                                    seed=data.DEMO_EVAL_SEED)
+    except data.DataError as e:
+        raise SystemExit(f"--eval-every: {e}") from None
+    followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
+    fits = lambda p: args.max_new_tokens <= max_new_that_fits(
+        max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup, max(2, args.turns))
+    return [p for p in held if fits(p)][:args.eval_n]
+
+
+
 def context_error(tok, max_seq_len, problems, p1, max_new_tokens, turns):
     """None if every problem's `turns` turns fit the model's context, else a one-line message naming
     the first problem that does not fit and the largest --max-new-tokens that fits them all."""

@@ -39,21 +39,22 @@ MISSING = "plot.py: matplotlib is not installed (pip install matplotlib); no pic
 
 # (title, y label, in percent, [(log field, legend label)]): a panel is drawn when its fields are in the log
 PANELS = [
-    ("accuracy of the sampled rollouts", "accuracy", True, [("acc_t1", "turn 1"), ("acc_t2", "turn 2")]),
+    ("accuracy of the sampled rollouts", "accuracy", True, [("acc_t1", "turn 1"), ("acc_t2", "turn 2"), ("acc_t3", "turn 3")]),
     ("changes from turn 1 to turn 2", "share of rollouts", True,
      [("delta_i2c", "i->c (wrong, then right)"), ("delta_c2i", "c->i (right, then wrong)")]),
-    ("answer changed from turn 1 to turn 2", "share of rollouts", True, [("changed", "changed")]),
-    ("KL(pi || pi_ref) per turn", "nats per attempt", False, [("kl_t1", "turn 1"), ("kl_t2", "turn 2")]),
+    ("answer changed from the first attempt to the last (Figure 6b)", "share of rollouts", True, [("changed", "changed")]),
+    ("KL(pi || pi_ref) per turn", "nats per attempt", False, [("kl_t1", "turn 1"), ("kl_t2", "turn 2"), ("kl_t3", "turn 3")]),
     ("loss", "loss", False, [("loss", "loss")]),
     ("gradient norm", "norm (before clipping)", False, [("grad_norm", "grad norm")]),
-    ("attempt length", "tokens", False, [("len_y1", "turn 1"), ("len_y2", "turn 2")]),
+    ("attempt length", "tokens", False, [("len_y1", "turn 1"), ("len_y2", "turn 2"), ("len_y3", "turn 3")]),
     ("attempts cut at max_new_tokens", "share of attempts", True, [("cut", "cut")]),
     ("time per step", "seconds", False, [("t_sample", "sampling"), ("t_score", "scoring"), ("t_update", "update")]),
     ("sampler vs trainer log-probs", "mean |difference|", False, [("lp_mismatch", "lp mismatch")]),
 ]
 # the held-out evaluations during training: drawn from the records that hold eval_* fields, point by point
 HELD_OUT = ("held-out (greedy)", "accuracy", True,
-            [("eval_acc_t1", "turn 1"), ("eval_acc_t2", "turn 2"), ("eval_delta", "Delta (t2 - t1)")])
+            [("eval_acc_t1", "turn 1"), ("eval_acc_t2", "turn 2"), ("eval_acc_t3", "turn 3"),
+             ("eval_delta", "Delta (t2 - t1)")])
 GREEDY = ("acc_t1", "acc_t2", "delta_i2c", "delta_c2i")  # report fields drawn as markers
 DASHES = ((5, 3), (1.5, 2), (8, 2, 2, 2))  # one dash pattern per report entry of a run (ckpt/, best/)
 DASH_NAMES = ("dashed", "dotted", "dash-dot")
@@ -192,7 +193,7 @@ def curves(logs, out, reports=None, window=9):
                     continue
                 y = np.array([np.nan if r.get(field) is None else r[field] for r in recs], dtype=float) * scale
                 color = f"C{r_i if several else f_i}"
-                style = ("-", "--", ":")[f_i] if several else "-"
+                style = ("-", "--", ":", "-.")[f_i] if several else "-"
                 if panel is HELD_OUT:  # a few greedy evaluations: each one a point, joined
                     line = ax.plot(x, y, "o" + style, color=color, lw=1.5, markersize=4,
                                    label=f"{label}: {name}" if several else name)[0]

@@ -47,7 +47,6 @@ import math
 import os
 import random
 import re
-import shlex
 import signal
 import sys
 import time
@@ -58,9 +57,10 @@ import torch.distributed as dist
 
 import data
 import evaluate
+import loggers
 import memory
 import shard
-from checkpoint import check_resume, latest, save
+from checkpoint import check_resume, latest, save, where_to_resume
 from model import (GPT, CheckpointError, adapters_off, add_lora, auto_dtype, device_error, load_checkpoint, load_config,
                    load_tensors, merge_lora, read_lora, token_logprobs, warn_if_emulated, write_error)
 from sample import HelpFormatter, generate, generate_turns, layout, max_new_that_fits, seed_of
@@ -398,15 +398,7 @@ def run(args, objective, name):
         sig = e.args[0] if e.args else "SIGINT"
         rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
         if rank == 0:
-            ckpt = latest(args.out)
-            if ckpt:  # mmap: its step without reading the Adam state
-                state = os.path.join(ckpt, "state.pt")
-                step = torch.load(state, map_location="cpu", mmap=True, weights_only=False)["step"]
-                where = (f"the last checkpoint is {ckpt} (step {step}; the steps after it are redone); "
-                         f"resume with: {resume_command(args, world)}")
-            else:
-                where = "no checkpoint was written yet: run the same command to start again"
-            print(f"{args.label or name}: stopped by {sig}; {where}", file=sys.stderr, flush=True)
+            print(f"{args.label or name}: stopped by {sig}; {where_to_resume(args, world)}", file=sys.stderr, flush=True)
         raise SystemExit(128 + getattr(signal, sig))  # the shell's code for a death by that signal
     finally:
         for s, h in handlers.items():
@@ -415,12 +407,6 @@ def run(args, objective, name):
 
 def _interrupt(signum, frame):
     raise KeyboardInterrupt(signal.Signals(signum).name)
-
-
-def resume_command(args, world):
-    """The command line that continues this run: the one that started it, with --resume."""
-    launch = [os.path.basename(sys.executable)] if world == 1 else ["torchrun", f"--nproc_per_node={world}"]
-    return shlex.join(launch + [sys.argv[0]] + [a for a in args.argv if a != "--resume"] + ["--resume"])
 
 
 def train(args, objective, name):
@@ -483,6 +469,7 @@ def train(args, objective, name):
     if args.gen_batch is None and dev.type == "cuda":  # the memory model's choice for this GPU
         args.gen_batch = memory.default_gen_batch(policy.config, args, world, torch.cuda.get_device_properties(dev).total_memory)
         say(f"--gen-batch {args.gen_batch} (from the memory model; pass --gen-batch to override)")
+    heldout = evaluate.load_heldout(args, tok, ref.config.max_seq_len) if args.eval_every else []
     log_path = os.path.join(args.out, "log.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -493,9 +480,13 @@ def train(args, objective, name):
         with open(log_path, "w") as f:
             f.writelines(kept)
     say(f"{name}: policy {init}, reference {args.base}, {len(problems)} problems, {args.steps} steps of "
-        f"{n_prompts} prompts x {args.k} samples on {world} process(es), {args.dtype}, from step {step0}", flush=True)
+        f"{n_prompts} prompts x {args.k} samples on {world} process(es), {args.dtype}, from step {step0}" +
+        (f"; held-out evaluation of {len(heldout)} problems every {args.eval_every} steps" if heldout else ""), flush=True)
+    extra = loggers.open(args, args.out, config=run_config(args)) if rank == 0 else loggers.open(None, args.out)
     t_start, tokens_done = time.time(), 0
-    best, window = state.get("best_reward", -math.inf), []  # the training reward of the steps since the last save
+    # best/: the best training reward of the last attempt over the steps since each save (--best-by train, the
+    # paper's), or the best held-out accuracy of the last attempt (--best-by eval)
+    best, window = state.get("best", state.get("best_reward", -math.inf)), []
     # Sharded, autocast's cache of the weights' bf16 casts is off: it would keep every block's cast, gathered, until
     # the step ends (the whole model in bf16 on every rank); each use casts again (the same values).
     autocast = torch.autocast(dev.type, dtype=torch.bfloat16, enabled=args.dtype == "bf16",
@@ -532,23 +523,39 @@ def train(args, objective, name):
             f"KL {' '.join(f't{t + 1} {kl[t]:.4f}' for t in range(T))} | loss {loss:+.4f} | |g| {grad_norm:.3f} | "
             f"{rate:.0f} tok/s | ETA {eta:.1f} min", flush=True)
         window.append(rec[f"acc_t{T}"])
+        records = [rec]
+        if heldout and (step % args.eval_every == 0 or step == args.steps):
+            with autocast:
+                refresh_sampler(sampler, policy)  # the weights of this step, after its update
+                sampler.eval()
+                records.append(evaluate.held_out(sampler, tok, heldout, args, step, say))
         if rank == 0:
             with open(log_path, "a") as f:
-                f.write(json.dumps(rec) + "\n")
+                f.writelines(json.dumps(r) + "\n" for r in records)
+            for r in records:
+                extra.log(r)
         # every rank saves (a sharded policy is gathered to rank 0, which writes) and keeps the same best
         paths = []
         if step % args.save_every == 0 or step == args.steps:
-            reward = sum(window) / len(window)  # the final attempt's training reward since the last save
-            best = max(best, reward)
-            paths += ["ckpt"] + (["best"] if best == reward else [])  # the paper evaluates the best training reward's
+            paths.append("ckpt")
+            if args.best_by == "train":
+                reward = sum(window) / len(window)  # the final attempt's training reward since the last save
+                best = max(best, reward)
+                paths += ["best"] if best == reward else []  # the paper evaluates the best training reward's
             window = []
+        if args.best_by == "eval" and len(records) > 1 and records[1][f"eval_acc_t{max(T, 2)}"] > best:
+            best = records[1][f"eval_acc_t{max(T, 2)}"]
+            paths.append("best")
         if args.keep_every and step % args.keep_every == 0:
             paths.append(f"step_{step:06d}")
         if paths:  # gathered and written once, the others copies
-            save([os.path.join(args.out, p) for p in paths], policy, tok, opt, step, args, {"best_reward": best})
+            save([os.path.join(args.out, p) for p in paths], policy, tok, opt, step, args,
+                 {"best": best, "best_by": args.best_by})
         if world > 1:
             dist.barrier()  # no rank runs ahead of a checkpoint being written
-    say(f"{name}: done; checkpoint {os.path.join(args.out, 'ckpt')}, best training reward {best:.1%} in "
+    extra.close()
+    say(f"{name}: done; checkpoint {os.path.join(args.out, 'ckpt')}, best "
+        f"{'training reward' if args.best_by == 'train' else 'held-out accuracy'} {best:.1%} in "
         f"{os.path.join(args.out, 'best')}", flush=True)
     if world > 1:
         del policy, sampler, opt  # a sharded policy holds the group (shard.teardown)
@@ -574,6 +581,11 @@ def step_record(ro, dev, world, batch):
     return {name: int(x) if name in ("tokens", "context", "trained") else x / batch for name, x in rec.items()}
 
 
+def run_config(args):
+    """The run's flags, as the loggers' config: what JSON can hold."""
+    return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list))}
+
+
 # ------------------------------------------------------------------------------- problems
 def load_problems(args, tok, max_len, say):
     """The training problems: the task's, minus MBPP's test split (task ids 11-510) and minus those whose
@@ -588,6 +600,12 @@ def load_problems(args, tok, max_len, say):
         if len(kept) < len(problems):
             say(f"dropped {len(problems) - len(kept)} MBPP test-split problems (task ids {lo}-{hi}): never trained on")
         problems = kept
+    held = sum(data.is_validation(args.task, p) for p in problems)
+    if held:  # what --eval-every evaluates on, whether it is on or not: the split is the file's, fixed
+        problems = [p for p in problems if not data.is_validation(args.task, p)]
+        which = (f"1 in {data.MATH_VALIDATION_SHARE} by a hash of the statement" if args.task == "math" else
+                 "task ids {}-{}".format(*data.MBPP_SPLITS["validation"]))
+        say(f"held out {held} validation problems ({which}): never trained on")
     followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
     room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup,
                                        getattr(args, "turns", 2))  # (train_sft.py's: 2)
@@ -615,14 +633,14 @@ def load_problems(args, tok, max_len, say):
 PRESETS = {
     "demo": dict(task="demo", data=None, base="out/demo/base", root="out/demo", n_train=20000,
                  lr=3e-4, batch=128, k=4, micro_batch=128, steps=300, beta1=0.01, beta2=0.5, alpha=10.0,
-                 max_new_tokens=16, save_every=10, threads=0, dtype="auto",
+                 max_new_tokens=16, save_every=10, threads=0, dtype="auto", eval_every=50, eval_n=500,
                  stage2=dict(steps=300, lr=1e-4, base_first=0.0)),
     "math": dict(task="math", data="data/math_train.jsonl", base="out/math/base", root="out/math", n_train=None,
                  lr=5e-6, batch=512, k=4, micro_batch=4, steps=3000, beta1=0.01, beta2=0.1, alpha=10.0,
-                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=256),
+                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=256, eval_every=50, eval_n=None),
     "code": dict(task="mbpp", data="data/mbpp.jsonl", base="out/code/base", root="out/code", n_train=None,
                  lr=1e-5, batch=128, k=4, micro_batch=4, steps=1500, beta1=0.01, beta2=0.25, alpha=10.0,
-                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=128),
+                 max_new_tokens=1024, save_every=50, threads=0, gen_batch=128, eval_every=50, eval_n=None),
 }
 
 
@@ -684,6 +702,16 @@ def get_args(stage, argv=None, run=None, unused=None):
                    help="generate each step's rollouts in chunks of at most N rows (whole prompt groups); "
                         "default: all at once on the CPU, what fits the free memory on a GPU (memory.py)")
     p.add_argument("--save-every", type=int, help="checkpoint OUT/ckpt every N updates (and at the end)")
+    p.add_argument("--eval-every", type=int,
+                   help="every N steps and at the last, a greedy evaluation on held-out problems the run never trains on "
+                        "(the demo's tune split; 1 in 25 of MATH's training file; MBPP's validation ids), an eval_* "
+                        "record in log.jsonl and a progress line (0: off)")
+    p.add_argument("--eval-n", type=int, help="held-out problems per evaluation (default: the demo 500, else all held out)")
+    p.add_argument("--best-by", choices=["train", "eval"], default="train",
+                   help="what best/ keeps: train, the step with the best training reward of the last attempt since "
+                        "the last save (the paper's); eval, the best held-out accuracy of the last attempt "
+                        "(needs --eval-every)")
+    loggers.add_arguments(p)
     p.add_argument("--keep-every", type=int, default=0,
                    help="also keep OUT/step_NNNNNN every N updates (0: only ckpt/ and best/)")
     p.add_argument("--resume", action="store_true",
@@ -714,6 +742,7 @@ def get_args(stage, argv=None, run=None, unused=None):
     if args.dtype == "auto":
         args.dtype = auto_dtype(args.device)
     warn_if_emulated(args.dtype, args.device)
+    loggers.check(args)  # a missing package: one line, before anything is read
     if args.p1 is None:
         args.p1 = data.instruction(args.task)
     if args.turns is None:
@@ -729,10 +758,10 @@ def check_numbers(a):
     (all problems, all rows at once, the whole batch; a weight the script does not use)."""
     value, name = lambda flag: getattr(a, flag, None), lambda flag: "--" + flag.replace("_", "-")
     for flag in ("steps", "batch", "k", "micro_batch", "max_new_tokens", "save_every", "n_train", "gen_batch",
-                 "problems", "epochs"):
+                 "problems", "epochs", "eval_n"):
         if value(flag) is not None and value(flag) < 1:
             return f"{name(flag)} must be at least 1 (got {value(flag)})"
-    for flag in ("keep_every", "threads"):
+    for flag in ("keep_every", "threads", "eval_every"):
         if value(flag) is not None and value(flag) < 0:
             return f"{name(flag)} must be at least 0 (got {value(flag)})"
     if not (math.isfinite(a.lr) and a.lr > 0):
@@ -765,6 +794,8 @@ def check_args(a):
         return f"--lora is a rank, 0 (full fine-tuning) or more (got {a.lora})"
     if a.lora_alpha is not None and not (math.isfinite(a.lora_alpha) and a.lora_alpha > 0):
         return f"--lora-alpha must be a positive number (got {a.lora_alpha})"
+    if a.best_by == "eval" and not a.eval_every:
+        return "--best-by eval keeps the step of the best held-out accuracy: it needs --eval-every N"
     if a.n_train is not None and a.n_train < a.batch // a.k:
         return f"--n-train {a.n_train} is fewer problems than a step's {a.batch // a.k} prompts (--batch / --k)"
     return device_error(a.device) or write_error(a.out) and f"--out {a.out}: {write_error(a.out)}"

@@ -67,7 +67,7 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
   dtype=${DTYPE:-auto}
   if [ "$QUICK" = 1 ]; then
     base_args="--max-steps 150 --eval-every 50 --eval-n 50"
-    rl_args="--batch 8 --k 2 --micro-batch 8 --n-train 50 --save-every 1"
+    rl_args="--batch 8 --k 2 --micro-batch 8 --n-train 50 --save-every 1 --eval-every 0"
     s1=2; s2=2; eval_n=50; seeds="0"; sft_args="--problems 16 --epochs 1"
   else
     base_args=""

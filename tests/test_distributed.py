@@ -13,6 +13,7 @@ make the same update as one process holding all of it:
 entries by more, as Adam divides tiny gradients by tinier second moments.)
 torchrun runs a stage end to end; and a run or an evaluation leaves no process group behind."""
 import gc
+import json
 import os
 import socket
 import subprocess
@@ -242,7 +243,8 @@ def run_worker(rank, ports, base, out_dir):
     run = os.path.join(out_dir, "run")
     rl.run(rl.get_args(2, ["--base", base, "--init", base, "--out", run, "--steps", "1", "--batch", "4", "--k", "2",
                            "--micro-batch", "2", "--max-new-tokens", "3", "--n-train", "8", "--device", "cpu",
-                           "--threads", "1"]), train_stage2.objective, "Stage II")
+                           "--threads", "1", "--eval-every", "1", "--eval-n", "7", "--keep-every", "1"]),
+           train_stage2.objective, "Stage II")
     after_run = threads()
     os.environ["MASTER_PORT"] = str(ports[1])
     evaluate.main(["--ckpt", os.path.join(run, "ckpt"), "--task", "demo", "--n", "4", "--batch", "2", "--device", "cpu"])
@@ -266,6 +268,13 @@ def test_run_and_evaluate_leave_no_process_group_behind(tmp_path):
     for rank in range(2):
         for what, threads in zip(("rl.run", "evaluate.main"), (tmp_path / f"threads{rank}").read_text().split("\n")):
             assert "gloo" not in threads, (rank, what, threads)
+    # the held-out evaluation split over the two ranks (7 problems: 4 and 3) is one process's evaluate.py
+    (rec,) = [r for r in map(json.loads, (tmp_path / "run" / "log.jsonl").read_text().splitlines()) if "eval_n" in r]
+    evaluate.main(["--ckpt", str(tmp_path / "run" / "step_000001"), "--task", "demo", "--split", "tune", "--n", "7",
+                   "--device", "cpu", "--out", str(tmp_path / "one.json")])
+    one = json.loads((tmp_path / "one.json").read_text())
+    got = {k[5:]: v for k, v in rec.items() if k.startswith("eval_") and k != "eval_seconds"}
+    assert got["n"] == 7 and got == {k: one[k] for k in got}
 
 
 class LiveBytes(TorchDispatchMode):

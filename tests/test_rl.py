@@ -743,3 +743,95 @@ def test_two_turns_train_exactly_the_two_turn_code(tiny, stage, kl, dtype):
     assert not torch.equal(weights[0]["embed_tokens.weight"], moved["embed_tokens.weight"])
     for n in weights[0]:
         assert torch.equal(weights[0][n], weights[1][n]), n
+
+
+# ----------------------------------------------------------------------------- watching a run (--eval-every)
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_held_out_records_equal_evaluate_py(tiny, tmp_path, monkeypatch, dtype):
+    """The eval records a run writes (--eval-every 2) equal evaluate.py's report on the checkpoint of that step
+    (--keep-every 2) and the same problems (--split tune --n 12), metric by metric: the run's in-memory sampler
+    against a checkpoint read back from disk. The oracle is one that any text can pass (an even length is
+    right), so the numbers are not all 0."""
+    import evaluate
+    _, _, base = tiny
+    monkeypatch.setattr(data, "rewards", lambda problems, texts: [float(len(t) % 2 == 0) for t in texts])
+    out = tmp_path / "r"
+    rl.run(run_args(base, str(out), 4, extra=["--eval-every", "2", "--eval-n", "12", "--keep-every", "2",
+                                              "--dtype", dtype]), train_stage2.objective, "Stage II")
+    log = [json.loads(x) for x in (out / "log.jsonl").read_text().splitlines()]
+    evals = [r for r in log if "eval_acc_t1" in r]
+    assert [r["step"] for r in evals] == [2, 4] and all(r["eval_n"] == 12 for r in evals)
+    assert [r["step"] for r in log if "acc_t1" in r] == [1, 2, 3, 4]
+    for rec in evals:
+        report = tmp_path / f"report{rec['step']}.json"
+        evaluate.main(["--ckpt", str(out / f"step_{rec['step']:06d}"), "--task", "demo", "--split", "tune", "--n", "12",
+                       "--dtype", dtype, "--device", "cpu", "--out", str(report)])
+        want = json.loads(report.read_text())
+        got = {k[5:]: v for k, v in rec.items() if k.startswith("eval_") and k != "eval_seconds"}
+        assert {"acc_t1", "acc_t2", "delta", "delta_i2c", "delta_c2i", "changed", "verbatim", "edit_ratio", "n"} <= set(got)
+        assert got == {k: want[k] for k in got}
+    assert any(0 < r["eval_acc_t1"] < 1 for r in evals) and evals[0] != evals[1]
+
+
+def test_best_by_eval_keeps_the_best_held_out_step(tiny, tmp_path, monkeypatch):
+    """--best-by eval: best/ holds the step of the highest held-out acc_t2 among the eval records (the first
+    of equals), its state says so; --best-by eval without --eval-every is a one-line error."""
+    _, _, base = tiny
+    monkeypatch.setattr(data, "rewards", lambda problems, texts: [float(len(t) % 2 == 0) for t in texts])
+    out = tmp_path / "r"
+    rl.run(run_args(base, str(out), 5, extra=["--eval-every", "1", "--eval-n", "16", "--best-by", "eval",
+                                              "--lr", "3e-2"]), train_stage2.objective, "Stage II")
+    evals = [r for r in map(json.loads, (out / "log.jsonl").read_text().splitlines()) if "eval_acc_t2" in r]
+    scores = [r["eval_acc_t2"] for r in evals]
+    assert len(set(scores)) > 1, scores  # the test means something only if the held-out numbers move
+    state = torch.load(out / "best" / "state.pt", weights_only=False)
+    assert state["step"] == evals[scores.index(max(scores))]["step"]
+    assert state["best"] == max(scores) and state["best_by"] == "eval"
+    with pytest.raises(SystemExit):
+        run_args(base, str(tmp_path / "x"), 2, extra=["--best-by", "eval", "--eval-every", "0"])
+
+
+def test_math_validation_problems_never_reach_training(tiny, tmp_path, monkeypatch):
+    """MATH's validation problems (1 in 25 of the training file by sha256 of the statement, recomputed here) are
+    never in a step's prompts, whatever the flags, and are exactly what --eval-every evaluates on."""
+    import hashlib
+    import evaluate
+    _, _, base = tiny
+    rows = [{"problem": f"What is {i} plus {i % 7}?", "solution": f"\\boxed{{{i + i % 7}}}"} for i in range(400)]
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = {r["problem"] for r in rows
+            if int.from_bytes(hashlib.sha256(r["problem"].encode()).digest()[:8], "big") % 25 == 0}
+    assert 5 < len(held) < 40
+    statement = lambda p: p.prompt.split("\n")[0]
+    trained, evaluated, real_rollout, real_attempts = [], [], rl.rollout, evaluate.attempts
+    monkeypatch.setattr(rl, "rollout", lambda pol, ref, tok, problems, *a: trained.extend(problems) or
+                        real_rollout(pol, ref, tok, problems, *a))
+    monkeypatch.setattr(evaluate, "attempts", lambda model, tok, problems, *a, **kw: evaluated.extend(problems) or
+                        real_attempts(model, tok, problems, *a, **kw))
+    args = rl.get_args(1, ["--preset", "math", "--data", str(path), "--base", base, "--init", base + "/init",
+                           "--out", str(tmp_path / "r"), "--steps", "12", "--batch", "64", "--k", "2", "--micro-batch",
+                           "64", "--max-new-tokens", "3", "--save-every", "12", "--eval-every", "12", "--device", "cpu"])
+    rl.run(args, train_stage1.objective, "Stage I")
+    assert len(trained) == 12 * 32 and {statement(p) for p in trained} <= {r["problem"] for r in rows} - held
+    assert {statement(p) for p in evaluated} == held
+
+
+def test_tensorboard_gets_exactly_the_log_records(tiny, tmp_path):
+    """A stage run with --tensorboard: its event files hold every number of every log.jsonl record, training and
+    held-out evaluation, under the same names at the record's step (float32, as TensorBoard stores them)."""
+    import numpy as np
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    _, _, base = tiny
+    out, tb = tmp_path / "r", tmp_path / "tb"
+    rl.run(run_args(base, str(out), 3, extra=["--eval-every", "2", "--eval-n", "8", "--tensorboard", str(tb)]),
+           train_stage2.objective, "Stage II")
+    want = {}
+    for rec in map(json.loads, (out / "log.jsonl").read_text().splitlines()):
+        for k, v in rec.items():
+            if k != "step" and isinstance(v, (int, float)) and not isinstance(v, bool):
+                want.setdefault(k, []).append((rec["step"], float(np.float32(v))))
+    acc = EventAccumulator(str(tb))
+    acc.Reload()
+    got = {k: [(e.step, e.value) for e in acc.Scalars(k)] for k in acc.Tags()["scalars"]}
+    assert "eval_acc_t2" in want and "acc_t2" in want and got == want
