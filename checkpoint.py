@@ -16,7 +16,8 @@ import torch.distributed as dist
 
 import data
 import shard
-from model import save_checkpoint
+from model import GPT, add_lora, save_checkpoint
+from tokenizer import Tokenizer
 
 
 # Flags that change what a run computes: --resume refuses to continue a run with other values.
@@ -97,3 +98,39 @@ def where_to_resume(args, world):
     launch = [os.path.basename(sys.executable)] if world == 1 else ["torchrun", f"--nproc_per_node={world}"]
     command = shlex.join(launch + [sys.argv[0]] + [a for a in args.argv if a != "--resume"] + ["--resume"])
     return f"the last checkpoint is {ckpt} (step {step}; the steps after it are redone); resume with: {command}"
+
+
+def lora_policy(init, args, dev, compute):
+    """A LoRA run's policy: the base's weights, frozen in the compute dtype, with fp32 adapters: new ones of
+    rank args.lora where init is the base itself, else init's own (a LoRA checkpoint of the same base)."""
+    policy = GPT.from_pretrained(init, device=dev, dtype=compute)
+    same = lambda a, b: os.path.realpath(a) == os.path.realpath(b)
+    if policy.lora is None:
+        if not same(init, args.base):
+            raise SystemExit(f"--lora: --init {init} is neither --base {args.base} nor a LoRA checkpoint of it: the "
+                             f"frozen weights must be the reference's")
+        return add_lora(policy, args.lora, args.lora_alpha, args.base)
+    if not same(policy.lora["base"], args.base):
+        raise SystemExit(f"--lora: --init {init} holds adapters of {policy.lora['base']}, not of --base {args.base}")
+    if (policy.lora["r"], policy.lora["alpha"]) != (args.lora, args.lora_alpha):
+        raise SystemExit(f"--lora {args.lora} --lora-alpha {args.lora_alpha}: --init {init} holds adapters of rank "
+                         f"{policy.lora['r']}, alpha {policy.lora['alpha']}")
+    return policy
+
+
+def check_same_model(policy, ref, ours, init, base):
+    """The KL to pi_ref is a comparison of two distributions over one vocabulary, computed by one architecture:
+    a policy (--init) whose configuration (max_seq_len aside) or tokenizer differs from the reference's (--base,
+    whose tokenizer `ours` the run uses) is refused, naming both."""
+    fields = [f for f in vars(ref) if f != "max_seq_len" and getattr(policy, f) != getattr(ref, f)]
+    differ = [f"{f} {getattr(policy, f)} against {getattr(ref, f)}" for f in fields]
+    try:
+        tok = Tokenizer.from_pretrained(init)  # a checkpoint without tokenizer files is read with --base's
+    except FileNotFoundError:
+        tok = None
+    if tok is not None and not tok.same_as(ours):
+        differ.append(f"tokenizer {tok.enc.name} ({tok.vocab_size} tokens) against {ours.enc.name} "
+                      f"({ours.vocab_size} tokens)")
+    if differ:
+        raise SystemExit(f"--init {init} is not a model of --base {base}'s shape ({'; '.join(differ)}): the KL to "
+                         f"a reference of another architecture or tokenizer means nothing")

@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 
 import reward
+from sample import max_new_that_fits
 
 TASKS = ("demo", "math", "mbpp", "humaneval")
 
@@ -306,6 +307,39 @@ def load_validation(task, path, n, seed=0):
                  else "MBPP task ids {}-{}".format(*MBPP_SPLITS["validation"]))
         raise DataError(f"{path}: none of its problems is a validation problem ({which})")
     return held
+
+
+def training_problems(args, tok, max_len, say):
+    """A training script's problems (args: task, data, n_train, seed, p1, max_new_tokens, turns): the task's, minus
+    MBPP's test split (task ids 11-510), minus the validation problems training-time evaluation uses
+    (is_validation), minus those whose attempts cannot fit the model's context of max_len positions (each with
+    a count, said through `say`): never a crash mid-run."""
+    try:
+        problems = load_task(args.task, args.data, n=args.n_train, seed=args.seed)
+    except DataError as e:
+        raise SystemExit(f"{args.task}: {e}") from None
+    if args.task == "mbpp":
+        lo, hi = MBPP_SPLITS["test"]
+        kept = [p for p in problems if not lo <= p.meta.get("task_id", 0) <= hi]
+        if len(kept) < len(problems):
+            say(f"dropped {len(problems) - len(kept)} MBPP test-split problems (task ids {lo}-{hi}): never trained on")
+        problems = kept
+    held = sum(is_validation(args.task, p) for p in problems)
+    if held:  # what --eval-every evaluates on, whether it is on or not: the split is the file's, fixed
+        problems = [p for p in problems if not is_validation(args.task, p)]
+        which = (f"1 in {MATH_VALIDATION_SHARE} by a hash of the statement" if args.task == "math" else
+                 "task ids {}-{}".format(*MBPP_SPLITS["validation"]))
+        say(f"held out {held} validation problems ({which}): never trained on")
+    followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
+    room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup,
+                                       getattr(args, "turns", 2))  # (train_sft.py's: 2)
+    kept = [p for p in problems if args.max_new_tokens <= room(p)]
+    if len(kept) < len(problems):
+        say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose {getattr(args, 'turns', 2)} turns of "
+            f"{args.max_new_tokens} new tokens do not fit the context of {max_len} positions")
+    if not kept:
+        raise SystemExit(f"{args.task}: no problem left to train on")
+    return kept
 
 
 # ------------------------------------------------------------------------------- oracles

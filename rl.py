@@ -60,10 +60,10 @@ import evaluate
 import loggers
 import memory
 import shard
-from checkpoint import check_resume, latest, save, where_to_resume
-from model import (GPT, CheckpointError, adapters_off, add_lora, auto_dtype, device_error, load_checkpoint, load_config,
+from checkpoint import check_resume, check_same_model, latest, lora_policy, save, where_to_resume
+from model import (GPT, CheckpointError, adapters_off, auto_dtype, device_error, load_checkpoint, load_config,
                    load_tensors, merge_lora, read_lora, token_logprobs, warn_if_emulated, write_error)
-from sample import HelpFormatter, generate, generate_turns, layout, max_new_that_fits, seed_of
+from sample import HelpFormatter, generate, generate_turns, layout, seed_of
 from shard import all_reduce_grads, setup_distributed
 from tokenizer import Tokenizer
 
@@ -316,42 +316,6 @@ def lay_out(prompts, ys, lps, followup, eot_id, k):
     return SimpleNamespace(tokens=tokens, turn=turn, lp_old=lp_old, lengths=list(map(len, seqs)))
 
 
-def lora_policy(init, args, dev, compute):
-    """A LoRA run's policy: the base's weights, frozen in the compute dtype, with fp32 adapters: new ones of
-    rank args.lora where init is the base itself, else init's own (a LoRA checkpoint of the same base)."""
-    policy = GPT.from_pretrained(init, device=dev, dtype=compute)
-    same = lambda a, b: os.path.realpath(a) == os.path.realpath(b)
-    if policy.lora is None:
-        if not same(init, args.base):
-            raise SystemExit(f"--lora: --init {init} is neither --base {args.base} nor a LoRA checkpoint of it: the "
-                             f"frozen weights must be the reference's")
-        return add_lora(policy, args.lora, args.lora_alpha, args.base)
-    if not same(policy.lora["base"], args.base):
-        raise SystemExit(f"--lora: --init {init} holds adapters of {policy.lora['base']}, not of --base {args.base}")
-    if (policy.lora["r"], policy.lora["alpha"]) != (args.lora, args.lora_alpha):
-        raise SystemExit(f"--lora {args.lora} --lora-alpha {args.lora_alpha}: --init {init} holds adapters of rank "
-                         f"{policy.lora['r']}, alpha {policy.lora['alpha']}")
-    return policy
-
-
-def check_same_model(policy, ref, ours, init, base):
-    """The KL to pi_ref is a comparison of two distributions over one vocabulary, computed by one architecture:
-    a policy (--init) whose configuration (max_seq_len aside) or tokenizer differs from the reference's (--base,
-    whose tokenizer `ours` the run uses) is refused, naming both."""
-    fields = [f for f in vars(ref) if f != "max_seq_len" and getattr(policy, f) != getattr(ref, f)]
-    differ = [f"{f} {getattr(policy, f)} against {getattr(ref, f)}" for f in fields]
-    try:
-        tok = Tokenizer.from_pretrained(init)  # a checkpoint without tokenizer files is read with --base's
-    except FileNotFoundError:
-        tok = None
-    if tok is not None and not tok.same_as(ours):
-        differ.append(f"tokenizer {tok.enc.name} ({tok.vocab_size} tokens) against {ours.enc.name} "
-                      f"({ours.vocab_size} tokens)")
-    if differ:
-        raise SystemExit(f"--init {init} is not a model of --base {base}'s shape ({'; '.join(differ)}): the KL to "
-                         f"a reference of another architecture or tokenizer means nothing")
-
-
 def make_sampler(policy, dtype):
     """The model that samples the rollouts of a full fine-tuning (a LoRA policy samples itself, train): the policy
     itself in fp32 on one process; else a whole copy of it in the compute dtype, refreshed before every step
@@ -462,7 +426,7 @@ def train(args, objective, name):
     opt = torch.optim.Adam([p for p in policy.parameters() if p.requires_grad], lr=args.lr)  # fp32 state, as the masters
     if args.resume:
         shard.load_optimizer(policy, opt, state["opt"])
-    problems = load_problems(args, tok, ref.config.max_seq_len, say)
+    problems = data.training_problems(args, tok, ref.config.max_seq_len, say)
     if len(problems) < n_prompts:  # each step draws its prompts without replacement
         raise SystemExit(f"{args.task}: {len(problems)} problem(s) to train on, fewer than the {n_prompts} prompts of "
                          f"a step (--batch {args.batch} / --k {args.k}): lower --batch or give more problems")
@@ -470,6 +434,8 @@ def train(args, objective, name):
         args.gen_batch = memory.default_gen_batch(policy.config, args, world, torch.cuda.get_device_properties(dev).total_memory)
         say(f"--gen-batch {args.gen_batch} (from the memory model; pass --gen-batch to override)")
     heldout = evaluate.load_heldout(args, tok, ref.config.max_seq_len) if args.eval_every else []
+    if args.best_by == "eval" and not heldout:
+        raise SystemExit("--best-by eval: there are no held-out problems to evaluate on")
     log_path = os.path.join(args.out, "log.jsonl")
     if rank == 0:
         os.makedirs(args.out, exist_ok=True)
@@ -584,38 +550,6 @@ def step_record(ro, dev, world, batch):
 def run_config(args):
     """The run's flags, as the loggers' config: what JSON can hold."""
     return {k: v for k, v in vars(args).items() if isinstance(v, (int, float, str, bool, type(None), list))}
-
-
-# ------------------------------------------------------------------------------- problems
-def load_problems(args, tok, max_len, say):
-    """The training problems: the task's, minus MBPP's test split (task ids 11-510) and minus those whose
-    args.turns attempts cannot fit the model's context (each with a printed count): never a crash mid-run."""
-    try:
-        problems = data.load_task(args.task, args.data, n=args.n_train, seed=args.seed)
-    except data.DataError as e:
-        raise SystemExit(f"{args.task}: {e}") from None
-    if args.task == "mbpp":
-        lo, hi = data.MBPP_SPLITS["test"]
-        kept = [p for p in problems if not lo <= p.meta.get("task_id", 0) <= hi]
-        if len(kept) < len(problems):
-            say(f"dropped {len(problems) - len(kept)} MBPP test-split problems (task ids {lo}-{hi}): never trained on")
-        problems = kept
-    held = sum(data.is_validation(args.task, p) for p in problems)
-    if held:  # what --eval-every evaluates on, whether it is on or not: the split is the file's, fixed
-        problems = [p for p in problems if not data.is_validation(args.task, p)]
-        which = (f"1 in {data.MATH_VALIDATION_SHARE} by a hash of the statement" if args.task == "math" else
-                 "task ids {}-{}".format(*data.MBPP_SPLITS["validation"]))
-        say(f"held out {held} validation problems ({which}): never trained on")
-    followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
-    room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup,
-                                       getattr(args, "turns", 2))  # (train_sft.py's: 2)
-    kept = [p for p in problems if args.max_new_tokens <= room(p)]
-    if len(kept) < len(problems):
-        say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose {getattr(args, 'turns', 2)} turns of "
-            f"{args.max_new_tokens} new tokens do not fit the context of {max_len} positions")
-    if not kept:
-        raise SystemExit(f"{args.task}: no problem left to train on")
-    return kept
 
 
 # ------------------------------------------------------------------------------- presets and arguments

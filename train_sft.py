@@ -162,7 +162,7 @@ def main(argv=None):
         base = GPT.from_pretrained(args.base, device=dev, dtype=compute).eval().requires_grad_(False)  # samples
     except (CheckpointError, FileNotFoundError) as e:
         raise SystemExit(f"--base {args.base}: {e}") from None
-    problems = rl.load_problems(args, tok, base.config.max_seq_len, print)
+    problems = data.training_problems(args, tok, base.config.max_seq_len, print)
     order = random.Random(seed_of(args.seed, "problems")).sample(range(len(problems)), len(problems))
     problems = [problems[i] for i in (order * math.ceil(args.problems / len(problems)))[:args.problems]]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])

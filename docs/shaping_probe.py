@@ -22,6 +22,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))  # the repository root
 import torch  # noqa: E402
 
+import data  # noqa: E402
 import rl  # noqa: E402
 from model import GPT  # noqa: E402
 from sample import seed_of  # noqa: E402
@@ -37,7 +38,7 @@ policy = GPT.from_pretrained(args.init, dtype=torch.float32)
 ref = GPT.from_pretrained(args.base, dtype=compute).eval().requires_grad_(False)
 sampler = rl.make_sampler(policy, compute)
 params = [p for p in policy.parameters() if p.requires_grad]
-problems = rl.load_problems(args, tok, ref.config.max_seq_len, print)
+problems = data.training_problems(args, tok, ref.config.max_seq_len, print)
 autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=args.dtype == "bf16")
 zero = (0.0, 0.0)  # a turn left out: reward 0, beta 0
 turn2 = {"SCoRe": lambda b: b.r2 + args.alpha * (b.r2 - b.r1), "weighted": lambda b: (1 + args.alpha) * b.r2,

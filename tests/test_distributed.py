@@ -403,5 +403,7 @@ def test_torchrun_stage2_smoke(tmp_path):
                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert res.returncode == 0, res.stdout[-2000:] + res.stderr[-2000:]
     assert "on 2 process(es)" in res.stdout and res.stdout.count("step 1/2") == 1  # rank 0 alone prints
-    assert len((tmp_path / "run" / "log.jsonl").read_text().splitlines()) == 2
+    log = [json.loads(x) for x in (tmp_path / "run" / "log.jsonl").read_text().splitlines()]
+    assert [(r["step"], "eval_n" in r) for r in log] == [(1, False), (2, False), (2, True)]  # the preset evaluates the last
+    assert res.stdout.count("eval step 2") == 1
     GPT.from_pretrained(tmp_path / "run" / "ckpt")

@@ -260,7 +260,7 @@ def test_evaluate_checks_its_outputs_and_n_before_evaluating(demo_ckpt, tmp_path
         assert e.value.code == 2 and says in err.err and len(err.err.splitlines()) == 1 and err.out == "", (flag, err)
 
 
-@pytest.mark.parametrize("script,stops", [("train_base.py", "data.make_demo"), ("train_sft.py", "rl.load_problems"),
+@pytest.mark.parametrize("script,stops", [("train_base.py", "data.make_demo"), ("train_sft.py", "data.training_problems"),
                                           ("evaluate.py", "data.load_task"), ("sample.py", "data.task_info"),
                                           ("convert.py", "model.load_checkpoint")])
 def test_ctrl_c_is_one_line(demo_ckpt, tmp_path, monkeypatch, capsys, script, stops):

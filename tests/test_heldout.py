@@ -47,7 +47,7 @@ def test_generators_draw_only_their_split(every_problem):
     assert all(split_of[key(p)] == "eval" for p in evaluation)
     assert all(split_of[key(p)] == "tune" for p in tuning)
     held_out = {key(p) for p in evaluation + tuning}
-    for seed in range(4):  # RL's problems (rl.load_problems -> data.load_task), any seed
+    for seed in range(4):  # RL's problems (data.training_problems -> data.load_task), any seed
         train = data.load_task("demo", n=20000, seed=seed)
         assert not held_out & {key(p) for p in train}
         assert all(split_of[key(p)] == "train" for p in train)
@@ -73,7 +73,7 @@ def test_the_scripts_ask_for_their_splits(tmp_path, monkeypatch):
     args = rl.get_args(1, ["--base", str(tmp_path / "base"), "--init", str(tmp_path / "base"), "--out", str(tmp_path / "s1"),
                            "--n-train", "50"])
     from tokenizer import Tokenizer
-    rl.load_problems(args, Tokenizer.from_pretrained(tmp_path / "base"), 512, lambda *a, **k: None)
+    data.training_problems(args, Tokenizer.from_pretrained(tmp_path / "base"), 512, lambda *a, **k: None)
     assert asked == ["train"]
     for argv, want in (([], "eval"), (["--split", "tune"], "tune")):
         asked.clear()

@@ -99,8 +99,9 @@ def humaneval_rows(n=3):
 
 
 def read_log(run):
+    """The training records of a run's log.jsonl (its held-out evaluations, eval_* records, left out)."""
     with open(os.path.join(run, "log.jsonl")) as f:
-        return [json.loads(line) for line in f]
+        return [rec for rec in map(json.loads, f) if "eval_n" not in rec]
 
 
 def safetensors_dtypes(path):
