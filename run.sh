@@ -13,6 +13,8 @@
 # base or SFT run is kept and each RL run continues from its last checkpoint (--resume: exactly the weights
 # of an uninterrupted run; a finished run does no more steps). Runs made with other settings (QUICK, DTYPE) are
 # never deleted: run.sh refuses, naming both; FRESH=1 starts over (a converted base stays), or choose another OUT.
+# TURNS3=1 adds to the demo the row "SCoRe, trained on 3 attempts" (both stages --turns 3; about 10 more minutes),
+# in the same OUT: a finished run picks it up.
 # A failed job or Ctrl-C stops every process run.sh started, with one line that says how to continue.
 # PYTHON names the interpreter (default: python, else python3, as on GPU images that ship python3 alone).
 set -euo pipefail
@@ -61,6 +63,7 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
   #   w/o Stage I                Stage II from the base for s1 + s2 steps
   #   w/o reward shaping         Stage I (s1 steps), then Stage II with alpha = 0 (s2 steps)
   #   STaR, Pair-SFT             supervised fine-tuning on the base's own corrections (train_sft.py)
+  #   SCoRe, 3 attempts (TURNS3=1) Stage I (s1 steps) then Stage II (s2 steps), both with --turns 3
   # All are evaluated greedily on 2,000 held-out problems. DTYPE (default auto: bf16 on a CPU with bf16
   # units, else fp32) sets every script's --dtype.
   seeds="0 1 2"; [ "$preset" = demo1 ] && seeds="0"
@@ -96,7 +99,8 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
     jobs+=("base@$seed||200|[ -f $OUT/seed$seed/base.done ] || { rm -rf $OUT/seed$seed/base; $PY train_base.py \
 --out $OUT/seed$seed/base --seed $seed --threads 1 --dtype $dtype $base_args && touch $OUT/seed$seed/base.done; }")
   done
-  for what in stage1 no_stage1 single_turn stage1_only score no_shaping star pair; do
+  rows3=""; [ "${TURNS3:-0}" = 1 ] && rows3="stage1_t3 score_t3"
+  for what in stage1 no_stage1 single_turn stage1_only score no_shaping star pair $rows3; do
     for seed in $seeds; do
       d=$OUT/seed$seed
       common="--preset demo --base $d/base --seed $seed --threads 1 --dtype $dtype $rl_args"
@@ -113,6 +117,10 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
 --label 'SCoRe (seed $seed)'") ;;
         no_shaping) jobs+=("no_shaping@$seed|stage1@$seed|$s2|train train_stage2.py $d/no_shaping $common --init $s1ckpt \
 --steps $s2 --alpha 0 --label 'w/o reward shaping (seed $seed)'") ;;
+        stage1_t3) jobs+=("stage1_t3@$seed|base@$seed|$(( s1 * 3 / 2 ))|train train_stage1.py $d/stage1_t3 $common \
+--init $d/base --turns 3 --steps $s1 --label 'Stage I, 3 attempts (seed $seed)'") ;;
+        score_t3) jobs+=("score_t3@$seed|stage1_t3@$seed|$(( s2 * 3 / 2 ))|train train_stage2.py $d/score_t3 $common \
+--init $d/stage1_t3/ckpt --turns 3 --steps $s2 --label 'SCoRe, 3 attempts (seed $seed)'") ;;
         star|pair) jobs+=("$what@$seed|base@$seed|$(( (s1 + s2) / 3 ))|[ -f $d/$what/ckpt/model.pt ] || { rm -rf $d/$what; $PY train_sft.py \
 --method $what --base $d/base --out $d/$what --seed $seed --threads 1 --dtype $dtype $sft_args; }") ;;
       esac
@@ -158,6 +166,7 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
             --ckpt "$d/score/ckpt" --name "SCoRe@$seed" --ckpt "$d/single_turn/ckpt" --name "w/o multi-turn training@$seed"
             --ckpt "$d/no_stage1/ckpt" --name "w/o Stage I@$seed" --ckpt "$d/no_shaping/ckpt" --name "w/o reward shaping@$seed"
             --ckpt "$d/star/ckpt" --name "STaR@$seed" --ckpt "$d/pair/ckpt" --name "Pair-SFT@$seed")
+    if [ -n "$rows3" ]; then evals+=(--ckpt "$d/score_t3/ckpt" --name "SCoRe, trained on 3 attempts@$seed"); fi
   done
   echo "===== run.sh: greedy evaluation on $eval_n held-out problems ($(( (SECONDS - t_run) / 60 )) min so far) =====" >&2
   # three attempts (the paper's A.1): attempts 1 and 2 are the table's, the third says whether a gain goes on

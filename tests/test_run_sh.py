@@ -125,3 +125,25 @@ def test_the_quickstarts_sample_path_is_what_run_sh_demo1_writes(tmp_path):
     score = [ln for ln in (tmp_path / "log").read_text().splitlines() if "SCoRe (seed 0)" in ln]
     assert len(score) == 1 and score[0].startswith("train_stage2.py --out "), score
     assert ckpt == os.path.relpath(score[0].split()[2], tmp_path) + "/ckpt", (ckpt, score)
+
+
+def test_turns3_adds_the_three_attempt_row(tmp_path):
+    """TURNS3=1 bash run.sh demo1: Stage I and Stage II with --turns 3 (Stage II from that Stage I's checkpoint), and
+    the row in evaluate.py's command; without it, no --turns in any training command."""
+    for turns3 in ("1", "0"):
+        d, log = tmp_path / turns3, tmp_path / f"log{turns3}"
+        d.mkdir()
+        env = fake_env(d, FAKE_LOG=str(log), TURNS3=turns3)
+        res = subprocess.run(["bash", "run.sh", "demo1"], cwd=ROOT, env=env, capture_output=True, text=True,
+                             timeout=120)
+        assert res.returncode == 0, res.stderr
+        lines = log.read_text().splitlines()
+        three = [ln for ln in lines if "--turns 3" in ln and not ln.startswith("evaluate.py")]
+        ev = [ln for ln in lines if ln.startswith("evaluate.py")]
+        if turns3 == "1":
+            s1, s2 = sorted(three)  # train_stage1.py, train_stage2.py
+            assert s1.startswith("train_stage1.py --out ") and s2.startswith("train_stage2.py --out ")
+            assert f"--init {s1.split()[2]}/ckpt" in s2
+            assert "SCoRe, trained on 3 attempts@0" in ev[0] and f"{s2.split()[2]}/ckpt" in ev[0]
+        else:
+            assert not three and "3 attempts" not in ev[0]
