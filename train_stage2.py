@@ -6,8 +6,8 @@ the reward-shaping bonus that pays for turning a wrong first attempt into a righ
 
 Each turn's log-probs are weighted by that turn's own return (gamma = 0). With --kl reward (the
 paper's RLOO, the default) each KL enters its turn's return as -beta1 * (log pi(y) - log pi_ref(y)).
-With --turns T, each attempt t >= 2 is credited r(y_t) + alpha * (r(y_t) - r(y_{t-1})): the sum over the
-attempts is the issue's r(y1) + sum over t >= 2 of r^(y_t).
+With --turns T, each attempt t >= 2 is credited r^(y_t) = r(y_t) + alpha * (r(y_t) - r(y_{t-1})), so a
+rollout's returns sum to r(y1) + sum over t >= 2 of r^(y_t).
 
     python train_stage2.py                      # the CPU demo, from out/demo/stage1/ckpt (python train_stage1.py)
     python train_stage2.py --alpha 0 --init out/demo/base --out out/demo/ablation   # no Stage I, no bonus

@@ -385,6 +385,11 @@ def test_stage1_starts_from_base_unless_init_says_otherwise():
 
 
 # ----------------------------------------------------------------------------- the loop: resume, NaN
+def train_log(run):
+    """The training records of a run's log.jsonl (the demo preset also evaluates at the last step: eval_* records)."""
+    return [rec for rec in map(json.loads, (run / "log.jsonl").read_text().splitlines()) if "eval_n" not in rec]
+
+
 def run_args(base, out, steps, stage=2, extra=()):
     return rl.get_args(stage, ["--base", base, "--init", base + "/init", "--out", out, "--steps", str(steps), "--batch", "8",
                                "--k", "2", "--micro-batch", "4", "--max-new-tokens", "5", "--n-train", "50",
@@ -483,8 +488,7 @@ def test_resume_gives_identical_weights(tiny, tmp_path, monkeypatch, capsys):
     assert all(torch.equal(a[k], b[k]) for k in a)
     init = GPT.from_pretrained(base + "/init").state_dict()
     assert not torch.equal(a["embed_tokens.weight"], init["embed_tokens.weight"])  # training did move it
-    lines = (tmp_path / "b" / "log.jsonl").read_text().splitlines()
-    assert [json.loads(x)["step"] for x in lines] == [1, 2, 3, 4]
+    assert [rec["step"] for rec in train_log(tmp_path / "b")] == [1, 2, 3, 4]
 
 
 @pytest.mark.parametrize("turns", [2, 3])
@@ -504,7 +508,7 @@ def test_logged_accuracies_count_the_steps_rollouts(tiny, tmp_path, monkeypatch,
 
     monkeypatch.setattr(rl, "rollout", recording)
     rl.run(run_args(base, str(tmp_path / "r"), 4, extra=["--turns", str(turns)]), train_stage2.objective, "Stage II")
-    log = [json.loads(x) for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    log = train_log(tmp_path / "r")
     assert len(log) == len(seen) == 4
     for rec, (problems, ro) in zip(log, seen):
         assert len(ro.texts) == turns
@@ -538,7 +542,7 @@ def test_logged_cut_is_the_fraction_of_attempts_cut(tiny, tmp_path, monkeypatch)
         a = run_args(base, str(tmp_path / f"t{turns}"), 2, stage=turns, extra=["--max-new-tokens", "3"])
         a.turns = turns
         rl.run(a, objective, "cut")
-        log = [json.loads(x) for x in (tmp_path / f"t{turns}" / "log.jsonl").read_text().splitlines()]
+        log = train_log(tmp_path / f"t{turns}")
         for rec, ro in zip(log, seen):
             ys = [ro.tokens[r, 1:][ro.turn[r] == t].tolist() for t in range(1, turns + 1) for r in range(len(ro.tokens))]
             cut = sum(len(y) == 3 and y[-1] not in tok.stop_ids for y in ys)
