@@ -378,7 +378,7 @@ def _demo_stage1(root, base, steps, threads, dtype):
         _script(root, threads, "train_stage1.py", "--base", base, "--init", base, "--out", f"{out}/s1", "--steps",
                 str(steps), "--threads", str(threads), "--save-every", str(steps), *(["--dtype", dtype] if dtype else []))
         return [(r["seconds"], r["tokens"], r.get("trained", r.get("context", 0)))
-                for r in map(json.loads, open(f"{out}/s1/log.jsonl"))][1:]
+                for r in map(json.loads, open(f"{out}/s1/log.jsonl")) if "seconds" in r][1:]  # not eval_* records
 
 
 def _demo_rest(root, base, threads, eval_n):
