@@ -353,3 +353,12 @@ def test_ctrl_c_in_a_download_is_one_line(tmp_path):
         conn.close()
     assert proc.returncode != 0 and "Traceback" not in err, err
     assert len(err.strip().splitlines()) == 1 and "Ctrl-C" in err and "run the same command again" in err, err
+
+
+def test_bench_demo_times_the_training_steps_of_a_stage_run(demo_ckpt):
+    """bench.py --only demo's Stage I timing runs the checkout's train_stage1.py (the demo preset, so a held-out
+    evaluation at its last step writes an eval record beside the training records) and reads each step after the
+    first: seconds, generated tokens, the tokens its passes run."""
+    import bench
+    steps = bench._demo_stage1(ROOT, str(demo_ckpt), 3, 1, "fp32")
+    assert len(steps) == 2 and all(s > 0 and gen > 0 and run >= gen for s, gen, run in steps), steps
