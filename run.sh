@@ -130,12 +130,12 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
   worker() {  # take the first job not taken whose dependency is done, until none is left
     while true; do
       [ -n "$(ls "$Q" | grep '\.failed$')" ] && return 1
-      local pick="" left=0 j name dep cost cmd total=0 done_cost=0
+      local pick="" left=0 j name dep cost cmd left_cost=0 worked=0 worked_cost=0 took
       for j in "${jobs[@]}"; do
         IFS='|' read -r name dep cost cmd <<< "$j"
-        total=$(( total + cost ))
-        [ -e "$Q/$name.done" ] && done_cost=$(( done_cost + cost ))
-        [ -e "$Q/$name.done" ] || left=1
+        if [ -e "$Q/$name.done" ]; then  # it holds the seconds the job ran: a finished run, continued, takes a few
+          took=$(cat "$Q/$name.done"); [ "${took:-0}" -ge 10 ] && worked=$(( worked + took )) && worked_cost=$(( worked_cost + cost ))
+        else left=1; left_cost=$(( left_cost + cost )); fi
         [ -z "$pick" ] || continue
         [ -e "$Q/$name.taken" ] && continue
         [ -z "$dep" ] || [ -e "$Q/$dep.done" ] || continue
@@ -143,12 +143,12 @@ if [ "$preset" = demo ] || [ "$preset" = demo1 ]; then
       done
       if [ -z "$pick" ]; then [ $left = 0 ] && return 0; sleep 1; continue; fi
       IFS='|' read -r name dep cost cmd <<< "$pick"
-      local started=1 elapsed=$(( SECONDS - t_run )) eta=""
+      local started=1 elapsed=$(( SECONDS - t_run )) eta="" t0=$SECONDS
       until mkdir "$Q/start.$started" 2>/dev/null; do started=$(( started + 1 )); done  # atomic: one number per job
-      [ "$done_cost" -gt 0 ] && [ "$elapsed" -gt 0 ] && \
-        eta=", about $(( (elapsed * (total - done_cost) / done_cost + 30) / 60 )) min left"
+      # the seconds per unit of cost of the jobs that ran this time, over the cost left, on two lanes
+      [ "$worked_cost" -gt 0 ] && eta=", about $(( (worked * left_cost / worked_cost / 2 + 30) / 60 )) min left"
       echo "===== run.sh: job $started of $n_jobs: $name ($(( elapsed / 60 )) min $(( elapsed % 60 )) s so far$eta) =====" >&2
-      if eval "$cmd"; then touch "$Q/$name.done"
+      if eval "$cmd"; then echo $(( SECONDS - t0 )) > "$Q/$name.done"
       else touch "$Q/$name.failed"; echo "run.sh: $name failed (its lines above say why)" >&2; return 1; fi
     done
   }

@@ -10,6 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 FAKE = """#!/bin/bash
 echo $$ >> "$FAKE_PIDS"
+[ -n "$FAKE_BASE_SECONDS" ] && [ "$1" = train_base.py ] && sleep "$FAKE_BASE_SECONDS"
 [ -n "$FAKE_LOG" ] && { printf '%s\\n' "$*" >> "$FAKE_LOG"; [ "$2" = --out ] && mkdir -p "$3"; exit 0; }  # all succeed
 case "$1" in
   train_base.py) mkdir -p "$3"; exit 0 ;;  # python train_base.py --out DIR ...
@@ -147,3 +148,17 @@ def test_turns3_adds_the_three_attempt_row(tmp_path):
             assert "SCoRe, trained on 3 attempts@0" in ev[0] and f"{s2.split()[2]}/ckpt" in ev[0]
         else:
             assert not three and "3 attempts" not in ev[0]
+
+
+def test_the_eta_counts_the_jobs_that_ran_this_time(tmp_path):
+    """run.sh's ETA is the seconds per unit of cost of the jobs that ran (here the base: 10 s for its cost of 200),
+    over the cost left, on two lanes; jobs that end at once (a finished run, continued) do not make it 0."""
+    env = fake_env(tmp_path, FAKE_LOG=str(tmp_path / "log"), FAKE_BASE_SECONDS="10", QUICK="0")
+    res = subprocess.run(["bash", "run.sh", "demo1"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0, res.stderr
+    jobs = [ln for ln in res.stderr.splitlines() if ln.startswith("===== run.sh: job ")]
+    assert "left" not in jobs[0]  # the base: nothing has run yet (every other job waits for it)
+    # after the base: stage1 300 + stage1_only 300 + no_stage1 600 + single_turn 400 + score 300 + no_shaping 300
+    # + star 200 + pair 200 = 2600 of cost left at most, 10 s / 200 each, over two lanes: 65 s, about 1 min
+    assert jobs[1].endswith("about 1 min left) =====") and jobs[-1].endswith("about 0 min left) =====")
+    assert all(ln.endswith(("about 1 min left) =====", "about 0 min left) =====")) for ln in jobs[1:]), jobs
