@@ -81,8 +81,11 @@ def latest(out):
 
 
 def check_resume(saved, args):
-    """--resume continues the same run: a flag that changes it is an error naming the flag."""
-    for k in RUN_FLAGS:
+    """--resume continues the same run: a flag that changes it is an error naming the flag. A run saved before a
+    flag existed ran with its default (two attempts, best/ by the training reward); best/ by the held-out
+    accuracy compares one held-out set across the run: --eval-n too."""
+    saved = {"turns": 2, "best_by": "train", **saved}
+    for k in RUN_FLAGS + (("eval_n",) if getattr(args, "best_by", "train") == "eval" else ()):
         if k in saved and saved[k] != getattr(args, k) and k not in args.unused:  # unused: changes nothing
             raise SystemExit(f"--resume: --{k.replace('_', '-')} is {getattr(args, k)!r} but the run in {args.out} "
                              f"was started with {saved[k]!r}; only --steps may change (or start a new --out)")

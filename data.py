@@ -315,7 +315,8 @@ def training_problems(args, tok, max_len, say):
     (is_validation), minus those whose attempts cannot fit the model's context of max_len positions (each with
     a count, said through `say`): never a crash mid-run."""
     try:
-        problems = load_task(args.task, args.data, n=args.n_train, seed=args.seed)
+        # the files' tasks: the first --n-train problems once the held-out ones are out (the demo draws its n)
+        problems = load_task(args.task, args.data, n=args.n_train if args.task == "demo" else None, seed=args.seed)
     except DataError as e:
         raise SystemExit(f"{args.task}: {e}") from None
     if args.task == "mbpp":
@@ -331,15 +332,15 @@ def training_problems(args, tok, max_len, say):
                  "task ids {}-{}".format(*MBPP_SPLITS["validation"]))
         say(f"held out {held} validation problems ({which}): never trained on")
     followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
-    room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup,
-                                       getattr(args, "turns", 2))  # (train_sft.py's: 2)
+    turns = max(2, getattr(args, "turns", 2))  # every row is evaluated on two attempts at least (single-turn RL too)
+    room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup, turns)
     kept = [p for p in problems if args.max_new_tokens <= room(p)]
     if len(kept) < len(problems):
-        say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose {getattr(args, 'turns', 2)} turns of "
+        say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose {turns} turns of "
             f"{args.max_new_tokens} new tokens do not fit the context of {max_len} positions")
     if not kept:
         raise SystemExit(f"{args.task}: no problem left to train on")
-    return kept
+    return kept if args.task == "demo" else kept[:args.n_train]
 
 
 # ------------------------------------------------------------------------------- oracles

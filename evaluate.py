@@ -199,17 +199,18 @@ def scaling(model, tok, problems, K, p1, max_new_tokens, batch, seed, temperatur
 def held_out(model, tok, problems, args, step, say):
     """The held-out evaluation of --eval-every: evaluate.py's greedy attempts and metrics (its batch of 64, two
     attempts or --turns) on problems the run never trains on, as a log record: every metric prefixed eval_, and
-    eval_seconds. Under torchrun the problems are split over the ranks and every rank gets every text, so the
+    eval_seconds. Its batch is never above --gen-batch (the rows a step's sampling holds at once). Under torchrun the problems are split over the ranks and every rank gets every text, so the
     numbers are those one process would compute."""
     t0, turns = time.time(), max(2, args.turns)  # single-turn RL is evaluated on two attempts, as every row is
-    texts = attempts(model, tok, problems, turns, args.p1, args.max_new_tokens, batch=64,
+    texts = attempts(model, tok, problems, turns, args.p1, args.max_new_tokens, batch=min(64, args.gen_batch or 64),
                       progress=f"{args.label or 'eval'}: held-out" if args.max_new_tokens > 64 else None)
     rec = dict(step=step, **{f"eval_{k}": v for k, v in metrics(problems, texts).items()},
                eval_seconds=time.time() - t0)
     last = f"eval_acc_t{turns}"
     say(f"{args.label + ': ' if args.label else ''}eval step {step} | held-out acc t1 {rec['eval_acc_t1']:.1%} "
-        f"t{turns} {rec[last]:.1%} (i->c {rec['eval_delta_i2c']:.1%}, c->i {rec['eval_delta_c2i']:.1%}, changed "
-        f"{rec['eval_changed']:.1%}) | {len(problems)} problems in {rec['eval_seconds']:.1f} s", flush=True)
+        f"t{turns} {rec[last]:.1%} (i->c {rec['eval_delta_i2c']:.1%}, c->i {rec['eval_delta_c2i']:.1%}"
+        f"{' t1->t2' if turns > 2 else ''}, changed {rec['eval_changed']:.1%}) | {len(problems)} problems in "
+        f"{rec['eval_seconds']:.1f} s", flush=True)
     return rec
 
 

@@ -484,7 +484,8 @@ def train(args, objective, name):
                    lp_mismatch=mismatch, t_sample=ro.t_sample, t_score=ro.t_score, t_update=t_update,
                    seconds=time.time() - t0)
         acc = " ".join(f"t{t + 1} {rec[f'acc_t{t + 1}']:.1%}" for t in range(T))
-        fix = f" (i->c {rec['delta_i2c']:.1%}, c->i {rec['delta_c2i']:.1%}, changed {rec['changed']:.1%})" if T > 1 else ""
+        fix = (f" (i->c {rec['delta_i2c']:.1%}, c->i {rec['delta_c2i']:.1%}{' t1->t2' if T > 2 else ''}, changed "
+               f"{rec['changed']:.1%})") if T > 1 else ""
         say(f"{args.label + ': ' if args.label else ''}step {step}/{args.steps} | acc {acc}{fix} | "
             f"KL {' '.join(f't{t + 1} {kl[t]:.4f}' for t in range(T))} | loss {loss:+.4f} | |g| {grad_norm:.3f} | "
             f"{rate:.0f} tok/s | ETA {eta:.1f} min", flush=True)
@@ -509,7 +510,7 @@ def train(args, objective, name):
                 best = max(best, reward)
                 paths += ["best"] if best == reward else []  # the paper evaluates the best training reward's
             window = []
-        if args.best_by == "eval" and len(records) > 1 and records[1][f"eval_acc_t{max(T, 2)}"] > best:
+        if args.best_by == "eval" and len(records) > 1 and records[1][f"eval_acc_t{max(T, 2)}"] >= best:  # later wins
             best = records[1][f"eval_acc_t{max(T, 2)}"]
             paths.append("best")
         if args.keep_every and step % args.keep_every == 0:

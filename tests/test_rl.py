@@ -778,8 +778,9 @@ def test_held_out_records_equal_evaluate_py(tiny, tmp_path, monkeypatch, dtype):
 
 
 def test_best_by_eval_keeps_the_best_held_out_step(tiny, tmp_path, monkeypatch):
-    """--best-by eval: best/ holds the step of the highest held-out acc_t2 among the eval records (the first
-    of equals), its state says so; --best-by eval without --eval-every is a one-line error."""
+    """--best-by eval: best/ holds the step of the highest held-out acc_t2 among the eval records (the later of
+    equals, as with the training reward), its state says so; --best-by eval without --eval-every is a one-line
+    error."""
     _, _, base = tiny
     monkeypatch.setattr(data, "rewards", lambda problems, texts: [float(len(t) % 2 == 0) for t in texts])
     out = tmp_path / "r"
@@ -789,7 +790,7 @@ def test_best_by_eval_keeps_the_best_held_out_step(tiny, tmp_path, monkeypatch):
     scores = [r["eval_acc_t2"] for r in evals]
     assert len(set(scores)) > 1, scores  # the test means something only if the held-out numbers move
     state = torch.load(out / "best" / "state.pt", weights_only=False)
-    assert state["step"] == evals[scores.index(max(scores))]["step"]
+    assert state["step"] == evals[len(scores) - 1 - scores[::-1].index(max(scores))]["step"]
     assert state["best"] == max(scores) and state["best_by"] == "eval"
     with pytest.raises(SystemExit):
         run_args(base, str(tmp_path / "x"), 2, extra=["--best-by", "eval", "--eval-every", "0"])
@@ -839,3 +840,49 @@ def test_tensorboard_gets_exactly_the_log_records(tiny, tmp_path):
     acc.Reload()
     got = {k: [(e.step, e.value) for e in acc.Scalars(k)] for k in acc.Tags()["scalars"]}
     assert "eval_acc_t2" in want and "acc_t2" in want and got == want
+
+
+def test_resume_keeps_what_best_means(tiny, tmp_path):
+    """A run saved before --best-by existed chose best/ by the training reward: resumed with --best-by eval it is
+    refused by name (a held-out accuracy against a training reward would decide nothing); with --best-by eval, a
+    changed --eval-n is refused too (another held-out set)."""
+    _, _, base = tiny
+    out = tmp_path / "r"
+    rl.run(run_args(base, str(out), 2, extra=["--eval-every", "0"]), train_stage2.objective, "Stage II")
+    state = torch.load(out / "ckpt" / "state.pt", weights_only=False)
+    del state["args"]["best_by"], state["args"]["turns"]  # as a checkpoint written before the flags were
+    torch.save(state, out / "ckpt" / "state.pt")
+    with pytest.raises(SystemExit, match="--best-by is 'eval' but the run .* was started with 'train'"):
+        rl.run(run_args(base, str(out), 3, extra=["--resume", "--eval-every", "1", "--best-by", "eval"]),
+               train_stage2.objective, "Stage II")
+    out2 = tmp_path / "e"
+    rl.run(run_args(base, str(out2), 2, extra=["--eval-every", "1", "--eval-n", "8", "--best-by", "eval"]),
+           train_stage2.objective, "Stage II")
+    with pytest.raises(SystemExit, match="--eval-n is 16 but the run"):
+        rl.run(run_args(base, str(out2), 3, extra=["--resume", "--eval-every", "1", "--eval-n", "16", "--best-by",
+                                                   "eval"]), train_stage2.objective, "Stage II")
+    rl.run(run_args(base, str(out2), 3, extra=["--resume", "--eval-every", "1", "--eval-n", "8", "--best-by", "eval"]),
+           train_stage2.objective, "Stage II")  # the same flags continue
+
+
+def test_n_train_counts_problems_after_the_held_out_ones(tiny, tmp_path):
+    """--n-train N on a MATH file: N problems to train on, none of them a validation problem (they are taken out
+    first), and a single-turn run keeps only problems whose two attempts fit (it is evaluated on two)."""
+    import hashlib
+    _, tok, _ = tiny
+    rows = [{"problem": f"What is {i} plus {i % 7}?", "solution": f"\\boxed{{{i + i % 7}}}"} for i in range(400)]
+    path = tmp_path / "math.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    held = {r["problem"] for r in rows
+            if int.from_bytes(hashlib.sha256(r["problem"].encode()).digest()[:8], "big") % 25 == 0}
+    first = [r["problem"] for r in rows[:60]]
+    assert any(p in held for p in first)  # the file's first 60 hold validation problems
+    a = SimpleNamespace(task="math", data=str(path), n_train=60, seed=0, p1=data.P1, max_new_tokens=3, turns=2)
+    got = [p.prompt.split("\n")[0] for p in data.training_problems(a, tok, 512, lambda *x: None)]
+    assert len(got) == 60 and not set(got) & held
+    prompt = len(tok.render([{"role": "user", "content": rows[0]["problem"] + data.MATH_FORMAT}]))
+    followup = len(tok.render_followup([{"role": "user", "content": data.P1}]))
+    one = SimpleNamespace(**{**vars(a), "turns": 1, "max_new_tokens": 40})
+    tight = prompt + followup + 60  # one attempt of 40 fits, two do not
+    with pytest.raises(SystemExit, match="no problem left"):
+        data.training_problems(one, tok, tight, lambda *x: None)
