@@ -9,6 +9,17 @@ import pytest  # noqa: E402
 import torch  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a whole test file (pytestmark = pytest.mark.usefixtures("one_thread")): tiny models gain
+    nothing from threads, and on a busy 2-core machine two OpenMP threads make such tests several times slower;
+    restored afterwards for the other test files."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def recount():
     """count(ckpt, problems, p1, max_new_tokens): what evaluate.py's report should say of a checkpoint, counted

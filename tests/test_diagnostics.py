@@ -18,12 +18,7 @@ from sample import generate
 from tokenizer import Tokenizer
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for this file
 
 
 def make_ckpt(d, seed):

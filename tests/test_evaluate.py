@@ -21,12 +21,7 @@ def demo(n):
             for _ in range(n)]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for this file
 
 
 def make_ckpt(d, max_seq_len=256, info=None):

@@ -796,17 +796,24 @@ def test_best_by_eval_keeps_the_best_held_out_step(tiny, tmp_path, monkeypatch):
         run_args(base, str(tmp_path / "x"), 2, extra=["--best-by", "eval", "--eval-every", "0"])
 
 
-def test_math_validation_problems_never_reach_training(tiny, tmp_path, monkeypatch):
-    """MATH's validation problems (1 in 25 of the training file by sha256 of the statement, recomputed here) are
-    never in a step's prompts, whatever the flags, and are exactly what --eval-every evaluates on."""
+def math_file(tmp_path):
+    """A MATH training file of 400 problems: its path, its rows, and the statements of its validation problems, the
+    1 in 25 whose sha256 (first 8 bytes, big-endian) is 0 modulo 25, recomputed here apart from data.is_validation."""
     import hashlib
-    import evaluate
-    _, _, base = tiny
     rows = [{"problem": f"What is {i} plus {i % 7}?", "solution": f"\\boxed{{{i + i % 7}}}"} for i in range(400)]
     path = tmp_path / "math.jsonl"
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     held = {r["problem"] for r in rows
             if int.from_bytes(hashlib.sha256(r["problem"].encode()).digest()[:8], "big") % 25 == 0}
+    return path, rows, held
+
+
+def test_math_validation_problems_never_reach_training(tiny, tmp_path, monkeypatch):
+    """MATH's validation problems (1 in 25 of the training file by sha256 of the statement, recomputed here) are
+    never in a step's prompts, whatever the flags, and are exactly what --eval-every evaluates on."""
+    import evaluate
+    _, _, base = tiny
+    path, rows, held = math_file(tmp_path)
     assert 5 < len(held) < 40
     statement = lambda p: p.prompt.split("\n")[0]
     trained, evaluated, real_rollout, real_attempts = [], [], rl.rollout, evaluate.attempts
@@ -868,13 +875,8 @@ def test_resume_keeps_what_best_means(tiny, tmp_path):
 def test_n_train_counts_problems_after_the_held_out_ones(tiny, tmp_path):
     """--n-train N on a MATH file: N problems to train on, none of them a validation problem (they are taken out
     first), and a single-turn run keeps only problems whose two attempts fit (it is evaluated on two)."""
-    import hashlib
     _, tok, _ = tiny
-    rows = [{"problem": f"What is {i} plus {i % 7}?", "solution": f"\\boxed{{{i + i % 7}}}"} for i in range(400)]
-    path = tmp_path / "math.jsonl"
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    held = {r["problem"] for r in rows
-            if int.from_bytes(hashlib.sha256(r["problem"].encode()).digest()[:8], "big") % 25 == 0}
+    path, rows, held = math_file(tmp_path)
     first = [r["problem"] for r in rows[:60]]
     assert any(p in held for p in first)  # the file's first 60 hold validation problems
     a = SimpleNamespace(task="math", data=str(path), n_train=60, seed=0, p1=data.P1, max_new_tokens=3, turns=2)

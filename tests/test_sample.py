@@ -36,14 +36,7 @@ def _to_gpt(hf):
     return model.eval()
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models gain nothing from threads, and on a busy 2-core machine two OpenMP threads
-    make these tests several times slower; restored afterwards for the other test files."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # conftest.py: one torch thread for this file
 
 
 @pytest.fixture(scope="module")
