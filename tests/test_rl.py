@@ -500,6 +500,7 @@ def test_logged_accuracies_count_the_steps_rollouts(tiny, tmp_path, monkeypatch,
     _, _, base = tiny
     right = lambda text: float(len(text) % 2 == 0)
     monkeypatch.setattr(data, "rewards", lambda problems, texts: [right(t) for t in texts])
+    monkeypatch.setattr(data, "answer_of", lambda problem, text: text[:1] or None)  # answers that change, or none
     seen, real = [], rl.rollout
 
     def recording(*a, **kw):
@@ -519,10 +520,11 @@ def test_logged_accuracies_count_the_steps_rollouts(tiny, tmp_path, monkeypatch,
         want = {**{f"acc_t{t + 1}": sum(r[t]) / n for t in range(turns)},
                 "delta_i2c": sum(a == 0 and b == 1 for a, b in zip(r[0], r[1])) / n,
                 "delta_c2i": sum(a == 1 and b == 0 for a, b in zip(r[0], r[1])) / n,
-                "changed": sum(a != b for a, b in zip(*answers)) / n}  # the demo's answers: canonical strings or None
+                "changed": sum(a != b for a, b in zip(*answers)) / n}  # (demo answers: compared as strings)
         assert {k: rec[k] for k in want} == pytest.approx(want, abs=1e-12), rec["step"]
         assert f"acc_t{turns + 1}" not in rec and f"kl_t{turns}" in rec and f"len_y{turns}" in rec
     assert sum(rec["delta_i2c"] > 0 for rec in log) and sum(rec["delta_c2i"] > 0 for rec in log)
+    assert sum(0 < rec["changed"] < 1 for rec in log)
     assert sum(rec[f"acc_t{turns}"] != rec["acc_t2"] for rec in log) or turns == 2
 
 
