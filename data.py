@@ -309,6 +309,14 @@ def load_validation(task, path, n, seed=0):
     return held
 
 
+def fits(tok, problem, p1, max_new_tokens, turns, max_len):
+    """Whether `turns` attempts of max_new_tokens at `problem`, p1 before each after the first, fit a context of
+    max_len positions (sample.max_new_that_fits)."""
+    followup = len(tok.render_followup([{"role": "user", "content": p1}]))
+    prompt = len(tok.render([{"role": "user", "content": problem.prompt}]))
+    return max_new_tokens <= max_new_that_fits(max_len, prompt, followup, turns)
+
+
 def training_problems(args, tok, max_len, say):
     """A training script's problems (args: task, data, n_train, seed, p1, max_new_tokens, turns): the task's, minus
     MBPP's test split (task ids 11-510), minus the validation problems training-time evaluation uses
@@ -331,10 +339,8 @@ def training_problems(args, tok, max_len, say):
         which = (f"1 in {MATH_VALIDATION_SHARE} by a hash of the statement" if args.task == "math" else
                  "task ids {}-{}".format(*MBPP_SPLITS["validation"]))
         say(f"held out {held} validation problems ({which}): never trained on")
-    followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
     turns = max(2, getattr(args, "turns", 2))  # every row is evaluated on two attempts at least (single-turn RL too)
-    room = lambda p: max_new_that_fits(max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup, turns)
-    kept = [p for p in problems if args.max_new_tokens <= room(p)]
+    kept = [p for p in problems if fits(tok, p, args.p1, args.max_new_tokens, turns, max_len)]
     if len(kept) < len(problems):
         say(f"dropped {len(problems) - len(kept)} of {len(problems)} problems whose {turns} turns of "
             f"{args.max_new_tokens} new tokens do not fit the context of {max_len} positions")

@@ -228,10 +228,7 @@ def load_heldout(args, tok, max_len):
         if not dist.is_initialized() or dist.get_rank() == 0:
             print(f"held-out evaluation off: {e}", flush=True)
         return []
-    followup = len(tok.render_followup([{"role": "user", "content": args.p1}]))
-    fits = lambda p: args.max_new_tokens <= max_new_that_fits(
-        max_len, len(tok.render([{"role": "user", "content": p.prompt}])), followup, max(2, args.turns))
-    return [p for p in held if fits(p)][:args.eval_n]
+    return [p for p in held if data.fits(tok, p, args.p1, args.max_new_tokens, max(2, args.turns), max_len)][:args.eval_n]
 
 
 
