@@ -197,10 +197,10 @@ def scaling(model, tok, problems, K, p1, max_new_tokens, batch, seed, temperatur
 
 # ------------------------------------------------------------------------------- during training (rl.py)
 def held_out(model, tok, problems, args, step, say):
-    """The held-out evaluation of --eval-every: evaluate.py's greedy attempts and metrics (its batch of 64, two
-    attempts or --turns) on problems the run never trains on, as a log record: every metric prefixed eval_, and
-    eval_seconds. Its batch is never above --gen-batch (the rows a step's sampling holds at once). Under torchrun the problems are split over the ranks and every rank gets every text, so the
-    numbers are those one process would compute."""
+    """The held-out evaluation of --eval-every: evaluate.py's greedy attempts and metrics (its batch of 64, never
+    above --gen-batch; two attempts or --turns) on problems the run never trains on, as a log record: every metric
+    prefixed eval_, and eval_seconds. Under torchrun the problems are split over the ranks and every rank gets every
+    text, so the numbers are those one process would compute."""
     t0, turns = time.time(), max(2, args.turns)  # single-turn RL is evaluated on two attempts, as every row is
     texts = attempts(model, tok, problems, turns, args.p1, args.max_new_tokens, batch=min(64, args.gen_batch or 64),
                       progress=f"{args.label or 'eval'}: held-out" if args.max_new_tokens > 64 else None)
@@ -229,7 +229,6 @@ def load_heldout(args, tok, max_len):
             print(f"held-out evaluation off: {e}", flush=True)
         return []
     return [p for p in held if data.fits(tok, p, args.p1, args.max_new_tokens, max(2, args.turns), max_len)][:args.eval_n]
-
 
 
 def context_error(tok, max_seq_len, problems, p1, max_new_tokens, turns):
@@ -262,10 +261,6 @@ def given_first(first_ids, first_tok, tok):
     if first_tok is tok or same_tokenizer(first_tok, tok):
         return first_ids
     return [tok.encode(first_tok.decode([x for x in y if x not in first_tok.stop_ids])) for y in first_ids]
-
-
-def model_max_seq_len(ckpt):
-    return GPT.from_pretrained(ckpt).config.max_seq_len  # memory-mapped: reads the config only
 
 
 def first_context_error(tok, max_seq_len, problems, p1, max_new_tokens, turns, first):
@@ -528,14 +523,14 @@ def main(argv=None):
         del model
     reports = []
     for name, ckpt, (tok, p1, max_new) in zip(names, args.ckpt, plans):
+        # fp32 weights, autocast computes; a LoRA checkpoint's adapters folded into its weights (no extra products)
+        model = merge_lora(GPT.from_pretrained(ckpt, device=device, dtype=torch.float32)).eval()
         first = None
         if first_ids is not None:
             first = given_first(first_ids, first_tok, tok)
-            err = first_context_error(tok, model_max_seq_len(ckpt), problems, p1, max_new, args.turns, first)
+            err = first_context_error(tok, model.config.max_seq_len, problems, p1, max_new, args.turns, first)
             if err:
                 error(f"--ckpt {ckpt} with --first-from {args.first_from}: {err}")
-        # fp32 weights, autocast computes; a LoRA checkpoint's adapters folded into its weights (no extra products)
-        model = merge_lora(GPT.from_pretrained(ckpt, device=device, dtype=torch.float32)).eval()
         with amp():
             texts = attempts(model, tok, problems, args.turns, p1, max_new, args.batch, progress=name, first=first)
         rep = {"name": name, "ckpt": ckpt, **metrics(problems, texts)}
