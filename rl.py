@@ -238,8 +238,9 @@ def update(policy, ref, opt, ro, objective, args, world=1):
 # ------------------------------------------------------------------------------- rollouts
 def rollout(policy, ref, tok, problems, args, seed):
     """args.turns attempts (default 2; 1: the first only) for each of `problems` (k samples each, prompt-major),
-    their rewards (r: (T, R)), the answers' changes (changed (R,): the last attempt's answer against the first's), the sampler's log-probs of the sampled tokens, and the token layout of each rollout, with
-    counts for the logs. seed: an int or a tuple, the key of this rollout's randomness (sample_attempts)."""
+    their rewards (r: (T, R)), whether each rollout's last answer differs from its first (changed), the sampler's
+    log-probs of the sampled tokens, and the token layout of each rollout, with counts for the logs.
+    seed: an int or a tuple, the key of this rollout's randomness (sample_attempts)."""
     prompts = [tok.render([{"role": "user", "content": p.prompt}]) for p in problems]
     followup = tok.render_followup([{"role": "user", "content": args.p1}])
     k, dev = args.k, policy.embed_tokens.weight.device
@@ -310,9 +311,10 @@ def lay_out(prompts, ys, lps, followup, eot_id, k):
         return (j >= a) & (j < b)
     turn, lp_old = torch.zeros(R, L - 1, dtype=torch.int8), torch.zeros(R, L - 1)
     for t in range(len(ys)):
-        turn[targets(t)] = t + 1
+        m = targets(t)
+        turn[m] = t + 1
         sampled = torch.tensor([lp is not None for lp in lps[t]])[:, None]  # a y1 from the base model has none
-        lp_old[targets(t) & sampled] = torch.tensor([x for lp in lps[t] if lp is not None for x in lp])
+        lp_old[m & sampled] = torch.tensor([x for lp in lps[t] if lp is not None for x in lp])
     return SimpleNamespace(tokens=tokens, turn=turn, lp_old=lp_old, lengths=list(map(len, seqs)))
 
 
