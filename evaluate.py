@@ -248,17 +248,11 @@ def context_error(tok, max_seq_len, problems, p1, max_new_tokens, turns):
     return f"{what}: use --max-new-tokens {fits[worst]} or less"
 
 
-def same_tokenizer(a, b):
-    """Whether two Tokenizers map every id to the same bytes (and have the same special tokens)."""
-    return (a.vocab_size == b.vocab_size and a.special == b.special
-            and all(a._token_bytes(i) == b._token_bytes(i) for i in range(a.vocab_size)))
-
-
 def given_first(first_ids, first_tok, tok):
     """--first-from's first attempts (first_tok's ids) as tok's ids: the same tokens when the tokenizers agree
     (the context is then exactly the one the other model produced), else its text (stop tokens dropped)
     encoded by tok; the turn then gets tok's end of turn (sample.generate_turns closes it)."""
-    if first_tok is tok or same_tokenizer(first_tok, tok):
+    if first_tok is tok or first_tok.same_as(tok):
         return first_ids
     return [tok.encode(first_tok.decode([x for x in y if x not in first_tok.stop_ids])) for y in first_ids]
 
